@@ -1,0 +1,1 @@
+//! Local-address allocator (placeholder until filled in).

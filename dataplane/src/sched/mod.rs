@@ -1,0 +1,1 @@
+//! Schedulers (placeholder until filled in).

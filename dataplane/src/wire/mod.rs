@@ -1,0 +1,1 @@
+//! Packet views (placeholder until filled in).
