@@ -51,6 +51,14 @@ pub enum L4Proto {
 impl L4Proto {
     /// Every protocol, in the order [`LocalAddrPool::usage`] reports them.
     pub const ALL: [Self; 2] = [Self::Tcp, Self::Udp];
+
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+        }
+    }
 }
 
 /// A local address and port, as a session holds it.

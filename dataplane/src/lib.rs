@@ -3,9 +3,24 @@
 //!
 //! This crate performs no I/O: it opens no socket, reads no clock (every time is an argument)
 //! and spawns no thread. It is driven alike by the node's packet workers, by tests, by fuzzers
-//! and by benchmarks.
+//! and by benchmarks. No input makes it panic; the established-flow path does not allocate.
 #![forbid(unsafe_code)]
 
+pub mod counters;
+pub mod engine;
+mod family;
 pub mod laddr;
 pub mod sched;
+pub mod service;
+pub mod session;
+pub mod tcp_state;
+pub mod time;
 pub mod wire;
+
+pub use counters::{CounterTotals, DropReason, Event};
+pub use engine::{Engine, EngineConfig, InstallError, Installed, L4Checksum, Packet, Verdict, Worker};
+pub use laddr::{L4Proto, LocalAddr, LocalAddrPool};
+pub use service::{BackendConfig, ServiceConfig, ServiceKey, Snapshot};
+pub use session::{FlowState, SessionEvent, SessionRecord};
+pub use tcp_state::{Direction, TcpState, Timeouts};
+pub use time::Instant;

@@ -1,0 +1,151 @@
+//! Named counters: why packets were dropped, and what the engine did.
+//!
+//! Each worker owns one `Counters` (no sharing on the packet path, relaxed atomics only so that
+//! metrics can read them from another thread); the engine sums them on demand.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+macro_rules! named_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident => $label:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($(#[$vm])* $variant,)* }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+
+            /// The metric label of this value.
+            pub fn name(self) -> &'static str {
+                match self { $($name::$variant => $label,)* }
+            }
+        }
+    };
+}
+
+named_enum! {
+    /// Why the engine dropped a packet. `Copy`, so the packet path returns it without allocating.
+    DropReason {
+        /// A header ends before its fixed part or before the length it claims.
+        Truncated => "truncated",
+        /// A header field is impossible (version, IHL, data offset, total length, option length).
+        Malformed => "malformed",
+        /// An IP header, or the L4 checksum of a packet that opens a flow, is wrong.
+        BadChecksum => "bad_checksum",
+        /// IP fragments are not reassembled.
+        Fragment => "fragment",
+        /// IPv4 packets with options are not forwarded.
+        IpOptions => "ip_options",
+        /// Neither TCP, UDP nor an ICMP error.
+        UnsupportedProtocol => "unsupported_protocol",
+        /// No service on that VIP, port and protocol.
+        NoService => "no_service",
+        /// A packet that cannot open a flow (a TCP non-SYN) and matches no session.
+        NoSession => "no_session",
+        /// The scheduler found no real server able to take a new flow.
+        NoBackend => "no_backend",
+        /// Every local port of every LIP of the family is in use.
+        NoLocalPort => "no_local_port",
+        /// The session table is at its configured maximum.
+        TableFull => "table_full",
+        /// An ICMP error quoting a packet of no known session.
+        IcmpNoSession => "icmp_no_session",
+        /// An ICMP message that is not a translatable error (echo, redirect, ND, …).
+        IcmpUnsupported => "icmp_unsupported",
+    }
+}
+
+named_enum! {
+    /// What the engine did, other than dropping.
+    Event {
+        /// Packets forwarded client → real server.
+        ForwardedInbound => "forwarded_inbound",
+        /// Packets forwarded real server → client.
+        ForwardedOutbound => "forwarded_outbound",
+        /// Sessions created by this node's traffic.
+        SessionsCreated => "sessions_created",
+        /// Sessions removed by expiry.
+        SessionsExpired => "sessions_expired",
+        /// ICMP errors translated in their outer and quoted headers.
+        IcmpTranslated => "icmp_translated",
+        /// SYNs that received a TOA option.
+        ToaInserted => "toa_inserted",
+        /// SYNs forwarded without TOA because the option did not fit.
+        ToaNoRoom => "toa_no_room",
+        /// RSTs forwarded without closing the session because they were out of window.
+        RstOutOfWindow => "rst_out_of_window",
+        /// Session events lost because the worker's event buffer was full.
+        EventsLost => "events_lost",
+    }
+}
+
+/// One worker's counters.
+#[derive(Debug)]
+pub struct Counters {
+    drops: [AtomicU64; DropReason::ALL.len()],
+    events: [AtomicU64; Event::ALL.len()],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters { drops: std::array::from_fn(|_| AtomicU64::new(0)), events: std::array::from_fn(|_| AtomicU64::new(0)) }
+    }
+}
+
+impl Counters {
+    pub(crate) fn drop(&self, reason: DropReason) {
+        self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count(&self, event: Event) {
+        self.add(event, 1);
+    }
+
+    pub(crate) fn add(&self, event: Event, n: u64) {
+        self.events[event as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_into(&self, total: &mut CounterTotals) {
+        for (t, c) in total.drops.iter_mut().zip(&self.drops) {
+            *t += c.load(Ordering::Relaxed);
+        }
+        for (t, c) in total.events.iter_mut().zip(&self.events) {
+            *t += c.load(Ordering::Relaxed);
+        }
+    }
+}
+
+/// The sum of all workers' counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CounterTotals {
+    drops: [u64; DropReason::ALL.len()],
+    events: [u64; Event::ALL.len()],
+}
+
+impl CounterTotals {
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
+    }
+
+    pub fn events(&self, event: Event) -> u64 {
+        self.events[event as usize]
+    }
+
+    /// All drops, whatever the reason.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    /// Non-zero drop counters by name.
+    pub fn nonzero_drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL.iter().map(|&r| (r, self.drops(r))).filter(|&(_, n)| n > 0)
+    }
+
+    /// Non-zero event counters by name.
+    pub fn nonzero_events(&self) -> impl Iterator<Item = (Event, u64)> + '_ {
+        Event::ALL.iter().map(|&e| (e, self.events(e))).filter(|&(_, n)| n > 0)
+    }
+}

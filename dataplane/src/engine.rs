@@ -1,0 +1,901 @@
+//! The Full-NAT engine: `process(now, packet) -> Verdict`.
+//!
+//! Inbound (client → VIP): the flow is looked up by its client-side key; on a miss a TCP SYN or
+//! a first UDP datagram opens a session (scheduler pick, local port allocation, one session under
+//! both keys), and the packet leaves as LIP:lport → RS:rport. Outbound (RS → LIP): looked up by
+//! the server-side key, it leaves as VIP:vport → client. Checksums are updated incrementally
+//! (RFC 1624), or as a pseudo-header partial sum when the I/O layer hands the packet over with
+//! checksum offload pending. ICMP errors about a known flow are translated in the outer and the
+//! quoted header. Everything else is dropped under a named reason.
+//!
+//! The engine is sans-IO: it reads no clock and opens no socket. An [`Engine`] holds what all
+//! workers share (session table, local addresses, the service snapshot); each packet worker owns
+//! a [`Worker`] with its own counters and event buffer. Forwarding a packet of an established
+//! flow takes no lock but the session's own and allocates nothing.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+
+use crate::counters::{CounterTotals, Counters, DropReason, Event};
+use crate::family::Family;
+use crate::laddr::{L4Proto, LocalAddr, LocalAddrError, LocalAddrPool};
+use crate::service::{Dest, Snapshot};
+use crate::session::{FlowKey, FlowState, InsertError, SessionData, SessionEvent, SessionRecord, SessionTable};
+use crate::tcp_state::{Direction, Segment, TcpFlags, TcpState, TcpWindow, Timeouts};
+use crate::time::Instant;
+use crate::wire::{
+    self, Icmpv4Packet, Icmpv6Packet, IpProtocol, Ipv4Packet, Ipv6Packet, TcpOption, TcpOptions, TcpPacket,
+    UdpPacket, checksum,
+};
+
+impl From<wire::Error> for DropReason {
+    fn from(e: wire::Error) -> Self {
+        match e {
+            wire::Error::Truncated => DropReason::Truncated,
+            wire::Error::Malformed => DropReason::Malformed,
+        }
+    }
+}
+
+/// What the I/O layer knows about a packet's L4 checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum L4Checksum {
+    /// A complete checksum nobody has checked yet.
+    #[default]
+    Unverified,
+    /// A complete checksum the kernel or the NIC has already verified.
+    Verified,
+    /// Checksum offload pending (virtio-net `NEEDS_CSUM`): the field holds the pseudo-header sum,
+    /// not complemented, and whoever sends the packet completes it.
+    Partial,
+}
+
+/// A packet in a buffer the engine may rewrite in place. The buffer may be longer than the
+/// packet: the spare room lets the engine insert a TOA option into a SYN.
+#[derive(Debug)]
+pub struct Packet<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+    csum: L4Checksum,
+}
+
+impl<'a> Packet<'a> {
+    /// `len` bytes of `buf` hold the packet (clamped to the buffer).
+    pub fn new(buf: &'a mut [u8], len: usize, csum: L4Checksum) -> Self {
+        let len = len.min(buf.len());
+        Packet { buf, len, csum }
+    }
+
+    /// The packet as it is now (after `process`, as it must be sent).
+    pub fn data(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn checksum_state(&self) -> L4Checksum {
+        self.csum
+    }
+}
+
+/// What to do with a processed packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send the (rewritten) packet on.
+    Forward(Direction),
+    Drop(DropReason),
+}
+
+/// Engine settings that are fixed for the life of the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Maximum IPv4 sessions; the table is allocated for this many up front.
+    pub max_sessions_v4: u32,
+    /// Maximum IPv6 sessions.
+    pub max_sessions_v6: u32,
+    /// Seed of the session-table hash. Pick it at random per node: flows cannot then be crafted
+    /// to collide.
+    pub table_seed: u64,
+    /// This node's local addresses; ports are allocated on these only.
+    pub local_addrs: Vec<IpAddr>,
+    pub local_ports: RangeInclusive<u16>,
+    /// Session events a worker buffers between two drains.
+    pub event_capacity: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_sessions_v4: 1 << 20,
+            max_sessions_v6: 1 << 18,
+            table_seed: 0x6c62_636c_7573_7472,
+            local_addrs: Vec::new(),
+            local_ports: LocalAddrPool::DEFAULT_PORTS,
+            event_capacity: 4096,
+        }
+    }
+}
+
+/// Why a session record from a peer was not installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InstallError {
+    #[error("addresses of different families in one session")]
+    FamilyMismatch,
+    #[error("protocol and state disagree")]
+    StateMismatch,
+    #[error("no service {0} here")]
+    UnknownService(SocketAddr),
+    #[error("local port {0} is held by another session")]
+    LocalPortInUse(SocketAddr),
+    #[error("another session holds one of the flow's keys")]
+    Conflict,
+    #[error("session table full")]
+    TableFull,
+}
+
+/// What installing a record did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Installed {
+    New,
+    Updated,
+}
+
+/// What all packet workers of a node share.
+#[derive(Debug)]
+pub struct Engine {
+    table: SessionTable,
+    laddr: LocalAddrPool,
+    snapshot: ArcSwap<Snapshot>,
+    workers: Mutex<Vec<Arc<Counters>>>,
+    event_capacity: usize,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, snapshot: Snapshot) -> Result<Arc<Engine>, LocalAddrError> {
+        let laddr = LocalAddrPool::new(&config.local_addrs, config.local_ports.clone())?;
+        Ok(Arc::new(Engine {
+            table: SessionTable::new(config.max_sessions_v4, config.max_sessions_v6, config.table_seed),
+            laddr,
+            snapshot: ArcSwap::from_pointee(snapshot),
+            workers: Mutex::new(Vec::new()),
+            event_capacity: config.event_capacity,
+        }))
+    }
+
+    /// Swaps in a new service snapshot; packets in flight finish with the old one.
+    pub fn set_snapshot(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// A new packet worker with its own counters.
+    pub fn worker(self: &Arc<Self>) -> Worker {
+        let counters = Arc::new(Counters::default());
+        self.workers.lock().push(counters.clone());
+        Worker { engine: self.clone(), counters, events: Vec::with_capacity(self.event_capacity) }
+    }
+
+    /// The sum of every worker's counters.
+    pub fn counters(&self) -> CounterTotals {
+        let mut total = CounterTotals::default();
+        for c in self.workers.lock().iter() {
+            c.add_into(&mut total);
+        }
+        total
+    }
+
+    pub fn local_addrs(&self) -> &LocalAddrPool {
+        &self.laddr
+    }
+
+    /// Sessions held now, IPv4 and IPv6.
+    pub fn session_count(&self) -> usize {
+        self.table.v4.len() + self.table.v6.len()
+    }
+
+    /// Session capacity, IPv4 and IPv6.
+    pub fn session_capacity(&self) -> usize {
+        self.table.v4.capacity() + self.table.v6.capacity()
+    }
+
+    /// Bytes the session tables take (IPv4, IPv6), allocated up front for their maximum.
+    pub fn session_table_bytes(&self) -> (usize, usize) {
+        (self.table.v4.bytes(), self.table.v6.bytes())
+    }
+
+    /// Every session, for listings. Takes each slot lock briefly; not for the packet path.
+    pub fn sessions(&self, now: Instant) -> Vec<SessionRecord> {
+        let now_s = now.as_secs();
+        let mut out = Vec::with_capacity(self.session_count());
+        self.table.v4.for_each(|s| out.push(s.record(now_s)));
+        self.table.v6.for_each(|s| out.push(s.record(now_s)));
+        out
+    }
+
+    /// Installs (or refreshes) a session received from a peer, so that packets of that flow are
+    /// forwarded here with the same local address, port and real server. Emits no event.
+    pub fn install(&self, now: Instant, rec: &SessionRecord) -> Result<Installed, InstallError> {
+        match (rec.client.ip(), rec.vip.ip(), rec.local.ip(), rec.backend.ip()) {
+            (IpAddr::V4(_), IpAddr::V4(_), IpAddr::V4(_), IpAddr::V4(_)) => self.install_in::<Ipv4Addr>(now, rec),
+            (IpAddr::V6(_), IpAddr::V6(_), IpAddr::V6(_), IpAddr::V6(_)) => self.install_in::<Ipv6Addr>(now, rec),
+            _ => Err(InstallError::FamilyMismatch),
+        }
+    }
+
+    fn install_in<A: Family>(&self, now: Instant, rec: &SessionRecord) -> Result<Installed, InstallError> {
+        let consistent = matches!(
+            (rec.proto, rec.state),
+            (L4Proto::Udp, FlowState::Udp) | (L4Proto::Tcp, FlowState::Tcp(_))
+        ) && rec.state != FlowState::Tcp(TcpState::None);
+        if !consistent {
+            return Err(InstallError::StateMismatch);
+        }
+        let ip = |a: SocketAddr| A::from_ip(a.ip()).ok_or(InstallError::FamilyMismatch);
+        let now_s = now.as_secs();
+        let expires = deadline(now_s, u64::from(rec.expires_in_secs));
+        let table = A::table(&self.table);
+        let key = FlowKey {
+            src: ip(rec.client)?,
+            dst: ip(rec.vip)?,
+            sport: rec.client.port(),
+            dport: rec.vip.port(),
+            proto: rec.proto.number(),
+        };
+        if let Some(mut locked) = table.lookup(&key) {
+            let from_client = locked.from_client;
+            let Some(s) = locked.guard.as_mut() else { return Err(InstallError::Conflict) };
+            if !from_client || s.rs != ip(rec.backend)? || s.lip != ip(rec.local)? || s.lport != rec.local.port() {
+                return Err(InstallError::Conflict);
+            }
+            s.dest.stats.moved(s.state.is_active(), rec.state.is_active());
+            s.state = rec.state;
+            s.window = rec.window;
+            s.expires = expires;
+            return Ok(Installed::Updated);
+        }
+        let snap = self.snapshot.load();
+        let svc = snap.service(rec.proto, rec.vip).ok_or(InstallError::UnknownService(rec.vip))?;
+        // A real server missing from our config (removed while the flow lives) still carries it.
+        let dest = svc.dest_by_addr(rec.backend).cloned().unwrap_or_else(|| {
+            Arc::new(Dest { addr: rec.backend, stats: Default::default(), params: svc.params.clone() })
+        });
+        let local = LocalAddr { ip: rec.local.ip(), port: rec.local.port() };
+        let ours = self.laddr.is_local(local.ip);
+        if ours && !self.laddr.reserve(rec.proto, local) {
+            return Err(InstallError::LocalPortInUse(rec.local));
+        }
+        let data = SessionData {
+            dest: dest.clone(),
+            expires,
+            window: rec.window,
+            client: key.src,
+            vip: key.dst,
+            lip: ip(rec.local)?,
+            rs: ip(rec.backend)?,
+            cport: rec.client.port(),
+            vport: rec.vip.port(),
+            lport: rec.local.port(),
+            rport: rec.backend.port(),
+            state: rec.state,
+            synced: true,
+        };
+        match table.insert(data) {
+            Ok(_) => {
+                dest.stats.opened(rec.state.is_active());
+                Ok(Installed::New)
+            }
+            Err((e, _)) => {
+                if ours {
+                    self.laddr.release(rec.proto, local);
+                }
+                Err(match e {
+                    InsertError::Full => InstallError::TableFull,
+                    InsertError::Exists(_) => InstallError::Conflict,
+                })
+            }
+        }
+    }
+
+    /// Removes a session (closed on its owner); true if it was here. Emits no event.
+    pub fn remove(&self, rec: &SessionRecord) -> bool {
+        match (rec.client.ip(), rec.vip.ip()) {
+            (IpAddr::V4(c), IpAddr::V4(v)) => self.remove_in(rec, c, v).is_some(),
+            (IpAddr::V6(c), IpAddr::V6(v)) => self.remove_in(rec, c, v).is_some(),
+            _ => false,
+        }
+    }
+
+    fn remove_in<A: Family>(&self, rec: &SessionRecord, client: A, vip: A) -> Option<()> {
+        let key = FlowKey {
+            src: client,
+            dst: vip,
+            sport: rec.client.port(),
+            dport: rec.vip.port(),
+            proto: rec.proto.number(),
+        };
+        let data = A::table(&self.table).remove(&key)?;
+        self.release(&data);
+        Some(())
+    }
+
+    /// Returns what a removed session held: its local port and its place in the counters.
+    fn release<A: Family>(&self, data: &SessionData<A>) {
+        data.dest.stats.closed(data.state.is_active());
+        self.laddr.release(data.proto(), LocalAddr { ip: data.lip.to_ip(), port: data.lport });
+    }
+}
+
+/// A deadline in whole seconds, saturating at what a session can store.
+fn deadline(now_s: u64, secs: u64) -> u32 {
+    u32::try_from(now_s.saturating_add(secs)).unwrap_or(u32::MAX)
+}
+
+fn timeout_secs(state: FlowState, t: &Timeouts) -> u64 {
+    match state {
+        FlowState::Udp => t.udp.as_secs(),
+        FlowState::Tcp(s) => t.tcp(s).as_secs(),
+    }
+}
+
+/// The IP layer of a packet being processed.
+#[derive(Debug, Clone, Copy)]
+struct L3<A> {
+    src: A,
+    dst: A,
+    /// Start and end of the L4 header and payload in the buffer.
+    l4_start: usize,
+    l4_end: usize,
+}
+
+/// The TCP fields the engine tracks.
+#[derive(Debug, Clone, Copy)]
+struct TcpInfo {
+    flags: TcpFlags,
+    segment: Segment,
+}
+
+impl TcpInfo {
+    fn parse<T: AsRef<[u8]>>(t: &TcpPacket<T>) -> Result<TcpInfo, DropReason> {
+        let flags = TcpFlags { syn: t.syn(), ack: t.ack(), fin: t.fin(), rst: t.rst() };
+        let mut wscale = None;
+        if flags.syn {
+            for opt in TcpOptions::new(t.options()) {
+                match opt? {
+                    TcpOption::WindowScale(w) => wscale = Some(w),
+                    TcpOption::EndOfList => break,
+                    _ => {}
+                }
+            }
+        }
+        let segment = Segment {
+            flags,
+            seq: t.seq_number(),
+            ack: t.ack_number(),
+            len: u32::try_from(t.segment_len()).unwrap_or(u32::MAX),
+            window: t.window_len(),
+            wscale,
+        };
+        Ok(TcpInfo { flags, segment })
+    }
+}
+
+/// The new addresses and ports of a translated packet.
+#[derive(Debug, Clone, Copy)]
+struct Rewrite<A> {
+    src: A,
+    sport: u16,
+    dst: A,
+    dport: u16,
+    dir: Direction,
+    /// Insert a TOA option carrying this client address and port (new SYNs only).
+    toa: Option<(A, u16)>,
+}
+
+/// One packet worker: processes packets, buffers session events, sweeps expired sessions.
+#[derive(Debug)]
+pub struct Worker {
+    engine: Arc<Engine>,
+    counters: Arc<Counters>,
+    events: Vec<SessionEvent>,
+}
+
+impl Worker {
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Processes one packet in place.
+    pub fn process(&mut self, now: Instant, pkt: &mut Packet<'_>) -> Verdict {
+        let result = match pkt.data().first().map(|b| b >> 4) {
+            Some(4) => self.ipv4(now, pkt),
+            Some(6) => self.ipv6(now, pkt),
+            Some(_) => Err(DropReason::Malformed),
+            None => Err(DropReason::Truncated),
+        };
+        match result {
+            Ok(dir) => {
+                self.counters.count(match dir {
+                    Direction::Inbound => Event::ForwardedInbound,
+                    Direction::Outbound => Event::ForwardedOutbound,
+                });
+                Verdict::Forward(dir)
+            }
+            Err(reason) => {
+                self.counters.drop(reason);
+                Verdict::Drop(reason)
+            }
+        }
+    }
+
+    /// Processes a batch; `verdicts[i]` is the verdict of `batch[i]`.
+    pub fn process_batch(&mut self, now: Instant, batch: &mut [Packet<'_>], verdicts: &mut [Verdict]) {
+        for (pkt, verdict) in batch.iter_mut().zip(verdicts.iter_mut()) {
+            *verdict = self.process(now, pkt);
+        }
+    }
+
+    /// Session events since the last drain (created, state changed, closed).
+    pub fn drain_events(&mut self) -> std::vec::Drain<'_, SessionEvent> {
+        self.events.drain(..)
+    }
+
+    /// Removes expired sessions, examining at most `budget` slots per address family.
+    pub fn expire(&mut self, now: Instant, budget: usize) -> usize {
+        let now_s = now.as_secs();
+        let engine = self.engine.clone();
+        let mut n = engine.table.v4.expire(now_s, budget, |d| self.expired(&engine, &d, now_s));
+        n += engine.table.v6.expire(now_s, budget, |d| self.expired(&engine, &d, now_s));
+        self.counters.add(Event::SessionsExpired, n as u64);
+        n
+    }
+
+    fn expired<A: Family>(&mut self, engine: &Engine, data: &SessionData<A>, now_s: u64) {
+        engine.release(data);
+        self.emit(SessionEvent::Closed(data.record(now_s)));
+    }
+
+    fn emit(&mut self, event: SessionEvent) {
+        // Never grow the buffer on the packet path; sync recovers lost events by refresh.
+        if self.events.len() < self.events.capacity() {
+            self.events.push(event);
+        } else {
+            self.counters.count(Event::EventsLost);
+        }
+    }
+
+    fn ipv4(&mut self, now: Instant, pkt: &mut Packet<'_>) -> Result<Direction, DropReason> {
+        let ip = Ipv4Packet::new_checked(pkt.data())?;
+        if !ip.verify_checksum() {
+            return Err(DropReason::BadChecksum);
+        }
+        if ip.is_fragment() {
+            return Err(DropReason::Fragment);
+        }
+        if ip.has_options() {
+            return Err(DropReason::IpOptions);
+        }
+        let l3 = L3 {
+            src: ip.src_addr(),
+            dst: ip.dst_addr(),
+            l4_start: usize::from(ip.header_len()),
+            l4_end: usize::from(ip.total_len()),
+        };
+        let proto = ip.next_header();
+        // Link-layer padding past the IP datagram is not forwarded.
+        pkt.len = l3.l4_end;
+        match proto {
+            IpProtocol::Tcp | IpProtocol::Udp => self.translate(now, pkt, l3, proto),
+            IpProtocol::Icmp => self.icmpv4(pkt, l3),
+            _ => Err(DropReason::UnsupportedProtocol),
+        }
+    }
+
+    fn ipv6(&mut self, now: Instant, pkt: &mut Packet<'_>) -> Result<Direction, DropReason> {
+        let ip = Ipv6Packet::new_checked(pkt.data())?;
+        let upper = ip.upper_layer()?;
+        if upper.fragment.is_some() {
+            return Err(DropReason::Fragment);
+        }
+        let l3 = L3 {
+            src: ip.src_addr(),
+            dst: ip.dst_addr(),
+            l4_start: upper.offset,
+            l4_end: 40 + usize::from(ip.payload_len()),
+        };
+        pkt.len = l3.l4_end;
+        match upper.protocol {
+            IpProtocol::Tcp | IpProtocol::Udp => self.translate(now, pkt, l3, upper.protocol),
+            IpProtocol::Icmpv6 => self.icmpv6(pkt, l3),
+            _ => Err(DropReason::UnsupportedProtocol),
+        }
+    }
+
+    fn translate<A: Family>(
+        &mut self,
+        now: Instant,
+        pkt: &mut Packet<'_>,
+        l3: L3<A>,
+        ip_proto: IpProtocol,
+    ) -> Result<Direction, DropReason> {
+        let l4 = pkt.buf.get(l3.l4_start..l3.l4_end).ok_or(DropReason::Truncated)?;
+        let (proto, sport, dport, tcp) = if ip_proto == IpProtocol::Tcp {
+            let t = TcpPacket::new_checked(l4)?;
+            (L4Proto::Tcp, t.src_port(), t.dst_port(), Some(TcpInfo::parse(&t)?))
+        } else {
+            let u = UdpPacket::new_checked(l4)?;
+            // RFC 8200: a zero UDP checksum is invalid over IPv6.
+            if A::IS_V6 && u.checksum() == 0 {
+                return Err(DropReason::BadChecksum);
+            }
+            (L4Proto::Udp, u.src_port(), u.dst_port(), None)
+        };
+        let key = FlowKey { src: l3.src, dst: l3.dst, sport, dport, proto: proto.number() };
+        let now_s = now.as_secs();
+        let rewrite = match self.established(now_s, &key, tcp) {
+            Some(rw) => rw,
+            None => self.new_flow(now_s, pkt, &l3, key, proto, tcp)?,
+        };
+        rewrite_addrs(pkt.buf, &l3, rewrite.src, rewrite.dst);
+        rewrite_l4(pkt, &l3, proto, &rewrite);
+        if let Some((client, cport)) = rewrite.toa {
+            let inserted = insert_toa(pkt, &l3, rewrite.src, rewrite.dst, client, cport);
+            self.counters.count(if inserted { Event::ToaInserted } else { Event::ToaNoRoom });
+        }
+        Ok(rewrite.dir)
+    }
+
+    /// The established path: the session exists, update its state and return the rewrite.
+    fn established<A: Family>(&mut self, now_s: u64, key: &FlowKey<A>, tcp: Option<TcpInfo>) -> Option<Rewrite<A>> {
+        let engine = self.engine.clone();
+        let mut locked = A::table(&engine.table).lookup(key)?;
+        let from_client = locked.from_client;
+        let s = locked.guard.as_mut()?;
+        let dir = if from_client { Direction::Inbound } else { Direction::Outbound };
+        let mut changed = false;
+        if let (FlowState::Tcp(state), Some(t)) = (s.state, tcp) {
+            if t.flags.rst && !s.window.rst_acceptable(dir, &t.segment) {
+                self.counters.count(Event::RstOutOfWindow);
+            } else {
+                s.window.update(dir, &t.segment);
+                let next = state.next(dir, t.flags);
+                if next != state {
+                    s.dest.stats.moved(state.is_active(), next.is_active());
+                    s.state = FlowState::Tcp(next);
+                    changed = true;
+                }
+            }
+        }
+        s.expires = deadline(now_s, timeout_secs(s.state, &s.dest.params.timeouts));
+        let rewrite = if from_client {
+            Rewrite { src: s.lip, sport: s.lport, dst: s.rs, dport: s.rport, dir, toa: None }
+        } else {
+            Rewrite { src: s.vip, sport: s.vport, dst: s.client, dport: s.cport, dir, toa: None }
+        };
+        if changed {
+            let record = s.record(now_s);
+            drop(locked);
+            self.emit(SessionEvent::StateChanged(record));
+        }
+        Some(rewrite)
+    }
+
+    /// The miss path: only a TCP SYN or a UDP datagram to a service opens a flow.
+    fn new_flow<A: Family>(
+        &mut self,
+        now_s: u64,
+        pkt: &Packet<'_>,
+        l3: &L3<A>,
+        key: FlowKey<A>,
+        proto: L4Proto,
+        tcp: Option<TcpInfo>,
+    ) -> Result<Rewrite<A>, DropReason> {
+        let engine = self.engine.clone();
+        if let Some(t) = tcp
+            && !(t.flags.syn && !t.flags.ack && !t.flags.rst && !t.flags.fin)
+        {
+            return Err(DropReason::NoSession);
+        }
+        let snap = engine.snapshot.load();
+        let vip = SocketAddr::new(l3.dst.to_ip(), key.dport);
+        let Some(svc) = snap.service(proto, vip) else {
+            return Err(if engine.laddr.is_local(vip.ip()) { DropReason::NoSession } else { DropReason::NoService });
+        };
+        if pkt.csum == L4Checksum::Unverified && !l4_checksum_ok(pkt, l3, proto) {
+            return Err(DropReason::BadChecksum);
+        }
+        let maglev_seed = snap.maglev().seed;
+        let flow_hash = key.hash(maglev_seed);
+        let source_hash = xxhash_rust::xxh3::xxh3_64_with_seed(l3.src.octets_of().as_ref(), maglev_seed);
+        let idx = svc
+            .scheduler
+            .pick(flow_hash, source_hash, |i| svc.dests.get(i).map(|d| d.stats.conns()).unwrap_or_default())
+            .ok_or(DropReason::NoBackend)?;
+        let dest = svc.dests.get(idx).ok_or(DropReason::NoBackend)?.clone();
+        let (Some(rs), rport) = (A::from_ip(dest.addr.ip()), dest.addr.port()) else {
+            return Err(DropReason::NoBackend);
+        };
+        let local = engine.laddr.allocate(proto, A::IS_V6, flow_hash).ok_or(DropReason::NoLocalPort)?;
+        let Some(lip) = A::from_ip(local.ip) else {
+            engine.laddr.release(proto, local);
+            return Err(DropReason::NoLocalPort);
+        };
+        let mut window = TcpWindow::new();
+        let state = match tcp {
+            Some(t) => {
+                window.update(Direction::Inbound, &t.segment);
+                FlowState::Tcp(TcpState::None.next(Direction::Inbound, t.flags))
+            }
+            None => FlowState::Udp,
+        };
+        let data = SessionData {
+            dest: dest.clone(),
+            expires: deadline(now_s, timeout_secs(state, &svc.params.timeouts)),
+            window,
+            client: key.src,
+            vip: key.dst,
+            lip,
+            rs,
+            cport: key.sport,
+            vport: key.dport,
+            lport: local.port,
+            rport,
+            state,
+            synced: false,
+        };
+        let record = data.record(now_s);
+        match A::table(&engine.table).insert(data) {
+            Ok(_) => {
+                dest.stats.opened(state.is_active());
+                self.counters.count(Event::SessionsCreated);
+                self.emit(SessionEvent::Created(record));
+                let toa = (proto == L4Proto::Tcp && svc.config.toa).then_some((key.src, key.sport));
+                Ok(Rewrite { src: lip, sport: local.port, dst: rs, dport: rport, dir: Direction::Inbound, toa })
+            }
+            Err((e, _)) => {
+                engine.laddr.release(proto, local);
+                match e {
+                    InsertError::Full => Err(DropReason::TableFull),
+                    // Another worker opened the same flow a moment ago (a retransmitted SYN on
+                    // another queue): carry on with its session.
+                    InsertError::Exists(_) => self.established(now_s, &key, tcp).ok_or(DropReason::NoSession),
+                }
+            }
+        }
+    }
+
+    fn icmpv4(&mut self, pkt: &mut Packet<'_>, l3: L3<Ipv4Addr>) -> Result<Direction, DropReason> {
+        let msg = Icmpv4Packet::new_checked(&pkt.buf[l3.l4_start..l3.l4_end])?;
+        if !msg.verify_checksum() {
+            return Err(DropReason::BadChecksum);
+        }
+        if !msg.msg_type().is_error() {
+            return Err(DropReason::IcmpUnsupported);
+        }
+        let dir = self.translate_icmp_error(pkt, &l3)?;
+        let mut msg = Icmpv4Packet::new_unchecked(&mut pkt.buf[l3.l4_start..l3.l4_end]);
+        msg.fill_checksum();
+        Ok(dir)
+    }
+
+    fn icmpv6(&mut self, pkt: &mut Packet<'_>, l3: L3<Ipv6Addr>) -> Result<Direction, DropReason> {
+        let len = u32::try_from(l3.l4_end - l3.l4_start).map_err(|_| DropReason::Malformed)?;
+        let msg = Icmpv6Packet::new_checked(&pkt.buf[l3.l4_start..l3.l4_end])?;
+        if !msg.verify_checksum(checksum::pseudo_header_v6(&l3.src, &l3.dst, IpProtocol::Icmpv6, len)) {
+            return Err(DropReason::BadChecksum);
+        }
+        if !msg.msg_type().is_error() {
+            return Err(DropReason::IcmpUnsupported);
+        }
+        let dir = self.translate_icmp_error(pkt, &l3)?;
+        let (src, dst) = (Ipv6Addr::from_slice(&pkt.buf[8..]), Ipv6Addr::from_slice(&pkt.buf[24..]));
+        let mut msg = Icmpv6Packet::new_unchecked(&mut pkt.buf[l3.l4_start..l3.l4_end]);
+        msg.fill_checksum(checksum::pseudo_header_v6(&src, &dst, IpProtocol::Icmpv6, len));
+        Ok(dir)
+    }
+
+    /// Translates an ICMP error's outer header and the packet it quotes. The quoted packet went
+    /// the other way, so its reversed key is the session's key for this direction. The caller
+    /// recomputes the ICMP checksum.
+    fn translate_icmp_error<A: Family>(&mut self, pkt: &mut Packet<'_>, l3: &L3<A>) -> Result<Direction, DropReason> {
+        let quoted_start = l3.l4_start + 8;
+        let quote = Quote::<A>::parse(&pkt.buf[quoted_start..l3.l4_end]).ok_or(DropReason::IcmpUnsupported)?;
+        let key = quote.key.reversed();
+        let (outer, inner, dir) = {
+            let locked = A::table(&self.engine.table).lookup(&key).ok_or(DropReason::IcmpNoSession)?;
+            let s = locked.guard.as_ref().ok_or(DropReason::IcmpNoSession)?;
+            if locked.from_client {
+                // About our packet VIP → client, from the client side: tell the real server
+                // about its packet RS → LIP.
+                ((s.lip, s.rs), (s.rs, s.rport, s.lip, s.lport), Direction::Inbound)
+            } else {
+                // About our packet LIP → RS, from the server side: tell the client about its
+                // packet client → VIP.
+                ((s.vip, s.client), (s.client, s.cport, s.vip, s.vport), Direction::Outbound)
+            }
+        };
+        let quoted = &mut pkt.buf[quoted_start..l3.l4_end];
+        let (q_src, q_sport, q_dst, q_dport) = inner;
+        rewrite_header_addrs(quoted, quote.key.src, q_src, quote.key.dst, q_dst);
+        let l4 = &mut quoted[quote.l4_off..];
+        let csum_off = if quote.key.proto == L4Proto::Tcp.number() { 16 } else { 6 };
+        // The quote may end before the L4 checksum; ports are always there (8 bytes at least).
+        if let Some(field) = l4.get(csum_off..csum_off + 2) {
+            let old = u16::from_be_bytes([field[0], field[1]]);
+            let udp_none = csum_off == 6 && old == 0;
+            if !udp_none {
+                let mut c = checksum::update_bytes(old, quote.key.src.octets_of().as_ref(), q_src.octets_of().as_ref());
+                c = checksum::update_bytes(c, quote.key.dst.octets_of().as_ref(), q_dst.octets_of().as_ref());
+                c = checksum::update_word(c, quote.key.sport, q_sport);
+                c = checksum::update_word(c, quote.key.dport, q_dport);
+                if csum_off == 6 && c == 0 {
+                    c = 0xffff;
+                }
+                l4[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
+            }
+        }
+        l4[0..2].copy_from_slice(&q_sport.to_be_bytes());
+        l4[2..4].copy_from_slice(&q_dport.to_be_bytes());
+        rewrite_addrs(pkt.buf, l3, outer.0, outer.1);
+        self.counters.count(Event::IcmpTranslated);
+        Ok(dir)
+    }
+}
+
+/// The packet an ICMP error quotes: its IP header and at least the first 8 bytes of TCP or UDP.
+/// Read leniently from raw bytes because the quote is usually truncated.
+#[derive(Debug)]
+struct Quote<A> {
+    key: FlowKey<A>,
+    l4_off: usize,
+}
+
+impl<A: Family> Quote<A> {
+    fn parse(b: &[u8]) -> Option<Quote<A>> {
+        let (proto, l4_off) = if A::IS_V6 {
+            // Quotes with extension headers are not translated: the walk could not be trusted
+            // on a truncated packet.
+            (*b.get(6)?, 40)
+        } else {
+            let ihl = usize::from(b.first()? & 0x0f) * 4;
+            let frag_offset = u16::from_be_bytes([*b.get(6)?, *b.get(7)?]) & 0x1fff;
+            if ihl < 20 || frag_offset != 0 {
+                return None;
+            }
+            (*b.get(9)?, ihl)
+        };
+        let version = if A::IS_V6 { 6 } else { 4 };
+        let ports = b.get(l4_off..l4_off + 8)?;
+        if b[0] >> 4 != version || !(proto == 6 || proto == 17) {
+            return None;
+        }
+        Some(Quote {
+            key: FlowKey {
+                src: A::from_slice(&b[A::SRC_OFF..]),
+                dst: A::from_slice(&b[A::DST_OFF..]),
+                sport: u16::from_be_bytes([ports[0], ports[1]]),
+                dport: u16::from_be_bytes([ports[2], ports[3]]),
+                proto,
+            },
+            l4_off,
+        })
+    }
+}
+
+/// Rewrites the outer IP addresses of the packet.
+fn rewrite_addrs<A: Family>(buf: &mut [u8], l3: &L3<A>, src: A, dst: A) {
+    rewrite_header_addrs(buf, l3.src, src, l3.dst, dst);
+}
+
+/// Rewrites the addresses of the IP header at the start of `hdr`, updating an IPv4 header
+/// checksum incrementally.
+fn rewrite_header_addrs<A: Family>(hdr: &mut [u8], old_src: A, src: A, old_dst: A, dst: A) {
+    let (os, ns, od, nd) = (old_src.octets_of(), src.octets_of(), old_dst.octets_of(), dst.octets_of());
+    let n = ns.as_ref().len();
+    hdr[A::SRC_OFF..A::SRC_OFF + n].copy_from_slice(ns.as_ref());
+    hdr[A::DST_OFF..A::DST_OFF + n].copy_from_slice(nd.as_ref());
+    if !A::IS_V6 {
+        let old = u16::from_be_bytes([hdr[10], hdr[11]]);
+        let c = checksum::update_bytes(old, os.as_ref(), ns.as_ref());
+        let c = checksum::update_bytes(c, od.as_ref(), nd.as_ref());
+        hdr[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+}
+
+/// Rewrites the ports and fixes the L4 checksum for the new addresses and ports.
+fn rewrite_l4<A: Family>(pkt: &mut Packet<'_>, l3: &L3<A>, proto: L4Proto, rw: &Rewrite<A>) {
+    let csum = pkt.csum;
+    let l4 = &mut pkt.buf[l3.l4_start..l3.l4_end];
+    let csum_off = match proto {
+        L4Proto::Tcp => 16,
+        L4Proto::Udp => 6,
+    };
+    let old_sport = u16::from_be_bytes([l4[0], l4[1]]);
+    let old_dport = u16::from_be_bytes([l4[2], l4[3]]);
+    let old = u16::from_be_bytes([l4[csum_off], l4[csum_off + 1]]);
+    // IPv4 UDP without checksum stays without (IPv6 zero checksums were dropped earlier).
+    if !(proto == L4Proto::Udp && old == 0) {
+        let (os, ns) = (l3.src.octets_of(), rw.src.octets_of());
+        let (od, nd) = (l3.dst.octets_of(), rw.dst.octets_of());
+        let c = if csum == L4Checksum::Partial {
+            // The field holds the pseudo-header sum; ports are summed later from csum_start.
+            let c = checksum::update_partial(old, os.as_ref(), ns.as_ref());
+            checksum::update_partial(c, od.as_ref(), nd.as_ref())
+        } else {
+            let c = checksum::update_bytes(old, os.as_ref(), ns.as_ref());
+            let c = checksum::update_bytes(c, od.as_ref(), nd.as_ref());
+            let c = checksum::update_word(c, old_sport, rw.sport);
+            let c = checksum::update_word(c, old_dport, rw.dport);
+            if proto == L4Proto::Udp && c == 0 { 0xffff } else { c }
+        };
+        l4[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    l4[0..2].copy_from_slice(&rw.sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&rw.dport.to_be_bytes());
+}
+
+fn l4_checksum_ok<A: Family>(pkt: &Packet<'_>, l3: &L3<A>, proto: L4Proto) -> bool {
+    let l4 = &pkt.buf[l3.l4_start..l3.l4_end];
+    let Ok(len) = u32::try_from(l4.len()) else { return false };
+    match proto {
+        L4Proto::Tcp => {
+            let pseudo = A::pseudo_header(l3.src, l3.dst, IpProtocol::Tcp, len);
+            TcpPacket::new_unchecked(l4).verify_checksum(pseudo)
+        }
+        L4Proto::Udp => {
+            let u = UdpPacket::new_unchecked(l4);
+            (!A::IS_V6 && u.checksum() == 0)
+                || u.verify_checksum(A::pseudo_header(l3.src, l3.dst, IpProtocol::Udp, len))
+        }
+    }
+}
+
+/// Inserts a TOA option (kind 254: client port, then client address) at the end of a SYN's
+/// options. False when it does not fit in the TCP header or in the buffer.
+fn insert_toa<A: Family>(pkt: &mut Packet<'_>, l3: &L3<A>, src: A, dst: A, client: A, cport: u16) -> bool {
+    const TOA_KIND: u8 = 254;
+    let opt_len = A::TOA_LEN;
+    let hl = usize::from(TcpPacket::new_unchecked(&pkt.buf[l3.l4_start..l3.l4_end]).header_len());
+    let new_end = l3.l4_end + opt_len;
+    if hl + opt_len > 60 || new_end > pkt.buf.len() {
+        return false;
+    }
+    let opt_at = l3.l4_start + hl;
+    pkt.buf.copy_within(opt_at..l3.l4_end, opt_at + opt_len);
+    let opt = &mut pkt.buf[opt_at..opt_at + opt_len];
+    opt[0] = TOA_KIND;
+    opt[1] = opt_len as u8;
+    opt[2..4].copy_from_slice(&cport.to_be_bytes());
+    opt[4..].copy_from_slice(client.octets_of().as_ref());
+    let l4_len = new_end - l3.l4_start;
+    if A::IS_V6 {
+        let payload_len = (new_end - 40) as u16;
+        pkt.buf[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    } else {
+        let mut ip = Ipv4Packet::new_unchecked(&mut pkt.buf[..]);
+        ip.set_total_len(new_end as u16);
+        ip.fill_checksum();
+    }
+    let pseudo = A::pseudo_header(src, dst, IpProtocol::Tcp, l4_len as u32);
+    let mut tcp = TcpPacket::new_unchecked(&mut pkt.buf[l3.l4_start..new_end]);
+    tcp.set_header_len((hl + opt_len) as u8);
+    if pkt.csum == L4Checksum::Partial {
+        tcp.set_checksum(pseudo);
+    } else {
+        tcp.fill_checksum(pseudo);
+    }
+    pkt.len = new_end;
+    true
+}

@@ -1,0 +1,215 @@
+//! The data plane's own immutable view of the configured services: what the engine consults when
+//! a new flow arrives. The node builds a new `Snapshot` for every committed config (or health
+//! change) and swaps it in whole; the packet path never locks it.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::laddr::L4Proto;
+use crate::sched::{BackendSpec, ConnCounts, MaglevParams, Scheduler, SchedulerError, SchedulerKind};
+use crate::tcp_state::Timeouts;
+
+/// A real server of a service, as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendConfig {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// A backend that fails its health checks takes no new flows; its sessions stay.
+    pub healthy: bool,
+}
+
+/// A virtual service, as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceConfig {
+    pub vip: SocketAddr,
+    pub proto: L4Proto,
+    pub scheduler: SchedulerKind,
+    pub timeouts: Timeouts,
+    /// Insert the client's address as a TCP option (TOA, kind 254) into SYNs.
+    pub toa: bool,
+    pub backends: Vec<BackendConfig>,
+}
+
+/// Connection counters of one real server; they outlive snapshots so that a config change does
+/// not reset them, and sessions keep them alive while they last.
+#[derive(Debug, Default)]
+pub struct DestStats {
+    active: AtomicU32,
+    inactive: AtomicU32,
+    total: AtomicU64,
+}
+
+impl DestStats {
+    /// Active (established) and inactive (every other state) connections.
+    pub fn conns(&self) -> ConnCounts {
+        ConnCounts { active: self.active.load(Ordering::Relaxed), inactive: self.inactive.load(Ordering::Relaxed) }
+    }
+
+    /// Connections ever scheduled to or installed for this real server.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn opened(&self, active: bool) {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        self.counter(active).fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn closed(&self, active: bool) {
+        // Saturating: a counter must not wrap if a close is ever reported twice.
+        let _ = self.counter(active).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+    }
+
+    pub(crate) fn moved(&self, was_active: bool, is_active: bool) {
+        if was_active != is_active {
+            self.closed(was_active);
+            self.counter(is_active).fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn counter(&self, active: bool) -> &AtomicU32 {
+        if active { &self.active } else { &self.inactive }
+    }
+}
+
+/// Per-service settings a session needs on every packet.
+#[derive(Debug)]
+pub(crate) struct ServiceParams {
+    pub(crate) timeouts: Timeouts,
+}
+
+/// A real server as sessions reference it.
+#[derive(Debug)]
+pub struct Dest {
+    pub addr: SocketAddr,
+    pub stats: Arc<DestStats>,
+    pub(crate) params: Arc<ServiceParams>,
+}
+
+/// How a service is found: protocol, VIP and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ServiceKey {
+    pub proto: L4Proto,
+    pub vip: SocketAddr,
+}
+
+#[derive(Debug)]
+pub(crate) struct Service {
+    pub(crate) config: ServiceConfig,
+    pub(crate) dests: Vec<Arc<Dest>>,
+    pub(crate) scheduler: Scheduler,
+    pub(crate) params: Arc<ServiceParams>,
+}
+
+impl Service {
+    pub(crate) fn dest_by_addr(&self, addr: SocketAddr) -> Option<&Arc<Dest>> {
+        self.dests.iter().find(|d| d.addr == addr)
+    }
+}
+
+/// Why a snapshot could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("service {proto:?} {vip}: listed twice")]
+    DuplicateService { proto: L4Proto, vip: SocketAddr },
+    #[error("service {proto:?} {vip}: backend {backend} listed twice")]
+    DuplicateBackend { proto: L4Proto, vip: SocketAddr, backend: SocketAddr },
+    #[error("service {proto:?} {vip}: backend {backend} is of another address family than the VIP")]
+    FamilyMismatch { proto: L4Proto, vip: SocketAddr, backend: SocketAddr },
+    #[error("service {proto:?} {vip}: {source}")]
+    Scheduler { proto: L4Proto, vip: SocketAddr, source: SchedulerError },
+}
+
+/// The immutable service view the engine works from.
+#[derive(Debug)]
+pub struct Snapshot {
+    version: u64,
+    services: HashMap<ServiceKey, Service>,
+    vips: HashSet<IpAddr>,
+    maglev: MaglevParams,
+}
+
+impl Snapshot {
+    /// Builds a snapshot; counters of real servers that exist in `previous` carry over.
+    pub fn new(
+        version: u64,
+        services: &[ServiceConfig],
+        maglev: MaglevParams,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, SnapshotError> {
+        let mut map = HashMap::with_capacity(services.len());
+        for cfg in services {
+            let key = ServiceKey { proto: cfg.proto, vip: cfg.vip };
+            let (proto, vip) = (cfg.proto, cfg.vip);
+            let mut seen = HashSet::new();
+            for b in &cfg.backends {
+                if !seen.insert(b.addr) {
+                    return Err(SnapshotError::DuplicateBackend { proto, vip, backend: b.addr });
+                }
+                if b.addr.is_ipv4() != vip.is_ipv4() {
+                    return Err(SnapshotError::FamilyMismatch { proto, vip, backend: b.addr });
+                }
+            }
+            let specs: Vec<BackendSpec> = cfg
+                .backends
+                .iter()
+                .map(|b| BackendSpec { name: b.addr.to_string(), weight: if b.healthy { b.weight } else { 0 } })
+                .collect();
+            let scheduler = Scheduler::new(cfg.scheduler, &specs, maglev)
+                .map_err(|source| SnapshotError::Scheduler { proto, vip, source })?;
+            let params = Arc::new(ServiceParams { timeouts: cfg.timeouts });
+            let old = previous.and_then(|p| p.services.get(&key));
+            let dests = cfg
+                .backends
+                .iter()
+                .map(|b| {
+                    let stats = old.and_then(|s| s.dest_by_addr(b.addr)).map(|d| d.stats.clone()).unwrap_or_default();
+                    Arc::new(Dest { addr: b.addr, stats, params: params.clone() })
+                })
+                .collect();
+            let service = Service { config: cfg.clone(), dests, scheduler, params };
+            if map.insert(key, service).is_some() {
+                return Err(SnapshotError::DuplicateService { proto, vip });
+            }
+        }
+        let vips = map.keys().map(|k| k.vip.ip()).collect();
+        Ok(Snapshot { version, services: map, vips, maglev })
+    }
+
+    /// An empty snapshot: every packet is dropped as having no service.
+    pub fn empty() -> Snapshot {
+        Snapshot {
+            version: 0,
+            services: HashMap::new(),
+            vips: HashSet::new(),
+            maglev: MaglevParams::default(),
+        }
+    }
+
+    /// The config version this snapshot was built from.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub(crate) fn service(&self, proto: L4Proto, vip: SocketAddr) -> Option<&Service> {
+        self.services.get(&ServiceKey { proto, vip })
+    }
+
+    pub(crate) fn is_vip(&self, ip: IpAddr) -> bool {
+        self.vips.contains(&ip)
+    }
+
+    /// The real servers of a service with their counters, in config order.
+    pub fn dests(&self, key: &ServiceKey) -> Option<&[Arc<Dest>]> {
+        self.services.get(key).map(|s| s.dests.as_slice())
+    }
+
+    /// The Maglev parameters, which also seed the flow hash that every node computes alike.
+    pub fn maglev(&self) -> MaglevParams {
+        self.maglev
+    }
+}

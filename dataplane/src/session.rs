@@ -1,0 +1,470 @@
+//! The session table: every Full-NAT flow, reachable from its client-side and its server-side key.
+//!
+//! Layout, chosen for memory and for the established-flow lookup:
+//! * a slab of fixed-size slots, allocated once for the configured maximum, each behind its own
+//!   one-byte lock (two workers may see the two directions of a flow at the same time);
+//! * an open-addressing index (linear probing, backward-shift deletion) in lock-striped shards,
+//!   mapping both keys of a session to its slot. Its capacity is fixed from the maximum at a load
+//!   of at most 75 %, so it never rehashes on the packet path and has no power-of-two rounding;
+//! * a free list of slots. A full table refuses new flows while existing ones carry on.
+//!
+//! A lookup reads the index, then locks the slot and checks that the slot still holds the key it
+//! was found under (the session may have been removed and the slot reused in between). IPv4 and
+//! IPv6 sessions live in separate tables so an IPv4 session pays for 4-byte addresses only.
+//! Pure code: no clock, no I/O; deadlines are seconds of the caller's clock.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::family::Family;
+use crate::laddr::L4Proto;
+use crate::service::Dest;
+use crate::tcp_state::{TcpState, TcpWindow};
+
+/// A flow as it appears in one packet: protocol, source and destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct FlowKey<A> {
+    pub(crate) src: A,
+    pub(crate) dst: A,
+    pub(crate) sport: u16,
+    pub(crate) dport: u16,
+    pub(crate) proto: u8,
+}
+
+impl<A: Family> FlowKey<A> {
+    const EMPTY: Self = FlowKey { src: A::UNSPECIFIED, dst: A::UNSPECIFIED, sport: 0, dport: 0, proto: 0 };
+
+    pub(crate) fn hash(&self, seed: u64) -> u64 {
+        let mut buf = [0u8; 37];
+        let len = if A::IS_V6 { 16 } else { 4 };
+        buf[..len].copy_from_slice(self.src.octets_of().as_ref());
+        buf[len..2 * len].copy_from_slice(self.dst.octets_of().as_ref());
+        let n = 2 * len;
+        buf[n..n + 2].copy_from_slice(&self.sport.to_be_bytes());
+        buf[n + 2..n + 4].copy_from_slice(&self.dport.to_be_bytes());
+        buf[n + 4] = self.proto;
+        xxhash_rust::xxh3::xxh3_64_with_seed(&buf[..n + 5], seed)
+    }
+
+    /// The same flow seen from the other end.
+    pub(crate) fn reversed(&self) -> Self {
+        FlowKey { src: self.dst, dst: self.src, sport: self.dport, dport: self.sport, proto: self.proto }
+    }
+}
+
+/// The state of a flow: TCP states, or the single state of a UDP flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FlowState {
+    Udp,
+    Tcp(TcpState),
+}
+
+impl FlowState {
+    /// The name `ipvsadm -Lnc` prints.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowState::Udp => "UDP",
+            FlowState::Tcp(s) => s.name(),
+        }
+    }
+
+    pub(crate) fn is_active(self) -> bool {
+        matches!(self, FlowState::Tcp(s) if s.is_active())
+    }
+}
+
+/// A session that another node can install to carry on the same flow with the same local
+/// address, port and real server. Deadlines travel as a remaining time because clocks differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub proto: L4Proto,
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
+    /// The local address (LIP) and port the real server sees as the source.
+    pub local: SocketAddr,
+    pub backend: SocketAddr,
+    pub state: FlowState,
+    pub window: TcpWindow,
+    /// Seconds until the session expires unless a packet refreshes it.
+    pub expires_in_secs: u32,
+    /// Installed from a peer rather than created by this node's traffic.
+    pub synced: bool,
+}
+
+/// What session sync needs to hear from the data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionEvent {
+    Created(SessionRecord),
+    StateChanged(SessionRecord),
+    Closed(SessionRecord),
+}
+
+/// One session as stored in a slot.
+#[derive(Debug)]
+pub(crate) struct SessionData<A> {
+    pub(crate) dest: Arc<Dest>,
+    /// Deadline in whole seconds of the caller's clock.
+    pub(crate) expires: u32,
+    pub(crate) window: TcpWindow,
+    pub(crate) client: A,
+    pub(crate) vip: A,
+    pub(crate) lip: A,
+    pub(crate) rs: A,
+    pub(crate) cport: u16,
+    pub(crate) vport: u16,
+    pub(crate) lport: u16,
+    pub(crate) rport: u16,
+    pub(crate) state: FlowState,
+    pub(crate) synced: bool,
+}
+
+impl<A: Family> SessionData<A> {
+    pub(crate) fn proto(&self) -> L4Proto {
+        match self.state {
+            FlowState::Udp => L4Proto::Udp,
+            FlowState::Tcp(_) => L4Proto::Tcp,
+        }
+    }
+
+    /// The key of packets from the client: client → VIP.
+    pub(crate) fn client_key(&self) -> FlowKey<A> {
+        FlowKey {
+            src: self.client,
+            dst: self.vip,
+            sport: self.cport,
+            dport: self.vport,
+            proto: self.proto().number(),
+        }
+    }
+
+    /// The key of packets from the real server: RS → LIP.
+    pub(crate) fn server_key(&self) -> FlowKey<A> {
+        FlowKey { src: self.rs, dst: self.lip, sport: self.rport, dport: self.lport, proto: self.proto().number() }
+    }
+
+    pub(crate) fn record(&self, now_secs: u64) -> SessionRecord {
+        SessionRecord {
+            proto: self.proto(),
+            client: SocketAddr::new(self.client.to_ip(), self.cport),
+            vip: SocketAddr::new(self.vip.to_ip(), self.vport),
+            local: SocketAddr::new(self.lip.to_ip(), self.lport),
+            backend: SocketAddr::new(self.rs.to_ip(), self.rport),
+            state: self.state,
+            window: self.window,
+            expires_in_secs: u32::try_from(u64::from(self.expires).saturating_sub(now_secs)).unwrap_or(u32::MAX),
+            synced: self.synced,
+        }
+    }
+}
+
+/// Index of a slot in the slab.
+pub(crate) type SlotId = u32;
+
+/// Why an insert did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InsertError {
+    /// No free slot, or the index shard is at its limit.
+    Full,
+    /// A session with one of the two keys exists already (in that slot).
+    Exists(SlotId),
+}
+
+const EMPTY_SLOT: [u16; 2] = [u16::MAX; 2];
+
+/// An index entry. The slot number is split in two halves so the entry keeps the key's 2-byte
+/// alignment: 18 bytes per IPv4 entry instead of 20.
+#[derive(Debug, Clone, Copy)]
+struct Entry<A> {
+    key: FlowKey<A>,
+    slot: [u16; 2],
+}
+
+impl<A: Family> Entry<A> {
+    const EMPTY: Self = Entry { key: FlowKey::EMPTY, slot: EMPTY_SLOT };
+
+    fn slot(&self) -> Option<SlotId> {
+        (self.slot != EMPTY_SLOT).then(|| (u32::from(self.slot[0]) << 16) | u32::from(self.slot[1]))
+    }
+}
+
+fn split(slot: SlotId) -> [u16; 2] {
+    [(slot >> 16) as u16, slot as u16]
+}
+
+#[derive(Debug)]
+struct Shard<A> {
+    entries: Box<[Entry<A>]>,
+    len: usize,
+}
+
+/// Index capacity per entry: at most 75 % full when the table holds its maximum.
+const INDEX_LOAD_NUM: usize = 3;
+const INDEX_LOAD_DEN: usize = 4;
+
+#[derive(Debug)]
+struct Index<A> {
+    shards: Box<[RwLock<Shard<A>>]>,
+    shard_bits: u32,
+    capacity: usize,
+    /// A shard refuses inserts past this, so probes always end at an empty entry.
+    limit: usize,
+    seed: u64,
+}
+
+impl<A: Family> Index<A> {
+    fn new(max_entries: usize, seed: u64) -> Self {
+        // Few shards for small tables, 64 for large ones: enough to keep workers apart.
+        let shards = (max_entries / 4096).clamp(1, 64).next_power_of_two();
+        let shard_bits = shards.trailing_zeros();
+        let per_shard = max_entries.div_ceil(shards);
+        let capacity = (per_shard * INDEX_LOAD_DEN).div_ceil(INDEX_LOAD_NUM) + 8;
+        // Hash imbalance between shards: allow up to 95 % in one shard before refusing.
+        let limit = capacity * 95 / 100;
+        let shards = (0..shards)
+            .map(|_| RwLock::new(Shard { entries: vec![Entry::EMPTY; capacity].into_boxed_slice(), len: 0 }))
+            .collect();
+        Index { shards, shard_bits, capacity, limit, seed }
+    }
+
+    fn locate(&self, key: &FlowKey<A>) -> (usize, usize) {
+        let h = key.hash(self.seed);
+        let shard = if self.shard_bits == 0 { 0 } else { (h >> (64 - self.shard_bits)) as usize };
+        (shard, self.home(h))
+    }
+
+    fn home(&self, h: u64) -> usize {
+        ((u64::from(h as u32) * self.capacity as u64) >> 32) as usize
+    }
+
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.capacity { 0 } else { i + 1 }
+    }
+
+    fn get(&self, key: &FlowKey<A>) -> Option<SlotId> {
+        let (shard, mut i) = self.locate(key);
+        let shard = self.shards[shard].read();
+        loop {
+            let e = &shard.entries[i];
+            let slot = e.slot()?;
+            if e.key == *key {
+                return Some(slot);
+            }
+            i = self.next(i);
+        }
+    }
+
+    fn insert(&self, key: FlowKey<A>, slot: SlotId) -> Result<(), InsertError> {
+        let (shard, mut i) = self.locate(&key);
+        let mut shard = self.shards[shard].write();
+        loop {
+            let e = &shard.entries[i];
+            match e.slot() {
+                None => break,
+                Some(existing) if e.key == key => return Err(InsertError::Exists(existing)),
+                Some(_) => i = self.next(i),
+            }
+        }
+        if shard.len >= self.limit {
+            return Err(InsertError::Full);
+        }
+        shard.entries[i] = Entry { key, slot: split(slot) };
+        shard.len += 1;
+        Ok(())
+    }
+
+    /// Removes `key` if it maps to `slot`.
+    fn remove(&self, key: &FlowKey<A>, slot: SlotId) -> bool {
+        let (shard, mut i) = self.locate(key);
+        let mut shard = self.shards[shard].write();
+        loop {
+            let e = &shard.entries[i];
+            match e.slot() {
+                None => return false,
+                Some(s) if e.key == *key => {
+                    if s != slot {
+                        return false;
+                    }
+                    break;
+                }
+                Some(_) => i = self.next(i),
+            }
+        }
+        // Backward-shift deletion: pull later entries of the probe run into the hole when their
+        // home position allows, so lookups never need tombstones.
+        let mut hole = i;
+        let mut j = i;
+        loop {
+            j = self.next(j);
+            let e = shard.entries[j];
+            if e.slot().is_none() {
+                break;
+            }
+            let home = self.home(e.key.hash(self.seed));
+            let stays = if hole <= j { hole < home && home <= j } else { home > hole || home <= j };
+            if !stays {
+                shard.entries[hole] = e;
+                hole = j;
+            }
+        }
+        shard.entries[hole] = Entry::EMPTY;
+        shard.len -= 1;
+        true
+    }
+
+    fn bytes(&self) -> usize {
+        self.shards.len() * (self.capacity * size_of::<Entry<A>>() + size_of::<RwLock<Shard<A>>>())
+    }
+}
+
+/// The sessions of one address family.
+#[derive(Debug)]
+pub(crate) struct FamilyTable<A> {
+    slots: Box<[Mutex<Option<SessionData<A>>>]>,
+    free: Mutex<Vec<SlotId>>,
+    index: Index<A>,
+    /// Where the next expiry sweep continues.
+    sweep: AtomicUsize,
+}
+
+/// A looked-up session, locked, with the side its key matched.
+pub(crate) struct Locked<'a, A> {
+    pub(crate) guard: parking_lot::MutexGuard<'a, Option<SessionData<A>>>,
+    /// True when the key was the client-side key.
+    pub(crate) from_client: bool,
+}
+
+impl<A: Family> FamilyTable<A> {
+    pub(crate) fn new(max_sessions: u32, seed: u64) -> Self {
+        let max = max_sessions as usize;
+        FamilyTable {
+            slots: (0..max).map(|_| Mutex::new(None)).collect(),
+            free: Mutex::new((0..max_sessions).rev().collect()),
+            index: Index::new(max * 2, seed),
+            sweep: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len() - self.free.lock().len()
+    }
+
+    /// Bytes allocated for this table at its configured maximum.
+    pub(crate) fn bytes(&self) -> usize {
+        self.slots.len() * (size_of::<Mutex<Option<SessionData<A>>>>() + size_of::<SlotId>())
+            + self.index.bytes()
+    }
+
+    /// Finds the session a packet with `key` belongs to and locks it.
+    pub(crate) fn lookup(&self, key: &FlowKey<A>) -> Option<Locked<'_, A>> {
+        let slot = self.index.get(key)?;
+        let guard = self.slots[slot as usize].lock();
+        let session = guard.as_ref()?;
+        let from_client = if session.client_key() == *key {
+            true
+        } else if session.server_key() == *key {
+            false
+        } else {
+            // Removed and reused between the index read and the lock: the flow is gone.
+            return None;
+        };
+        Some(Locked { guard, from_client })
+    }
+
+    /// Stores a new session under both its keys.
+    pub(crate) fn insert(&self, data: SessionData<A>) -> Result<SlotId, (InsertError, SessionData<A>)> {
+        let Some(slot) = self.free.lock().pop() else {
+            return Err((InsertError::Full, data));
+        };
+        let client_key = data.client_key();
+        let server_key = data.server_key();
+        let mut guard = self.slots[slot as usize].lock();
+        if let Err(e) = self.index.insert(client_key, slot) {
+            drop(guard);
+            self.free.lock().push(slot);
+            return Err((e, data));
+        }
+        if let Err(e) = self.index.insert(server_key, slot) {
+            self.index.remove(&client_key, slot);
+            drop(guard);
+            self.free.lock().push(slot);
+            return Err((e, data));
+        }
+        *guard = Some(data);
+        Ok(slot)
+    }
+
+    /// Removes the session with this client-side key; returns it.
+    pub(crate) fn remove(&self, client_key: &FlowKey<A>) -> Option<SessionData<A>> {
+        let slot = self.index.get(client_key)?;
+        let mut guard = self.slots[slot as usize].lock();
+        if guard.as_ref().is_none_or(|s| s.client_key() != *client_key) {
+            return None;
+        }
+        let data = guard.take()?;
+        self.unlink(slot, &data);
+        drop(guard);
+        self.free.lock().push(slot);
+        Some(data)
+    }
+
+    fn unlink(&self, slot: SlotId, data: &SessionData<A>) {
+        self.index.remove(&data.client_key(), slot);
+        self.index.remove(&data.server_key(), slot);
+    }
+
+    /// Examines up to `budget` slots from where the last sweep stopped and removes the sessions
+    /// whose deadline has passed; bounded work per call whatever the table holds.
+    pub(crate) fn expire(&self, now_secs: u64, budget: usize, mut on_expired: impl FnMut(SessionData<A>)) -> usize {
+        let n = self.slots.len();
+        if n == 0 {
+            return 0;
+        }
+        let budget = budget.min(n);
+        let start = self.sweep.fetch_add(budget, Ordering::Relaxed) % n;
+        let mut expired = 0;
+        for k in 0..budget {
+            let slot = (start + k) % n;
+            let mut guard = self.slots[slot].lock();
+            if guard.as_ref().is_some_and(|s| u64::from(s.expires) <= now_secs)
+                && let Some(data) = guard.take()
+            {
+                self.unlink(slot as SlotId, &data);
+                drop(guard);
+                self.free.lock().push(slot as SlotId);
+                expired += 1;
+                on_expired(data);
+            }
+        }
+        expired
+    }
+
+    /// Calls `f` for every session (admin listings; takes each slot lock briefly).
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&SessionData<A>)) {
+        for slot in self.slots.iter() {
+            if let Some(s) = slot.lock().as_ref() {
+                f(s);
+            }
+        }
+    }
+}
+
+/// All sessions of a node, IPv4 and IPv6.
+#[derive(Debug)]
+pub(crate) struct SessionTable {
+    pub(crate) v4: FamilyTable<Ipv4Addr>,
+    pub(crate) v6: FamilyTable<Ipv6Addr>,
+}
+
+impl SessionTable {
+    pub(crate) fn new(max_v4: u32, max_v6: u32, seed: u64) -> Self {
+        SessionTable { v4: FamilyTable::new(max_v4, seed), v6: FamilyTable::new(max_v6, seed ^ 0x9e37_79b9_7f4a_7c15) }
+    }
+}
