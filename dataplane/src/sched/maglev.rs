@@ -8,6 +8,8 @@
 //! A change of the set moves few slots between the remaining backends.
 
 use super::{BackendSpec, MaglevParams, SchedulerError};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Marks a slot not yet claimed during the build; never a backend index, since there are at
@@ -30,9 +32,8 @@ struct Walker {
     slot: u32,
     skip: u32,
     weight: u64,
-    /// `round · weight mod max_weight`: decides, without division, whether the backend takes a
-    /// turn in the current round.
-    credit: u64,
+    /// Turns taken so far, which place the next turn in the weighted build.
+    turns: u64,
 }
 
 impl Maglev {
@@ -161,7 +162,7 @@ fn walker(backend: usize, offset: u64, skip: u64, weight: u32) -> Walker {
         slot: offset as u32,
         skip: skip as u32,
         weight: u64::from(weight),
-        credit: 0,
+        turns: 0,
     }
 }
 
@@ -169,33 +170,76 @@ fn walker(backend: usize, offset: u64, skip: u64, weight: u32) -> Walker {
 /// takes a turn when ⌊(r+1)·w/w_max⌋ > ⌊r·w/w_max⌋, so its share of turns, and hence of slots,
 /// is w/w_max of the heaviest backend's. With equal weights every backend takes every turn,
 /// which is exactly the paper's algorithm.
-fn populate(mut walkers: Vec<Walker>, m: u32) -> Box<[u32]> {
-    let Some(max_weight) = walkers.iter().map(|w| w.weight).max() else {
+fn populate(walkers: Vec<Walker>, m: u32) -> Box<[u32]> {
+    let Some(first) = walkers.first() else {
         return Box::default();
     };
+    if walkers.iter().all(|w| w.weight == first.weight) {
+        populate_equal(walkers, m)
+    } else {
+        populate_weighted(walkers, m)
+    }
+}
+
+/// The paper's loop: backends take turns in order, one slot each, until the table is full.
+fn populate_equal(mut walkers: Vec<Walker>, m: u32) -> Box<[u32]> {
     let mut table = vec![EMPTY; m as usize].into_boxed_slice();
-    let mut filled = 0u32;
-    // Terminates: the heaviest backend takes a turn every round, and every turn fills a slot,
-    // since M is prime and 0 < skip < M make each walk visit every slot.
-    loop {
+    // Callers pass at least one walker; M = rounds·N + the turns of a last, partial round.
+    let n = walkers.len() as u32;
+    for _ in 0..m / n {
         for w in &mut walkers {
-            w.credit += w.weight;
-            if w.credit < max_weight {
-                continue;
-            }
-            w.credit -= max_weight;
-            let mut slot = w.slot;
-            while table[slot as usize] != EMPTY {
-                slot = advance(slot, w.skip, m);
-            }
-            table[slot as usize] = w.backend;
-            w.slot = advance(slot, w.skip, m);
-            filled += 1;
-            if filled == m {
-                return table;
-            }
+            claim(&mut table, w, m);
         }
     }
+    for w in walkers.iter_mut().take((m % n) as usize) {
+        claim(&mut table, w, m);
+    }
+    table
+}
+
+/// Turns in (round, position) order, like the paper's loop with skipped turns, but visiting only
+/// the turns taken: walking every backend every round would cost rounds·N, and with one weight
+/// far above the others the rounds approach M.
+fn populate_weighted(mut walkers: Vec<Walker>, m: u32) -> Box<[u32]> {
+    let mut table = vec![EMPTY; m as usize].into_boxed_slice();
+    let max_weight = walkers.iter().map(|w| w.weight).max().unwrap_or(1);
+    let mut turns: BinaryHeap<Reverse<(u64, usize)>> = walkers
+        .iter()
+        .enumerate()
+        .map(|(position, w)| Reverse((next_turn_round(w, max_weight), position)))
+        .collect();
+    for _ in 0..m {
+        // Never empty: each turn puts its backend back.
+        let Some(mut top) = turns.peek_mut() else {
+            break;
+        };
+        let Reverse((_, position)) = *top;
+        let Some(w) = walkers.get_mut(position) else {
+            break;
+        };
+        claim(&mut table, w, m);
+        *top = Reverse((next_turn_round(w, max_weight), position));
+    }
+    table
+}
+
+/// The round of turn k+1, where k = `w.turns`: the least r with ⌊(r+1)·w/w_max⌋ ≥ k+1, i.e.
+/// ⌈(k+1)·w_max/w⌉ − 1. No overflow: k < M ≤ 2^24 and w_max < 2^32.
+fn next_turn_round(w: &Walker, max_weight: u64) -> u64 {
+    ((w.turns + 1) * max_weight - 1) / w.weight
+}
+
+/// One turn: the backend claims the next free slot of its permutation. A free slot exists on
+/// every turn, as there are M turns, and is found, as M prime and 0 < skip < M make each walk
+/// visit every slot.
+fn claim(table: &mut [u32], w: &mut Walker, m: u32) {
+    let mut slot = w.slot;
+    while table[slot as usize] != EMPTY {
+        slot = advance(slot, w.skip, m);
+    }
+    table[slot as usize] = w.backend;
+    w.slot = advance(slot, w.skip, m);
+    w.turns += 1;
 }
 
 /// `(slot + skip) mod m` for `slot, skip < m ≤ MAX_TABLE_SIZE`, where the sum cannot overflow
@@ -355,6 +399,42 @@ mod tests {
                 "weight {weight}: {share}"
             );
         }
+    }
+
+    #[test]
+    fn weighted_build_reduces_to_the_paper_with_equal_weights() {
+        for (n, size) in [(3, 7), (10, 251), (100, 65537)] {
+            let walkers = || {
+                (0..n)
+                    .map(|i| {
+                        let h = splitmix64(i);
+                        walker(i as usize, h % size, h % (size - 1) + 1, 5)
+                    })
+                    .collect()
+            };
+            let m = size as u32;
+            assert_eq!(
+                populate_weighted(walkers(), m),
+                populate_equal(walkers(), m)
+            );
+        }
+        let table_1 = [(3, 4, 1), (0, 2, 1), (3, 1, 1)];
+        let walkers = || {
+            (table_1.into_iter().enumerate())
+                .map(|(i, (offset, skip, weight))| walker(i, offset, skip, weight))
+                .collect()
+        };
+        assert_eq!(&*populate_weighted(walkers(), 7), &[1, 0, 1, 0, 2, 2, 0]);
+    }
+
+    #[test]
+    fn weighted_turns_follow_the_round_rule() {
+        // Weights 1, 2, 3 (positions 0, 1, 2): round 0 only w=3 turns; round 1 w=2 and w=3;
+        // round 2 all three.
+        let perms = [(0, 1, 1), (1, 1, 2), (2, 1, 3)];
+        let m = Maglev::from_permutations(&perms, 7).unwrap();
+        // Turns: r0: p2→2; r1: p1→1, p2→3; r2: p0→0, p1→4, p2→5; r3: p2→6.
+        assert_eq!(m.table(), &[0, 1, 2, 2, 1, 2, 2]);
     }
 
     #[test]
