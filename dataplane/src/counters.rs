@@ -96,7 +96,7 @@ impl Default for Counters {
 }
 
 impl Counters {
-    pub(crate) fn drop(&self, reason: DropReason) {
+    pub(crate) fn dropped(&self, reason: DropReason) {
         self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 

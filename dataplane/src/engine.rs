@@ -434,7 +434,7 @@ impl Worker {
                 Verdict::Forward(dir)
             }
             Err(reason) => {
-                self.counters.drop(reason);
+                self.counters.dropped(reason);
                 Verdict::Drop(reason)
             }
         }

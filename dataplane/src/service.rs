@@ -3,7 +3,7 @@
 //! change) and swaps it in whole; the packet path never locks it.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -129,7 +129,6 @@ pub enum SnapshotError {
 pub struct Snapshot {
     version: u64,
     services: HashMap<ServiceKey, Service>,
-    vips: HashSet<IpAddr>,
     maglev: MaglevParams,
 }
 
@@ -176,8 +175,7 @@ impl Snapshot {
                 return Err(SnapshotError::DuplicateService { proto, vip });
             }
         }
-        let vips = map.keys().map(|k| k.vip.ip()).collect();
-        Ok(Snapshot { version, services: map, vips, maglev })
+        Ok(Snapshot { version, services: map, maglev })
     }
 
     /// An empty snapshot: every packet is dropped as having no service.
@@ -185,7 +183,6 @@ impl Snapshot {
         Snapshot {
             version: 0,
             services: HashMap::new(),
-            vips: HashSet::new(),
             maglev: MaglevParams::default(),
         }
     }
@@ -197,10 +194,6 @@ impl Snapshot {
 
     pub(crate) fn service(&self, proto: L4Proto, vip: SocketAddr) -> Option<&Service> {
         self.services.get(&ServiceKey { proto, vip })
-    }
-
-    pub(crate) fn is_vip(&self, ip: IpAddr) -> bool {
-        self.vips.contains(&ip)
     }
 
     /// The real servers of a service with their counters, in config order.
