@@ -272,20 +272,12 @@ mod tests {
 
     // Total checksum property cases: 4 × 250_000 + 100_000 = 1_100_000.
     proptest! {
-        #![proptest_config(config(100_000))]
+        #![proptest_config(super::super::proptest_config(100_000))]
 
         #[test]
         fn prop_data_matches_reference(raw in any::<[u64; 10]>(), len in 0usize..=80) {
             let bytes = bytes_of(&raw, len);
             prop_assert_eq!(data(&bytes), reference(&bytes));
-        }
-    }
-
-    /// Failures are not persisted: the regressions file would land outside `src/`.
-    fn config(cases: u32) -> ProptestConfig {
-        ProptestConfig {
-            failure_persistence: None,
-            ..ProptestConfig::with_cases(cases)
         }
     }
 
@@ -300,7 +292,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(config(250_000))]
+        #![proptest_config(super::super::proptest_config(250_000))]
 
         #[test]
         fn prop_update_word_matches_recompute(

@@ -21,12 +21,14 @@ pub mod ipv6;
 pub mod tcp;
 pub mod udp;
 
-// pub use icmpv4::{Message as Icmpv4Message, Packet as Icmpv4Packet};
-// pub use icmpv6::{Message as Icmpv6Message, Packet as Icmpv6Packet};
-// pub use ipv4::{Packet as Ipv4Packet, Repr as Ipv4Repr};
-// pub use ipv6::{FragmentInfo, Packet as Ipv6Packet, Repr as Ipv6Repr, UpperLayer as Ipv6UpperLayer};
-// pub use tcp::{
-// pub use udp::{Packet as UdpPacket, Repr as UdpRepr};
+pub use icmpv4::{Message as Icmpv4Message, Packet as Icmpv4Packet};
+pub use icmpv6::{Message as Icmpv6Message, Packet as Icmpv6Packet};
+pub use ipv4::{Packet as Ipv4Packet, Repr as Ipv4Repr};
+pub use ipv6::{
+    FragmentInfo, Packet as Ipv6Packet, Repr as Ipv6Repr, UpperLayer as Ipv6UpperLayer,
+};
+pub use tcp::{Control as TcpControl, Packet as TcpPacket, Repr as TcpRepr, TcpOption, TcpOptions};
+pub use udp::{Packet as UdpPacket, Repr as UdpRepr};
 
 /// Why a buffer was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +105,35 @@ impl fmt::Display for IpProtocol {
             IpProtocol::Unknown(n) => write!(f, "protocol {n}"),
             known => write!(f, "{known:?}"),
         }
+    }
+}
+
+// Big-endian field access shared by the views. Callers index only inside bounds their
+// `check_len` established (or, for setters, documented buffer sizes).
+
+fn get_u16(buf: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([buf[at], buf[at + 1]])
+}
+
+fn get_u32(buf: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
+}
+
+fn put_u16(buf: &mut [u8], at: usize, value: u16) {
+    buf[at..at + 2].copy_from_slice(&value.to_be_bytes());
+}
+
+fn put_u32(buf: &mut [u8], at: usize, value: u32) {
+    buf[at..at + 4].copy_from_slice(&value.to_be_bytes());
+}
+
+/// Proptest settings for the wire tests. Failures are not persisted: the regressions file
+/// would be written outside `src/`.
+#[cfg(test)]
+fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+    proptest::test_runner::Config {
+        failure_persistence: None,
+        ..proptest::test_runner::Config::with_cases(cases)
     }
 }
 
