@@ -100,10 +100,10 @@ pub fn update_word(check: u16, old: u16, new: u16) -> u16 {
 /// Updates checksum field `check` after the bytes `old` were replaced by `new` (an address,
 /// a port pair, …), as repeated [`update_word`].
 ///
-/// The run must start at an even offset of the checksummed data. `old` and `new` should have
-/// the same even length; otherwise (a debug assertion fires in debug builds) each is summed
-/// as words with a zero-padded odd tail, which is still exact for a run starting at an even
-/// offset when the bytes beyond the shorter one are zero.
+/// The run must start at an even offset of the checksummed data, and `old` and `new` should
+/// have the same even length (asserted in debug builds). Otherwise, in release builds, each
+/// is summed on its own as big-endian words with an odd tail byte zero-padded; the result is
+/// then exact only if that padding matches where the bytes really sit.
 pub fn update_bytes(check: u16, old: &[u8], new: &[u8]) -> u16 {
     debug_assert!(old.len() == new.len() && old.len().is_multiple_of(2));
     !fold(u64::from(!check) + u64::from(!data(old)) + u64::from(data(new)))
