@@ -2,7 +2,8 @@
 //!
 //! Sums here are *folded* 16-bit ones'-complement sums and are never complemented unless the
 //! name says so; a header's checksum field holds the complement of the sum over the data it
-//! covers. Every function is total: none panics on any input.
+//! covers. No function panics in release builds; [`update_bytes`] and its relatives
+//! debug-assert their length contract.
 //!
 //! # Which zero
 //!
@@ -13,9 +14,10 @@
 //!
 //! The incremental updates produce exactly the value a full recompute would, with one
 //! exception RFC 1624 §3 calls out: if every byte the checksum covers becomes zero, a
-//! recompute gives `0xFFFF` and the update gives `0x0000`. The two are equivalent; the case
-//! cannot arise for TCP, UDP, ICMPv6 or IPv4 headers, whose covered data always includes a
-//! non-zero protocol number or version.
+//! recompute gives `0xFFFF` and the update gives `0x0000`. The inputs of an update cannot
+//! tell the two apart (Linux's `csum_replace*` behaves the same). The case cannot arise for
+//! TCP, UDP, ICMPv6 or IPv4 headers, whose covered data always includes a non-zero protocol
+//! number or version; it can for an ICMPv4 Echo Reply whose every byte is zero.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
