@@ -2,7 +2,8 @@
 //!
 //! Sums here are *folded* 16-bit ones'-complement sums and are never complemented unless the
 //! name says so; a header's checksum field holds the complement of the sum over the data it
-//! covers. Every function is total: none panics on any input.
+//! covers. No function panics in release builds; [`update_bytes`] and its relatives
+//! debug-assert their length contract.
 //!
 //! # Which zero
 //!
@@ -13,9 +14,10 @@
 //!
 //! The incremental updates produce exactly the value a full recompute would, with one
 //! exception RFC 1624 §3 calls out: if every byte the checksum covers becomes zero, a
-//! recompute gives `0xFFFF` and the update gives `0x0000`. The two are equivalent; the case
-//! cannot arise for TCP, UDP, ICMPv6 or IPv4 headers, whose covered data always includes a
-//! non-zero protocol number or version.
+//! recompute gives `0xFFFF` and the update gives `0x0000`. The inputs of an update cannot
+//! tell the two apart (Linux's `csum_replace*` behaves the same). The case cannot arise for
+//! TCP, UDP, ICMPv6 or IPv4 headers, whose covered data always includes a non-zero protocol
+//! number or version; it can for an ICMPv4 Echo Reply whose every byte is zero.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -100,10 +102,10 @@ pub fn update_word(check: u16, old: u16, new: u16) -> u16 {
 /// Updates checksum field `check` after the bytes `old` were replaced by `new` (an address,
 /// a port pair, …), as repeated [`update_word`].
 ///
-/// The run must start at an even offset of the checksummed data. `old` and `new` should have
-/// the same even length; otherwise (a debug assertion fires in debug builds) each is summed
-/// as words with a zero-padded odd tail, which is still exact for a run starting at an even
-/// offset when the bytes beyond the shorter one are zero.
+/// The run must start at an even offset of the checksummed data, and `old` and `new` should
+/// have the same even length (asserted in debug builds). Otherwise, in release builds, each
+/// is summed on its own as big-endian words with an odd tail byte zero-padded; the result is
+/// then exact only if that padding matches where the bytes really sit.
 pub fn update_bytes(check: u16, old: &[u8], new: &[u8]) -> u16 {
     debug_assert!(old.len() == new.len() && old.len().is_multiple_of(2));
     !fold(u64::from(!check) + u64::from(!data(old)) + u64::from(data(new)))

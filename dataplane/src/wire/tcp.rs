@@ -297,7 +297,7 @@ impl<'a> TcpOption<'a> {
     /// Parses the option at the start of `buffer`, returning it and the bytes after it.
     ///
     /// `Malformed` if the length byte is missing, below 2, runs past the slice, or does not
-    /// match the fixed length of a known kind.
+    /// match the fixed length of a known kind; `Truncated` if `buffer` is empty.
     pub fn parse(buffer: &'a [u8]) -> Result<(TcpOption<'a>, &'a [u8])> {
         let (&kind, rest) = buffer.split_first().ok_or(Error::Truncated)?;
         match kind {
