@@ -13,7 +13,8 @@ use common::{ACK, SYN, backend, ip, service, tcp};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dataplane::sched::{MaglevParams, SchedulerKind};
 use dataplane::{
-    Engine, EngineConfig, Instant, L4Checksum, L4Proto, Packet, SessionEvent, Snapshot, Verdict, Worker,
+    Engine, EngineConfig, Instant, L4Checksum, L4Proto, Packet, SessionEvent, Snapshot, Verdict,
+    Worker,
 };
 
 const SESSIONS: u32 = 1_000_000;
@@ -29,15 +30,25 @@ fn vip6() -> IpAddr {
 }
 
 fn lips() -> Vec<IpAddr> {
-    let mut v: Vec<IpAddr> = (1..=20).map(|i| Ipv4Addr::new(198, 19, 200, i).into()).collect();
+    let mut v: Vec<IpAddr> = (1..=20)
+        .map(|i| Ipv4Addr::new(198, 19, 200, i).into())
+        .collect();
     v.extend((1..=20u16).map(|i| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 200, 0, 0, 0, 0, i))));
     v
 }
 
 fn engine(max_v4: u32, max_v6: u32) -> (std::sync::Arc<Engine>, Worker) {
-    let backends4 = (0..10).map(|i| backend(Ipv4Addr::new(198, 18, 3, 10 + i).into(), 8080, 1)).collect();
+    let backends4 = (0..10)
+        .map(|i| backend(Ipv4Addr::new(198, 18, 3, 10 + i).into(), 8080, 1))
+        .collect();
     let backends6 = (0..10u16)
-        .map(|i| backend(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 10 + i)), 8080, 1))
+        .map(|i| {
+            backend(
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 10 + i)),
+                8080,
+                1,
+            )
+        })
         .collect();
     let mut services = vec![
         service(vip4(), 80, L4Proto::Tcp, backends4),
@@ -63,7 +74,12 @@ fn engine(max_v4: u32, max_v6: u32) -> (std::sync::Arc<Engine>, Worker) {
 fn client(i: u32, v6: bool) -> (IpAddr, u16) {
     let port = 10_000 + (i % 1000) as u16;
     if v6 {
-        (IpAddr::V6(Ipv6Addr::from(0x2001_0db8_0001_0000_0000_0000_0000_0000u128 + u128::from(i / 1000))), port)
+        (
+            IpAddr::V6(Ipv6Addr::from(
+                0x2001_0db8_0001_0000_0000_0000_0000_0000u128 + u128::from(i / 1000),
+            )),
+            port,
+        )
     } else {
         (Ipv4Addr::from(0xc613_0000 + i / 1000).into(), port)
     }
@@ -71,12 +87,20 @@ fn client(i: u32, v6: bool) -> (IpAddr, u16) {
 
 fn syn(i: u32, v6: bool) -> Vec<u8> {
     let (c, port) = client(i, v6);
-    ip(c, if v6 { vip6() } else { vip4() }, &tcp(port, 80, SYN, i, 0, b""))
+    ip(
+        c,
+        if v6 { vip6() } else { vip4() },
+        &tcp(port, 80, SYN, i, 0, b""),
+    )
 }
 
 fn rss_bytes() -> usize {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: usize = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let pages: usize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -106,7 +130,11 @@ fn populate(worker: &mut Worker, n: u32, v6: bool) -> Vec<FlowPackets> {
         let vip = if v6 { vip6() } else { vip4() };
         flows.push(FlowPackets {
             inbound: ip(c, vip, &tcp(port, 80, ACK, i + 1, 7, &[0u8; 6])),
-            outbound: ip(rec.backend.ip(), rec.local.ip(), &tcp(8080, rec.local.port(), ACK, 7, i + 1, &[0u8; 6])),
+            outbound: ip(
+                rec.backend.ip(),
+                rec.local.ip(),
+                &tcp(8080, rec.local.port(), ACK, 7, i + 1, &[0u8; 6]),
+            ),
         });
     }
     flows
@@ -126,7 +154,11 @@ fn shuffled(n: usize) -> Vec<usize> {
 }
 
 /// Times batches of 32 packets (copied into fixed buffers outside the timed part).
-fn run_batches<'a>(worker: &mut Worker, iters: u64, mut next: impl FnMut(usize) -> &'a [u8]) -> Duration {
+fn run_batches<'a>(
+    worker: &mut Worker,
+    iters: u64,
+    mut next: impl FnMut(usize) -> &'a [u8],
+) -> Duration {
     let mut bufs = vec![[0u8; 128]; BATCH];
     let mut lens = [0usize; BATCH];
     let mut verdicts = [Verdict::Drop(dataplane::DropReason::Truncated); BATCH];
@@ -139,8 +171,11 @@ fn run_batches<'a>(worker: &mut Worker, iters: u64, mut next: impl FnMut(usize) 
             lens[j] = p.len();
         }
         k += BATCH;
-        let mut batch: Vec<Packet<'_>> =
-            bufs.iter_mut().zip(lens).map(|(b, len)| Packet::new(b, len, L4Checksum::Verified)).collect();
+        let mut batch: Vec<Packet<'_>> = bufs
+            .iter_mut()
+            .zip(lens)
+            .map(|(b, len)| Packet::new(b, len, L4Checksum::Verified))
+            .collect();
         let t = WallClock::now();
         worker.process_batch(NOW, &mut batch, &mut verdicts);
         total += t.elapsed();
@@ -191,7 +226,11 @@ fn bench_new_flows(c: &mut Criterion) {
     let mut group = c.benchmark_group("new_flow");
     group.throughput(Throughput::Elements(BATCH as u64));
     for v6 in [false, true] {
-        let name = if v6 { "syn_maglev_alloc_insert_v6_batch32" } else { "syn_maglev_alloc_insert_v4_batch32" };
+        let name = if v6 {
+            "syn_maglev_alloc_insert_v6_batch32"
+        } else {
+            "syn_maglev_alloc_insert_v4_batch32"
+        };
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 // Fresh engines of 1M sessions; at most 500,000 flows each, so none fills up.
@@ -200,7 +239,10 @@ fn bench_new_flows(c: &mut Criterion) {
                 while left > 0 {
                     let n = left.min(500_000) as u32;
                     left -= u64::from(n);
-                    let (_e, mut worker) = engine(if v6 { 1024 } else { SESSIONS }, if v6 { SESSIONS } else { 1024 });
+                    let (_e, mut worker) = engine(
+                        if v6 { 1024 } else { SESSIONS },
+                        if v6 { SESSIONS } else { 1024 },
+                    );
                     let syns: Vec<Vec<u8>> = (0..n).map(|i| syn(i, v6)).collect();
                     let batches = u64::from(n).div_ceil(BATCH as u64);
                     total += run_batches(&mut worker, batches, |k| &syns[k % syns.len()]);

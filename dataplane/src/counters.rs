@@ -91,7 +91,10 @@ pub struct Counters {
 
 impl Default for Counters {
     fn default() -> Self {
-        Counters { drops: std::array::from_fn(|_| AtomicU64::new(0)), events: std::array::from_fn(|_| AtomicU64::new(0)) }
+        Counters {
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            events: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
     }
 }
 
@@ -141,11 +144,17 @@ impl CounterTotals {
 
     /// Non-zero drop counters by name.
     pub fn nonzero_drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL.iter().map(|&r| (r, self.drops(r))).filter(|&(_, n)| n > 0)
+        DropReason::ALL
+            .iter()
+            .map(|&r| (r, self.drops(r)))
+            .filter(|&(_, n)| n > 0)
     }
 
     /// Non-zero event counters by name.
     pub fn nonzero_events(&self) -> impl Iterator<Item = (Event, u64)> + '_ {
-        Event::ALL.iter().map(|&e| (e, self.events(e))).filter(|&(_, n)| n > 0)
+        Event::ALL
+            .iter()
+            .map(|&e| (e, self.events(e)))
+            .filter(|&(_, n)| n > 0)
     }
 }

@@ -24,12 +24,14 @@ use crate::counters::{CounterTotals, Counters, DropReason, Event};
 use crate::family::Family;
 use crate::laddr::{L4Proto, LocalAddr, LocalAddrError, LocalAddrPool};
 use crate::service::{Dest, Snapshot};
-use crate::session::{FlowKey, FlowState, InsertError, SessionData, SessionEvent, SessionRecord, SessionTable};
+use crate::session::{
+    FlowKey, FlowState, InsertError, SessionData, SessionEvent, SessionRecord, SessionTable,
+};
 use crate::tcp_state::{Direction, Segment, TcpFlags, TcpState, TcpWindow, Timeouts};
 use crate::time::Instant;
 use crate::wire::{
-    self, Icmpv4Packet, Icmpv6Packet, IpProtocol, Ipv4Packet, Ipv6Packet, TcpOption, TcpOptions, TcpPacket,
-    UdpPacket, checksum,
+    self, Icmpv4Packet, Icmpv6Packet, IpProtocol, Ipv4Packet, Ipv6Packet, TcpOption, TcpOptions,
+    TcpPacket, UdpPacket, checksum,
 };
 
 impl From<wire::Error> for DropReason {
@@ -164,7 +166,11 @@ impl Engine {
     pub fn new(config: EngineConfig, snapshot: Snapshot) -> Result<Arc<Engine>, LocalAddrError> {
         let laddr = LocalAddrPool::new(&config.local_addrs, config.local_ports.clone())?;
         Ok(Arc::new(Engine {
-            table: SessionTable::new(config.max_sessions_v4, config.max_sessions_v6, config.table_seed),
+            table: SessionTable::new(
+                config.max_sessions_v4,
+                config.max_sessions_v6,
+                config.table_seed,
+            ),
             laddr,
             snapshot: ArcSwap::from_pointee(snapshot),
             workers: Mutex::new(Vec::new()),
@@ -185,7 +191,11 @@ impl Engine {
     pub fn worker(self: &Arc<Self>) -> Worker {
         let counters = Arc::new(Counters::default());
         self.workers.lock().push(counters.clone());
-        Worker { engine: self.clone(), counters, events: Vec::with_capacity(self.event_capacity) }
+        Worker {
+            engine: self.clone(),
+            counters,
+            events: Vec::with_capacity(self.event_capacity),
+        }
     }
 
     /// The sum of every worker's counters.
@@ -228,14 +238,27 @@ impl Engine {
     /// Installs (or refreshes) a session received from a peer, so that packets of that flow are
     /// forwarded here with the same local address, port and real server. Emits no event.
     pub fn install(&self, now: Instant, rec: &SessionRecord) -> Result<Installed, InstallError> {
-        match (rec.client.ip(), rec.vip.ip(), rec.local.ip(), rec.backend.ip()) {
-            (IpAddr::V4(_), IpAddr::V4(_), IpAddr::V4(_), IpAddr::V4(_)) => self.install_in::<Ipv4Addr>(now, rec),
-            (IpAddr::V6(_), IpAddr::V6(_), IpAddr::V6(_), IpAddr::V6(_)) => self.install_in::<Ipv6Addr>(now, rec),
+        match (
+            rec.client.ip(),
+            rec.vip.ip(),
+            rec.local.ip(),
+            rec.backend.ip(),
+        ) {
+            (IpAddr::V4(_), IpAddr::V4(_), IpAddr::V4(_), IpAddr::V4(_)) => {
+                self.install_in::<Ipv4Addr>(now, rec)
+            }
+            (IpAddr::V6(_), IpAddr::V6(_), IpAddr::V6(_), IpAddr::V6(_)) => {
+                self.install_in::<Ipv6Addr>(now, rec)
+            }
             _ => Err(InstallError::FamilyMismatch),
         }
     }
 
-    fn install_in<A: Family>(&self, now: Instant, rec: &SessionRecord) -> Result<Installed, InstallError> {
+    fn install_in<A: Family>(
+        &self,
+        now: Instant,
+        rec: &SessionRecord,
+    ) -> Result<Installed, InstallError> {
         let consistent = matches!(
             (rec.proto, rec.state),
             (L4Proto::Udp, FlowState::Udp) | (L4Proto::Tcp, FlowState::Tcp(_))
@@ -256,23 +279,40 @@ impl Engine {
         };
         if let Some(mut locked) = table.lookup(&key) {
             let from_client = locked.from_client;
-            let Some(s) = locked.guard.as_mut() else { return Err(InstallError::Conflict) };
-            if !from_client || s.rs != ip(rec.backend)? || s.lip != ip(rec.local)? || s.lport != rec.local.port() {
+            let Some(s) = locked.guard.as_mut() else {
+                return Err(InstallError::Conflict);
+            };
+            if !from_client
+                || s.rs != ip(rec.backend)?
+                || s.lip != ip(rec.local)?
+                || s.lport != rec.local.port()
+            {
                 return Err(InstallError::Conflict);
             }
-            s.dest.stats.moved(s.state.is_active(), rec.state.is_active());
+            s.dest
+                .stats
+                .moved(s.state.is_active(), rec.state.is_active());
             s.state = rec.state;
             s.window = rec.window;
             s.expires = expires;
             return Ok(Installed::Updated);
         }
         let snap = self.snapshot.load();
-        let svc = snap.service(rec.proto, rec.vip).ok_or(InstallError::UnknownService(rec.vip))?;
+        let svc = snap
+            .service(rec.proto, rec.vip)
+            .ok_or(InstallError::UnknownService(rec.vip))?;
         // A real server missing from our config (removed while the flow lives) still carries it.
         let dest = svc.dest_by_addr(rec.backend).cloned().unwrap_or_else(|| {
-            Arc::new(Dest { addr: rec.backend, stats: Default::default(), params: svc.params.clone() })
+            Arc::new(Dest {
+                addr: rec.backend,
+                stats: Default::default(),
+                params: svc.params.clone(),
+            })
         });
-        let local = LocalAddr { ip: rec.local.ip(), port: rec.local.port() };
+        let local = LocalAddr {
+            ip: rec.local.ip(),
+            port: rec.local.port(),
+        };
         let ours = self.laddr.is_local(local.ip);
         if ours && !self.laddr.reserve(rec.proto, local) {
             return Err(InstallError::LocalPortInUse(rec.local));
@@ -334,7 +374,13 @@ impl Engine {
     /// Returns what a removed session held: its local port and its place in the counters.
     fn release<A: Family>(&self, data: &SessionData<A>) {
         data.dest.stats.closed(data.state.is_active());
-        self.laddr.release(data.proto(), LocalAddr { ip: data.lip.to_ip(), port: data.lport });
+        self.laddr.release(
+            data.proto(),
+            LocalAddr {
+                ip: data.lip.to_ip(),
+                port: data.lport,
+            },
+        );
     }
 }
 
@@ -369,7 +415,12 @@ struct TcpInfo {
 
 impl TcpInfo {
     fn parse<T: AsRef<[u8]>>(t: &TcpPacket<T>) -> Result<TcpInfo, DropReason> {
-        let flags = TcpFlags { syn: t.syn(), ack: t.ack(), fin: t.fin(), rst: t.rst() };
+        let flags = TcpFlags {
+            syn: t.syn(),
+            ack: t.ack(),
+            fin: t.fin(),
+            rst: t.rst(),
+        };
         let mut wscale = None;
         if flags.syn {
             for opt in TcpOptions::new(t.options()) {
@@ -441,7 +492,12 @@ impl Worker {
     }
 
     /// Processes a batch; `verdicts[i]` is the verdict of `batch[i]`.
-    pub fn process_batch(&mut self, now: Instant, batch: &mut [Packet<'_>], verdicts: &mut [Verdict]) {
+    pub fn process_batch(
+        &mut self,
+        now: Instant,
+        batch: &mut [Packet<'_>],
+        verdicts: &mut [Verdict],
+    ) {
         for (pkt, verdict) in batch.iter_mut().zip(verdicts.iter_mut()) {
             *verdict = self.process(now, pkt);
         }
@@ -456,8 +512,14 @@ impl Worker {
     pub fn expire(&mut self, now: Instant, budget: usize) -> usize {
         let now_s = now.as_secs();
         let engine = self.engine.clone();
-        let mut n = engine.table.v4.expire(now_s, budget, |d| self.expired(&engine, &d, now_s));
-        n += engine.table.v6.expire(now_s, budget, |d| self.expired(&engine, &d, now_s));
+        let mut n = engine
+            .table
+            .v4
+            .expire(now_s, budget, |d| self.expired(&engine, &d, now_s));
+        n += engine
+            .table
+            .v6
+            .expire(now_s, budget, |d| self.expired(&engine, &d, now_s));
         self.counters.add(Event::SessionsExpired, n as u64);
         n
     }
@@ -530,10 +592,18 @@ impl Worker {
         l3: L3<A>,
         ip_proto: IpProtocol,
     ) -> Result<Direction, DropReason> {
-        let l4 = pkt.buf.get(l3.l4_start..l3.l4_end).ok_or(DropReason::Truncated)?;
+        let l4 = pkt
+            .buf
+            .get(l3.l4_start..l3.l4_end)
+            .ok_or(DropReason::Truncated)?;
         let (proto, sport, dport, tcp) = if ip_proto == IpProtocol::Tcp {
             let t = TcpPacket::new_checked(l4)?;
-            (L4Proto::Tcp, t.src_port(), t.dst_port(), Some(TcpInfo::parse(&t)?))
+            (
+                L4Proto::Tcp,
+                t.src_port(),
+                t.dst_port(),
+                Some(TcpInfo::parse(&t)?),
+            )
         } else {
             let u = UdpPacket::new_checked(l4)?;
             // RFC 8200: a zero UDP checksum is invalid over IPv6.
@@ -542,7 +612,13 @@ impl Worker {
             }
             (L4Proto::Udp, u.src_port(), u.dst_port(), None)
         };
-        let key = FlowKey { src: l3.src, dst: l3.dst, sport, dport, proto: proto.number() };
+        let key = FlowKey {
+            src: l3.src,
+            dst: l3.dst,
+            sport,
+            dport,
+            proto: proto.number(),
+        };
         let now_s = now.as_secs();
         let rewrite = match self.established(now_s, &key, tcp) {
             Some(rw) => rw,
@@ -552,18 +628,31 @@ impl Worker {
         rewrite_l4(pkt, &l3, proto, &rewrite);
         if let Some((client, cport)) = rewrite.toa {
             let inserted = insert_toa(pkt, &l3, rewrite.src, rewrite.dst, client, cport);
-            self.counters.count(if inserted { Event::ToaInserted } else { Event::ToaNoRoom });
+            self.counters.count(if inserted {
+                Event::ToaInserted
+            } else {
+                Event::ToaNoRoom
+            });
         }
         Ok(rewrite.dir)
     }
 
     /// The established path: the session exists, update its state and return the rewrite.
-    fn established<A: Family>(&mut self, now_s: u64, key: &FlowKey<A>, tcp: Option<TcpInfo>) -> Option<Rewrite<A>> {
+    fn established<A: Family>(
+        &mut self,
+        now_s: u64,
+        key: &FlowKey<A>,
+        tcp: Option<TcpInfo>,
+    ) -> Option<Rewrite<A>> {
         let engine = self.engine.clone();
         let mut locked = A::table(&engine.table).lookup(key)?;
         let from_client = locked.from_client;
         let s = locked.guard.as_mut()?;
-        let dir = if from_client { Direction::Inbound } else { Direction::Outbound };
+        let dir = if from_client {
+            Direction::Inbound
+        } else {
+            Direction::Outbound
+        };
         let mut changed = false;
         if let (FlowState::Tcp(state), Some(t)) = (s.state, tcp) {
             if t.flags.rst && !s.window.rst_acceptable(dir, &t.segment) {
@@ -580,9 +669,23 @@ impl Worker {
         }
         s.expires = deadline(now_s, timeout_secs(s.state, &s.dest.params.timeouts));
         let rewrite = if from_client {
-            Rewrite { src: s.lip, sport: s.lport, dst: s.rs, dport: s.rport, dir, toa: None }
+            Rewrite {
+                src: s.lip,
+                sport: s.lport,
+                dst: s.rs,
+                dport: s.rport,
+                dir,
+                toa: None,
+            }
         } else {
-            Rewrite { src: s.vip, sport: s.vport, dst: s.client, dport: s.cport, dir, toa: None }
+            Rewrite {
+                src: s.vip,
+                sport: s.vport,
+                dst: s.client,
+                dport: s.cport,
+                dir,
+                toa: None,
+            }
         };
         if changed {
             let record = s.record(now_s);
@@ -611,23 +714,36 @@ impl Worker {
         let snap = engine.snapshot.load();
         let vip = SocketAddr::new(l3.dst.to_ip(), key.dport);
         let Some(svc) = snap.service(proto, vip) else {
-            return Err(if engine.laddr.is_local(vip.ip()) { DropReason::NoSession } else { DropReason::NoService });
+            return Err(if engine.laddr.is_local(vip.ip()) {
+                DropReason::NoSession
+            } else {
+                DropReason::NoService
+            });
         };
         if pkt.csum == L4Checksum::Unverified && !l4_checksum_ok(pkt, l3, proto) {
             return Err(DropReason::BadChecksum);
         }
         let maglev_seed = snap.maglev().seed;
         let flow_hash = key.hash(maglev_seed);
-        let source_hash = xxhash_rust::xxh3::xxh3_64_with_seed(l3.src.octets_of().as_ref(), maglev_seed);
+        let source_hash =
+            xxhash_rust::xxh3::xxh3_64_with_seed(l3.src.octets_of().as_ref(), maglev_seed);
         let idx = svc
             .scheduler
-            .pick(flow_hash, source_hash, |i| svc.dests.get(i).map(|d| d.stats.conns()).unwrap_or_default())
+            .pick(flow_hash, source_hash, |i| {
+                svc.dests
+                    .get(i)
+                    .map(|d| d.stats.conns())
+                    .unwrap_or_default()
+            })
             .ok_or(DropReason::NoBackend)?;
         let dest = svc.dests.get(idx).ok_or(DropReason::NoBackend)?.clone();
         let (Some(rs), rport) = (A::from_ip(dest.addr.ip()), dest.addr.port()) else {
             return Err(DropReason::NoBackend);
         };
-        let local = engine.laddr.allocate(proto, A::IS_V6, flow_hash).ok_or(DropReason::NoLocalPort)?;
+        let local = engine
+            .laddr
+            .allocate(proto, A::IS_V6, flow_hash)
+            .ok_or(DropReason::NoLocalPort)?;
         let Some(lip) = A::from_ip(local.ip) else {
             engine.laddr.release(proto, local);
             return Err(DropReason::NoLocalPort);
@@ -662,7 +778,14 @@ impl Worker {
                 self.counters.count(Event::SessionsCreated);
                 self.emit(SessionEvent::Created(record));
                 let toa = (proto == L4Proto::Tcp && svc.config.toa).then_some((key.src, key.sport));
-                Ok(Rewrite { src: lip, sport: local.port, dst: rs, dport: rport, dir: Direction::Inbound, toa })
+                Ok(Rewrite {
+                    src: lip,
+                    sport: local.port,
+                    dst: rs,
+                    dport: rport,
+                    dir: Direction::Inbound,
+                    toa,
+                })
             }
             Err((e, _)) => {
                 engine.laddr.release(proto, local);
@@ -670,7 +793,9 @@ impl Worker {
                     InsertError::Full => Err(DropReason::TableFull),
                     // Another worker opened the same flow a moment ago (a retransmitted SYN on
                     // another queue): carry on with its session.
-                    InsertError::Exists(_) => self.established(now_s, &key, tcp).ok_or(DropReason::NoSession),
+                    InsertError::Exists(_) => self
+                        .established(now_s, &key, tcp)
+                        .ok_or(DropReason::NoSession),
                 }
             }
         }
@@ -693,51 +818,91 @@ impl Worker {
     fn icmpv6(&mut self, pkt: &mut Packet<'_>, l3: L3<Ipv6Addr>) -> Result<Direction, DropReason> {
         let len = u32::try_from(l3.l4_end - l3.l4_start).map_err(|_| DropReason::Malformed)?;
         let msg = Icmpv6Packet::new_checked(&pkt.buf[l3.l4_start..l3.l4_end])?;
-        if !msg.verify_checksum(checksum::pseudo_header_v6(&l3.src, &l3.dst, IpProtocol::Icmpv6, len)) {
+        if !msg.verify_checksum(checksum::pseudo_header_v6(
+            &l3.src,
+            &l3.dst,
+            IpProtocol::Icmpv6,
+            len,
+        )) {
             return Err(DropReason::BadChecksum);
         }
         if !msg.msg_type().is_error() {
             return Err(DropReason::IcmpUnsupported);
         }
         let dir = self.translate_icmp_error(pkt, &l3)?;
-        let (src, dst) = (Ipv6Addr::from_slice(&pkt.buf[8..]), Ipv6Addr::from_slice(&pkt.buf[24..]));
+        let (src, dst) = (
+            Ipv6Addr::from_slice(&pkt.buf[8..]),
+            Ipv6Addr::from_slice(&pkt.buf[24..]),
+        );
         let mut msg = Icmpv6Packet::new_unchecked(&mut pkt.buf[l3.l4_start..l3.l4_end]);
-        msg.fill_checksum(checksum::pseudo_header_v6(&src, &dst, IpProtocol::Icmpv6, len));
+        msg.fill_checksum(checksum::pseudo_header_v6(
+            &src,
+            &dst,
+            IpProtocol::Icmpv6,
+            len,
+        ));
         Ok(dir)
     }
 
     /// Translates an ICMP error's outer header and the packet it quotes. The quoted packet went
     /// the other way, so its reversed key is the session's key for this direction. The caller
     /// recomputes the ICMP checksum.
-    fn translate_icmp_error<A: Family>(&mut self, pkt: &mut Packet<'_>, l3: &L3<A>) -> Result<Direction, DropReason> {
+    fn translate_icmp_error<A: Family>(
+        &mut self,
+        pkt: &mut Packet<'_>,
+        l3: &L3<A>,
+    ) -> Result<Direction, DropReason> {
         let quoted_start = l3.l4_start + 8;
-        let quote = Quote::<A>::parse(&pkt.buf[quoted_start..l3.l4_end]).ok_or(DropReason::IcmpUnsupported)?;
+        let quote = Quote::<A>::parse(&pkt.buf[quoted_start..l3.l4_end])
+            .ok_or(DropReason::IcmpUnsupported)?;
         let key = quote.key.reversed();
         let (outer, inner, dir) = {
-            let locked = A::table(&self.engine.table).lookup(&key).ok_or(DropReason::IcmpNoSession)?;
+            let locked = A::table(&self.engine.table)
+                .lookup(&key)
+                .ok_or(DropReason::IcmpNoSession)?;
             let s = locked.guard.as_ref().ok_or(DropReason::IcmpNoSession)?;
             if locked.from_client {
                 // About our packet VIP → client, from the client side: tell the real server
                 // about its packet RS → LIP.
-                ((s.lip, s.rs), (s.rs, s.rport, s.lip, s.lport), Direction::Inbound)
+                (
+                    (s.lip, s.rs),
+                    (s.rs, s.rport, s.lip, s.lport),
+                    Direction::Inbound,
+                )
             } else {
                 // About our packet LIP → RS, from the server side: tell the client about its
                 // packet client → VIP.
-                ((s.vip, s.client), (s.client, s.cport, s.vip, s.vport), Direction::Outbound)
+                (
+                    (s.vip, s.client),
+                    (s.client, s.cport, s.vip, s.vport),
+                    Direction::Outbound,
+                )
             }
         };
         let quoted = &mut pkt.buf[quoted_start..l3.l4_end];
         let (q_src, q_sport, q_dst, q_dport) = inner;
         rewrite_header_addrs(quoted, quote.key.src, q_src, quote.key.dst, q_dst);
         let l4 = &mut quoted[quote.l4_off..];
-        let csum_off = if quote.key.proto == L4Proto::Tcp.number() { 16 } else { 6 };
+        let csum_off = if quote.key.proto == L4Proto::Tcp.number() {
+            16
+        } else {
+            6
+        };
         // The quote may end before the L4 checksum; ports are always there (8 bytes at least).
         if let Some(field) = l4.get(csum_off..csum_off + 2) {
             let old = u16::from_be_bytes([field[0], field[1]]);
             let udp_none = csum_off == 6 && old == 0;
             if !udp_none {
-                let mut c = checksum::update_bytes(old, quote.key.src.octets_of().as_ref(), q_src.octets_of().as_ref());
-                c = checksum::update_bytes(c, quote.key.dst.octets_of().as_ref(), q_dst.octets_of().as_ref());
+                let mut c = checksum::update_bytes(
+                    old,
+                    quote.key.src.octets_of().as_ref(),
+                    q_src.octets_of().as_ref(),
+                );
+                c = checksum::update_bytes(
+                    c,
+                    quote.key.dst.octets_of().as_ref(),
+                    q_dst.octets_of().as_ref(),
+                );
                 c = checksum::update_word(c, quote.key.sport, q_sport);
                 c = checksum::update_word(c, quote.key.dport, q_dport);
                 if csum_off == 6 && c == 0 {
@@ -802,7 +967,12 @@ fn rewrite_addrs<A: Family>(buf: &mut [u8], l3: &L3<A>, src: A, dst: A) {
 /// Rewrites the addresses of the IP header at the start of `hdr`, updating an IPv4 header
 /// checksum incrementally.
 fn rewrite_header_addrs<A: Family>(hdr: &mut [u8], old_src: A, src: A, old_dst: A, dst: A) {
-    let (os, ns, od, nd) = (old_src.octets_of(), src.octets_of(), old_dst.octets_of(), dst.octets_of());
+    let (os, ns, od, nd) = (
+        old_src.octets_of(),
+        src.octets_of(),
+        old_dst.octets_of(),
+        dst.octets_of(),
+    );
     let n = ns.as_ref().len();
     hdr[A::SRC_OFF..A::SRC_OFF + n].copy_from_slice(ns.as_ref());
     hdr[A::DST_OFF..A::DST_OFF + n].copy_from_slice(nd.as_ref());
@@ -838,7 +1008,11 @@ fn rewrite_l4<A: Family>(pkt: &mut Packet<'_>, l3: &L3<A>, proto: L4Proto, rw: &
             let c = checksum::update_bytes(c, od.as_ref(), nd.as_ref());
             let c = checksum::update_word(c, old_sport, rw.sport);
             let c = checksum::update_word(c, old_dport, rw.dport);
-            if proto == L4Proto::Udp && c == 0 { 0xffff } else { c }
+            if proto == L4Proto::Udp && c == 0 {
+                0xffff
+            } else {
+                c
+            }
         };
         l4[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
     }
@@ -848,7 +1022,9 @@ fn rewrite_l4<A: Family>(pkt: &mut Packet<'_>, l3: &L3<A>, proto: L4Proto, rw: &
 
 fn l4_checksum_ok<A: Family>(pkt: &Packet<'_>, l3: &L3<A>, proto: L4Proto) -> bool {
     let l4 = &pkt.buf[l3.l4_start..l3.l4_end];
-    let Ok(len) = u32::try_from(l4.len()) else { return false };
+    let Ok(len) = u32::try_from(l4.len()) else {
+        return false;
+    };
     match proto {
         L4Proto::Tcp => {
             let pseudo = A::pseudo_header(l3.src, l3.dst, IpProtocol::Tcp, len);
@@ -864,7 +1040,14 @@ fn l4_checksum_ok<A: Family>(pkt: &Packet<'_>, l3: &L3<A>, proto: L4Proto) -> bo
 
 /// Inserts a TOA option (kind 254: client port, then client address) at the end of a SYN's
 /// options. False when it does not fit in the TCP header or in the buffer.
-fn insert_toa<A: Family>(pkt: &mut Packet<'_>, l3: &L3<A>, src: A, dst: A, client: A, cport: u16) -> bool {
+fn insert_toa<A: Family>(
+    pkt: &mut Packet<'_>,
+    l3: &L3<A>,
+    src: A,
+    dst: A,
+    client: A,
+    cport: u16,
+) -> bool {
     const TOA_KIND: u8 = 254;
     let opt_len = A::TOA_LEN;
     let hl = usize::from(TcpPacket::new_unchecked(&pkt.buf[l3.l4_start..l3.l4_end]).header_len());

@@ -18,7 +18,9 @@ pub mod time;
 pub mod wire;
 
 pub use counters::{CounterTotals, DropReason, Event};
-pub use engine::{Engine, EngineConfig, InstallError, Installed, L4Checksum, Packet, Verdict, Worker};
+pub use engine::{
+    Engine, EngineConfig, InstallError, Installed, L4Checksum, Packet, Verdict, Worker,
+};
 pub use laddr::{L4Proto, LocalAddr, LocalAddrPool};
 pub use service::{BackendConfig, ServiceConfig, ServiceKey, Snapshot};
 pub use session::{FlowState, SessionEvent, SessionRecord};

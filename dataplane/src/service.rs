@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::laddr::L4Proto;
-use crate::sched::{BackendSpec, ConnCounts, MaglevParams, Scheduler, SchedulerError, SchedulerKind};
+use crate::sched::{
+    BackendSpec, ConnCounts, MaglevParams, Scheduler, SchedulerError, SchedulerKind,
+};
 use crate::tcp_state::Timeouts;
 
 /// A real server of a service, as configured.
@@ -46,7 +48,10 @@ pub struct DestStats {
 impl DestStats {
     /// Active (established) and inactive (every other state) connections.
     pub fn conns(&self) -> ConnCounts {
-        ConnCounts { active: self.active.load(Ordering::Relaxed), inactive: self.inactive.load(Ordering::Relaxed) }
+        ConnCounts {
+            active: self.active.load(Ordering::Relaxed),
+            inactive: self.inactive.load(Ordering::Relaxed),
+        }
     }
 
     /// Connections ever scheduled to or installed for this real server.
@@ -61,7 +66,9 @@ impl DestStats {
 
     pub(crate) fn closed(&self, active: bool) {
         // Saturating: a counter must not wrap if a close is ever reported twice.
-        let _ = self.counter(active).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        let _ = self
+            .counter(active)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
     }
 
     pub(crate) fn moved(&self, was_active: bool, is_active: bool) {
@@ -117,11 +124,23 @@ pub enum SnapshotError {
     #[error("service {proto:?} {vip}: listed twice")]
     DuplicateService { proto: L4Proto, vip: SocketAddr },
     #[error("service {proto:?} {vip}: backend {backend} listed twice")]
-    DuplicateBackend { proto: L4Proto, vip: SocketAddr, backend: SocketAddr },
+    DuplicateBackend {
+        proto: L4Proto,
+        vip: SocketAddr,
+        backend: SocketAddr,
+    },
     #[error("service {proto:?} {vip}: backend {backend} is of another address family than the VIP")]
-    FamilyMismatch { proto: L4Proto, vip: SocketAddr, backend: SocketAddr },
+    FamilyMismatch {
+        proto: L4Proto,
+        vip: SocketAddr,
+        backend: SocketAddr,
+    },
     #[error("service {proto:?} {vip}: {source}")]
-    Scheduler { proto: L4Proto, vip: SocketAddr, source: SchedulerError },
+    Scheduler {
+        proto: L4Proto,
+        vip: SocketAddr,
+        source: SchedulerError,
+    },
 }
 
 /// The immutable service view the engine works from.
@@ -142,40 +161,72 @@ impl Snapshot {
     ) -> Result<Snapshot, SnapshotError> {
         let mut map = HashMap::with_capacity(services.len());
         for cfg in services {
-            let key = ServiceKey { proto: cfg.proto, vip: cfg.vip };
+            let key = ServiceKey {
+                proto: cfg.proto,
+                vip: cfg.vip,
+            };
             let (proto, vip) = (cfg.proto, cfg.vip);
             let mut seen = HashSet::new();
             for b in &cfg.backends {
                 if !seen.insert(b.addr) {
-                    return Err(SnapshotError::DuplicateBackend { proto, vip, backend: b.addr });
+                    return Err(SnapshotError::DuplicateBackend {
+                        proto,
+                        vip,
+                        backend: b.addr,
+                    });
                 }
                 if b.addr.is_ipv4() != vip.is_ipv4() {
-                    return Err(SnapshotError::FamilyMismatch { proto, vip, backend: b.addr });
+                    return Err(SnapshotError::FamilyMismatch {
+                        proto,
+                        vip,
+                        backend: b.addr,
+                    });
                 }
             }
             let specs: Vec<BackendSpec> = cfg
                 .backends
                 .iter()
-                .map(|b| BackendSpec { name: b.addr.to_string(), weight: if b.healthy { b.weight } else { 0 } })
+                .map(|b| BackendSpec {
+                    name: b.addr.to_string(),
+                    weight: if b.healthy { b.weight } else { 0 },
+                })
                 .collect();
             let scheduler = Scheduler::new(cfg.scheduler, &specs, maglev)
                 .map_err(|source| SnapshotError::Scheduler { proto, vip, source })?;
-            let params = Arc::new(ServiceParams { timeouts: cfg.timeouts });
+            let params = Arc::new(ServiceParams {
+                timeouts: cfg.timeouts,
+            });
             let old = previous.and_then(|p| p.services.get(&key));
             let dests = cfg
                 .backends
                 .iter()
                 .map(|b| {
-                    let stats = old.and_then(|s| s.dest_by_addr(b.addr)).map(|d| d.stats.clone()).unwrap_or_default();
-                    Arc::new(Dest { addr: b.addr, stats, params: params.clone() })
+                    let stats = old
+                        .and_then(|s| s.dest_by_addr(b.addr))
+                        .map(|d| d.stats.clone())
+                        .unwrap_or_default();
+                    Arc::new(Dest {
+                        addr: b.addr,
+                        stats,
+                        params: params.clone(),
+                    })
                 })
                 .collect();
-            let service = Service { config: cfg.clone(), dests, scheduler, params };
+            let service = Service {
+                config: cfg.clone(),
+                dests,
+                scheduler,
+                params,
+            };
             if map.insert(key, service).is_some() {
                 return Err(SnapshotError::DuplicateService { proto, vip });
             }
         }
-        Ok(Snapshot { version, services: map, maglev })
+        Ok(Snapshot {
+            version,
+            services: map,
+            maglev,
+        })
     }
 
     /// An empty snapshot: every packet is dropped as having no service.

@@ -36,7 +36,13 @@ pub(crate) struct FlowKey<A> {
 }
 
 impl<A: Family> FlowKey<A> {
-    const EMPTY: Self = FlowKey { src: A::UNSPECIFIED, dst: A::UNSPECIFIED, sport: 0, dport: 0, proto: 0 };
+    const EMPTY: Self = FlowKey {
+        src: A::UNSPECIFIED,
+        dst: A::UNSPECIFIED,
+        sport: 0,
+        dport: 0,
+        proto: 0,
+    };
 
     pub(crate) fn hash(&self, seed: u64) -> u64 {
         let mut buf = [0u8; 37];
@@ -52,7 +58,13 @@ impl<A: Family> FlowKey<A> {
 
     /// The same flow seen from the other end.
     pub(crate) fn reversed(&self) -> Self {
-        FlowKey { src: self.dst, dst: self.src, sport: self.dport, dport: self.sport, proto: self.proto }
+        FlowKey {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+        }
     }
 }
 
@@ -143,7 +155,13 @@ impl<A: Family> SessionData<A> {
 
     /// The key of packets from the real server: RS → LIP.
     pub(crate) fn server_key(&self) -> FlowKey<A> {
-        FlowKey { src: self.rs, dst: self.lip, sport: self.rport, dport: self.lport, proto: self.proto().number() }
+        FlowKey {
+            src: self.rs,
+            dst: self.lip,
+            sport: self.rport,
+            dport: self.lport,
+            proto: self.proto().number(),
+        }
     }
 
     pub(crate) fn record(&self, now_secs: u64) -> SessionRecord {
@@ -155,7 +173,8 @@ impl<A: Family> SessionData<A> {
             backend: SocketAddr::new(self.rs.to_ip(), self.rport),
             state: self.state,
             window: self.window,
-            expires_in_secs: u32::try_from(u64::from(self.expires).saturating_sub(now_secs)).unwrap_or(u32::MAX),
+            expires_in_secs: u32::try_from(u64::from(self.expires).saturating_sub(now_secs))
+                .unwrap_or(u32::MAX),
             synced: self.synced,
         }
     }
@@ -184,7 +203,10 @@ struct Entry<A> {
 }
 
 impl<A: Family> Entry<A> {
-    const EMPTY: Self = Entry { key: FlowKey::EMPTY, slot: EMPTY_SLOT };
+    const EMPTY: Self = Entry {
+        key: FlowKey::EMPTY,
+        slot: EMPTY_SLOT,
+    };
 
     fn slot(&self) -> Option<SlotId> {
         (self.slot != EMPTY_SLOT).then(|| (u32::from(self.slot[0]) << 16) | u32::from(self.slot[1]))
@@ -225,14 +247,29 @@ impl<A: Family> Index<A> {
         // Hash imbalance between shards: allow up to 95 % in one shard before refusing.
         let limit = capacity * 95 / 100;
         let shards = (0..shards)
-            .map(|_| RwLock::new(Shard { entries: vec![Entry::EMPTY; capacity].into_boxed_slice(), len: 0 }))
+            .map(|_| {
+                RwLock::new(Shard {
+                    entries: vec![Entry::EMPTY; capacity].into_boxed_slice(),
+                    len: 0,
+                })
+            })
             .collect();
-        Index { shards, shard_bits, capacity, limit, seed }
+        Index {
+            shards,
+            shard_bits,
+            capacity,
+            limit,
+            seed,
+        }
     }
 
     fn locate(&self, key: &FlowKey<A>) -> (usize, usize) {
         let h = key.hash(self.seed);
-        let shard = if self.shard_bits == 0 { 0 } else { (h >> (64 - self.shard_bits)) as usize };
+        let shard = if self.shard_bits == 0 {
+            0
+        } else {
+            (h >> (64 - self.shard_bits)) as usize
+        };
         (shard, self.home(h))
     }
 
@@ -271,7 +308,10 @@ impl<A: Family> Index<A> {
         if shard.len >= self.limit {
             return Err(InsertError::Full);
         }
-        shard.entries[i] = Entry { key, slot: split(slot) };
+        shard.entries[i] = Entry {
+            key,
+            slot: split(slot),
+        };
         shard.len += 1;
         Ok(())
     }
@@ -304,7 +344,11 @@ impl<A: Family> Index<A> {
                 break;
             }
             let home = self.home(e.key.hash(self.seed));
-            let stays = if hole <= j { hole < home && home <= j } else { home > hole || home <= j };
+            let stays = if hole <= j {
+                hole < home && home <= j
+            } else {
+                home > hole || home <= j
+            };
             if !stays {
                 shard.entries[hole] = e;
                 hole = j;
@@ -379,7 +423,10 @@ impl<A: Family> FamilyTable<A> {
     }
 
     /// Stores a new session under both its keys.
-    pub(crate) fn insert(&self, data: SessionData<A>) -> Result<SlotId, (InsertError, SessionData<A>)> {
+    pub(crate) fn insert(
+        &self,
+        data: SessionData<A>,
+    ) -> Result<SlotId, (InsertError, SessionData<A>)> {
         let Some(slot) = self.free.lock().pop() else {
             return Err((InsertError::Full, data));
         };
@@ -422,7 +469,12 @@ impl<A: Family> FamilyTable<A> {
 
     /// Examines up to `budget` slots from where the last sweep stopped and removes the sessions
     /// whose deadline has passed; bounded work per call whatever the table holds.
-    pub(crate) fn expire(&self, now_secs: u64, budget: usize, mut on_expired: impl FnMut(SessionData<A>)) -> usize {
+    pub(crate) fn expire(
+        &self,
+        now_secs: u64,
+        budget: usize,
+        mut on_expired: impl FnMut(SessionData<A>),
+    ) -> usize {
         let n = self.slots.len();
         if n == 0 {
             return 0;
@@ -433,7 +485,9 @@ impl<A: Family> FamilyTable<A> {
         for k in 0..budget {
             let slot = (start + k) % n;
             let mut guard = self.slots[slot].lock();
-            if guard.as_ref().is_some_and(|s| u64::from(s.expires) <= now_secs)
+            if guard
+                .as_ref()
+                .is_some_and(|s| u64::from(s.expires) <= now_secs)
                 && let Some(data) = guard.take()
             {
                 self.unlink(slot as SlotId, &data);
@@ -465,6 +519,9 @@ pub(crate) struct SessionTable {
 
 impl SessionTable {
     pub(crate) fn new(max_v4: u32, max_v6: u32, seed: u64) -> Self {
-        SessionTable { v4: FamilyTable::new(max_v4, seed), v6: FamilyTable::new(max_v6, seed ^ 0x9e37_79b9_7f4a_7c15) }
+        SessionTable {
+            v4: FamilyTable::new(max_v4, seed),
+            v6: FamilyTable::new(max_v6, seed ^ 0x9e37_79b9_7f4a_7c15),
+        }
     }
 }

@@ -269,11 +269,12 @@ impl TcpWindow {
         }
         self.seen[me] = true;
         // RFC 7323: windows are scaled only when both SYNs carried the option, never on SYNs.
-        let scale = if !seg.flags.syn && self.wscale[me] != NO_WSCALE && self.wscale[peer] != NO_WSCALE {
-            u32::from(self.wscale[me])
-        } else {
-            0
-        };
+        let scale =
+            if !seg.flags.syn && self.wscale[me] != NO_WSCALE && self.wscale[peer] != NO_WSCALE {
+                u32::from(self.wscale[me])
+            } else {
+                0
+            };
         let win = u32::from(seg.window) << scale;
         self.max_win[me] = self.max_win[me].max(win);
     }
@@ -283,17 +284,42 @@ impl TcpWindow {
 mod tests {
     use super::*;
     use Direction::{Inbound, Outbound};
-    use TcpState::*;
+    use TcpState::{Close, CloseWait, Established, FinWait, LastAck, SynRecv, SynSent, TimeWait};
 
-    const SYN: TcpFlags = TcpFlags { syn: true, ack: false, fin: false, rst: false };
-    const SYNACK: TcpFlags = TcpFlags { syn: true, ack: true, fin: false, rst: false };
-    const ACK: TcpFlags = TcpFlags { syn: false, ack: true, fin: false, rst: false };
-    const FIN: TcpFlags = TcpFlags { syn: false, ack: true, fin: true, rst: false };
-    const RST: TcpFlags = TcpFlags { syn: false, ack: false, fin: false, rst: true };
+    const SYN: TcpFlags = TcpFlags {
+        syn: true,
+        ack: false,
+        fin: false,
+        rst: false,
+    };
+    const SYNACK: TcpFlags = TcpFlags {
+        syn: true,
+        ack: true,
+        fin: false,
+        rst: false,
+    };
+    const ACK: TcpFlags = TcpFlags {
+        syn: false,
+        ack: true,
+        fin: false,
+        rst: false,
+    };
+    const FIN: TcpFlags = TcpFlags {
+        syn: false,
+        ack: true,
+        fin: true,
+        rst: false,
+    };
+    const RST: TcpFlags = TcpFlags {
+        syn: false,
+        ack: false,
+        fin: false,
+        rst: true,
+    };
 
     #[test]
     fn test_handshake_and_active_close_by_client() {
-        let mut s = None.next(Inbound, SYN);
+        let mut s = TcpState::None.next(Inbound, SYN);
         assert_eq!(s, SynRecv);
         s = s.next(Outbound, SYNACK);
         assert_eq!(s, SynRecv);
@@ -338,8 +364,22 @@ mod tests {
         assert_eq!(t.udp, Duration::from_secs(300));
     }
 
-    fn seg(flags: TcpFlags, seq: u32, ack: u32, len: u32, window: u16, wscale: Option<u8>) -> Segment {
-        Segment { flags, seq, ack, len, window, wscale }
+    fn seg(
+        flags: TcpFlags,
+        seq: u32,
+        ack: u32,
+        len: u32,
+        window: u16,
+        wscale: Option<u8>,
+    ) -> Segment {
+        Segment {
+            flags,
+            seq,
+            ack,
+            len,
+            window,
+            wscale,
+        }
     }
 
     fn established_window() -> TcpWindow {
@@ -364,7 +404,10 @@ mod tests {
     fn test_rst_out_of_window_refused() {
         let w = established_window();
         assert!(!w.rst_acceptable(Inbound, &seg(RST, 1001 + 200_000, 0, 0, 0, None)));
-        assert!(!w.rst_acceptable(Inbound, &seg(RST, 1001u32.wrapping_sub(200_000), 0, 0, 0, None)));
+        assert!(!w.rst_acceptable(
+            Inbound,
+            &seg(RST, 1001u32.wrapping_sub(200_000), 0, 0, 0, None)
+        ));
         assert!(!w.rst_acceptable(Outbound, &seg(RST, 0x8000_0000, 0, 0, 0, None)));
     }
 
@@ -372,7 +415,11 @@ mod tests {
     fn test_rst_refusing_syn_must_ack_it() {
         let mut w = TcpWindow::new();
         w.update(Inbound, &seg(SYN, 1000, 0, 1, 65535, None));
-        let rst_ack = TcpFlags { rst: true, ack: true, ..TcpFlags::default() };
+        let rst_ack = TcpFlags {
+            rst: true,
+            ack: true,
+            ..TcpFlags::default()
+        };
         assert!(w.rst_acceptable(Outbound, &seg(rst_ack, 0, 1001, 0, 0, None)));
         assert!(!w.rst_acceptable(Outbound, &seg(rst_ack, 0, 77, 0, 0, None)));
         assert!(!w.rst_acceptable(Outbound, &seg(RST, 0, 0, 0, 0, None)));

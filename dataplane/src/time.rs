@@ -50,9 +50,20 @@ mod tests {
     fn test_saturating() {
         let t = Instant::from_secs(5);
         assert_eq!(t.as_secs(), 5);
-        assert_eq!(t.saturating_add(Duration::from_millis(1500)).as_nanos(), 6_500_000_000);
-        assert_eq!(Instant::from_nanos(u64::MAX).saturating_add(Duration::from_secs(1)).as_nanos(), u64::MAX);
+        assert_eq!(
+            t.saturating_add(Duration::from_millis(1500)).as_nanos(),
+            6_500_000_000
+        );
+        assert_eq!(
+            Instant::from_nanos(u64::MAX)
+                .saturating_add(Duration::from_secs(1))
+                .as_nanos(),
+            u64::MAX
+        );
         assert_eq!(Instant::ZERO.saturating_duration_since(t), Duration::ZERO);
-        assert_eq!(t.saturating_duration_since(Instant::ZERO), Duration::from_secs(5));
+        assert_eq!(
+            t.saturating_duration_since(Instant::ZERO),
+            Duration::from_secs(5)
+        );
     }
 }

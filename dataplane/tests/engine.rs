@@ -9,7 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 use common::*;
 use dataplane::tcp_state::TcpState;
 use dataplane::{
-    Direction, DropReason, EngineConfig, Event, FlowState, Instant, L4Checksum, L4Proto, SessionEvent, Verdict,
+    Direction, DropReason, EngineConfig, Event, FlowState, Instant, L4Checksum, L4Proto,
+    SessionEvent, Verdict,
 };
 
 const T0: Instant = Instant::from_secs(1000);
@@ -41,7 +42,11 @@ fn test_syn_creates_session_and_is_rewritten() {
     assert_eq!(rec.backend, SocketAddr::new(v4(RS1), 8080));
     assert_eq!(rec.local.ip(), v4(LIP));
     assert_eq!(rec.state, FlowState::Tcp(TcpState::SynRecv));
-    let expected = ip(v4(LIP), v4(RS1), &tcp(rec.local.port(), 8080, SYN, 1000, 0, b""));
+    let expected = ip(
+        v4(LIP),
+        v4(RS1),
+        &tcp(rec.local.port(), 8080, SYN, 1000, 0, b""),
+    );
     assert_eq!(out, expected);
     assert_checksums_ok(&out);
     assert_eq!(engine.session_count(), 1);
@@ -53,31 +58,109 @@ fn test_synack_data_and_close_both_ways() {
     let (engine, mut w) = engine();
     let lport = open_tcp(&mut w);
     // SYN-ACK from the real server goes back to the client from the VIP.
-    let synack = ip(v4(RS1), v4(LIP), &tcp(8080, lport, SYN | ACK, 5000, 1001, b""));
+    let synack = ip(
+        v4(RS1),
+        v4(LIP),
+        &tcp(8080, lport, SYN | ACK, 5000, 1001, b""),
+    );
     let (v, out) = run(&mut w, T0, &synack);
     assert_eq!(v, Verdict::Forward(Direction::Outbound));
-    assert_eq!(out, ip(v4(VIP), v4(CLIENT), &tcp(80, 40000, SYN | ACK, 5000, 1001, b"")));
+    assert_eq!(
+        out,
+        ip(
+            v4(VIP),
+            v4(CLIENT),
+            &tcp(80, 40000, SYN | ACK, 5000, 1001, b"")
+        )
+    );
     assert_checksums_ok(&out);
     // Handshake completes, data both ways.
-    let (_, out) = run(&mut w, T0, &ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, ACK, 1001, 5001, b"")));
-    assert_eq!(out, ip(v4(LIP), v4(RS1), &tcp(lport, 8080, ACK, 1001, 5001, b"")));
+    let (_, out) = run(
+        &mut w,
+        T0,
+        &ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, ACK, 1001, 5001, b"")),
+    );
+    assert_eq!(
+        out,
+        ip(v4(LIP), v4(RS1), &tcp(lport, 8080, ACK, 1001, 5001, b""))
+    );
     let req = b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n";
-    let (v, out) = run(&mut w, T0, &ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, ACK | PSH, 1001, 5001, req)));
+    let (v, out) = run(
+        &mut w,
+        T0,
+        &ip(
+            v4(CLIENT),
+            v4(VIP),
+            &tcp(40000, 80, ACK | PSH, 1001, 5001, req),
+        ),
+    );
     assert_eq!(v, Verdict::Forward(Direction::Inbound));
-    assert_eq!(out, ip(v4(LIP), v4(RS1), &tcp(lport, 8080, ACK | PSH, 1001, 5001, req)));
+    assert_eq!(
+        out,
+        ip(
+            v4(LIP),
+            v4(RS1),
+            &tcp(lport, 8080, ACK | PSH, 1001, 5001, req)
+        )
+    );
     assert_checksums_ok(&out);
     let resp = vec![0x5a; 1400];
-    let (v, out) = run(&mut w, T0, &ip(v4(RS1), v4(LIP), &tcp(8080, lport, ACK, 5001, 1001 + 27, &resp)));
+    let (v, out) = run(
+        &mut w,
+        T0,
+        &ip(
+            v4(RS1),
+            v4(LIP),
+            &tcp(8080, lport, ACK, 5001, 1001 + 27, &resp),
+        ),
+    );
     assert_eq!(v, Verdict::Forward(Direction::Outbound));
-    assert_eq!(out, ip(v4(VIP), v4(CLIENT), &tcp(80, 40000, ACK, 5001, 1001 + 27, &resp)));
+    assert_eq!(
+        out,
+        ip(
+            v4(VIP),
+            v4(CLIENT),
+            &tcp(80, 40000, ACK, 5001, 1001 + 27, &resp)
+        )
+    );
     assert_checksums_ok(&out);
     assert_eq!(state_of(&engine), TcpState::Established);
     // Client closes first: FIN → CLOSE_WAIT, server FIN → TIME_WAIT.
-    let (_, out) = run(&mut w, T0, &ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, FIN | ACK, 1028, 6401, b"")));
-    assert_eq!(out, ip(v4(LIP), v4(RS1), &tcp(lport, 8080, FIN | ACK, 1028, 6401, b"")));
+    let (_, out) = run(
+        &mut w,
+        T0,
+        &ip(
+            v4(CLIENT),
+            v4(VIP),
+            &tcp(40000, 80, FIN | ACK, 1028, 6401, b""),
+        ),
+    );
+    assert_eq!(
+        out,
+        ip(
+            v4(LIP),
+            v4(RS1),
+            &tcp(lport, 8080, FIN | ACK, 1028, 6401, b"")
+        )
+    );
     assert_eq!(state_of(&engine), TcpState::CloseWait);
-    let (_, out) = run(&mut w, T0, &ip(v4(RS1), v4(LIP), &tcp(8080, lport, FIN | ACK, 6401, 1029, b"")));
-    assert_eq!(out, ip(v4(VIP), v4(CLIENT), &tcp(80, 40000, FIN | ACK, 6401, 1029, b"")));
+    let (_, out) = run(
+        &mut w,
+        T0,
+        &ip(
+            v4(RS1),
+            v4(LIP),
+            &tcp(8080, lport, FIN | ACK, 6401, 1029, b""),
+        ),
+    );
+    assert_eq!(
+        out,
+        ip(
+            v4(VIP),
+            v4(CLIENT),
+            &tcp(80, 40000, FIN | ACK, 6401, 1029, b"")
+        )
+    );
     assert_eq!(state_of(&engine), TcpState::TimeWait);
     let changes: Vec<_> = w
         .drain_events()
@@ -105,8 +188,20 @@ fn state_of(engine: &dataplane::Engine) -> TcpState {
 
 fn establish(w: &mut dataplane::Worker) -> u16 {
     let lport = open_tcp(w);
-    run(w, T0, &ip(v4(RS1), v4(LIP), &tcp(8080, lport, SYN | ACK, 5000, 1001, b"")));
-    run(w, T0, &ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, ACK, 1001, 5001, b"")));
+    run(
+        w,
+        T0,
+        &ip(
+            v4(RS1),
+            v4(LIP),
+            &tcp(8080, lport, SYN | ACK, 5000, 1001, b""),
+        ),
+    );
+    run(
+        w,
+        T0,
+        &ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, ACK, 1001, 5001, b"")),
+    );
     lport
 }
 
@@ -114,9 +209,16 @@ fn establish(w: &mut dataplane::Worker) -> u16 {
 fn test_in_window_rst_closes() {
     let (engine, mut w) = engine();
     let lport = establish(&mut w);
-    let (v, out) = run(&mut w, T0, &ip(v4(RS1), v4(LIP), &tcp(8080, lport, RST, 5001, 0, b"")));
+    let (v, out) = run(
+        &mut w,
+        T0,
+        &ip(v4(RS1), v4(LIP), &tcp(8080, lport, RST, 5001, 0, b"")),
+    );
     assert_eq!(v, Verdict::Forward(Direction::Outbound));
-    assert_eq!(out, ip(v4(VIP), v4(CLIENT), &tcp(80, 40000, RST, 5001, 0, b"")));
+    assert_eq!(
+        out,
+        ip(v4(VIP), v4(CLIENT), &tcp(80, 40000, RST, 5001, 0, b""))
+    );
     assert_eq!(state_of(&engine), TcpState::Close);
 }
 
@@ -124,7 +226,11 @@ fn test_in_window_rst_closes() {
 fn test_out_of_window_rst_forwarded_but_does_not_close() {
     let (engine, mut w) = engine();
     establish(&mut w);
-    let blind = ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, RST, 1001 + 3_000_000, 0, b""));
+    let blind = ip(
+        v4(CLIENT),
+        v4(VIP),
+        &tcp(40000, 80, RST, 1001 + 3_000_000, 0, b""),
+    );
     let (v, _) = run(&mut w, T0, &blind);
     assert_eq!(v, Verdict::Forward(Direction::Inbound));
     assert_eq!(state_of(&engine), TcpState::Established);
@@ -136,7 +242,11 @@ fn test_non_syn_without_session_dropped() {
     let (engine, mut w) = engine();
     for flags in [ACK, ACK | PSH, FIN | ACK, RST, SYN | ACK, SYN | FIN] {
         let p = ip(v4(CLIENT), v4(VIP), &tcp(40001, 80, flags, 1, 1, b"x"));
-        assert_eq!(run(&mut w, T0, &p).0, Verdict::Drop(DropReason::NoSession), "flags {flags:#x}");
+        assert_eq!(
+            run(&mut w, T0, &p).0,
+            Verdict::Drop(DropReason::NoSession),
+            "flags {flags:#x}"
+        );
     }
     // Server side, no session.
     let p = ip(v4(RS1), v4(LIP), &tcp(8080, 2000, ACK, 1, 1, b""));
@@ -162,7 +272,10 @@ fn test_udp_both_ways() {
     assert_eq!(v, Verdict::Forward(Direction::Inbound));
     let rec = created(&mut w);
     assert_eq!(rec.state, FlowState::Udp);
-    assert_eq!(out, ip(v4(LIP), v4(RS1), &udp(rec.local.port(), 5353, b"query")));
+    assert_eq!(
+        out,
+        ip(v4(LIP), v4(RS1), &udp(rec.local.port(), 5353, b"query"))
+    );
     assert_checksums_ok(&out);
     let r = ip(v4(RS1), v4(LIP), &udp(5353, rec.local.port(), b"answer!"));
     let (v, out) = run(&mut w, T0, &r);
@@ -188,13 +301,32 @@ fn test_udp_zero_checksum_ipv4_kept_ipv6_dropped() {
     assert_eq!(&out[26..28], &[0, 0], "no checksum stays no checksum");
     let mut q6 = ip(v6(CLIENT6), v6(VIP6), &udp(5000, 53, b"q"));
     q6[46..48].copy_from_slice(&[0, 0]);
-    assert_eq!(run(&mut w, T0, &q6).0, Verdict::Drop(DropReason::BadChecksum));
+    assert_eq!(
+        run(&mut w, T0, &q6).0,
+        Verdict::Drop(DropReason::BadChecksum)
+    );
     assert_eq!(engine.session_count(), 1);
 }
 
 /// An ICMP error quoting `quoted` (its IP header and first 8 bytes of L4... or more).
-fn icmp4_error(src: IpAddr, dst: IpAddr, typ: u8, code: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
-    ip(src, dst, &L4::Icmp { typ, code, rest, data: quoted.to_vec() })
+fn icmp4_error(
+    src: IpAddr,
+    dst: IpAddr,
+    typ: u8,
+    code: u8,
+    rest: [u8; 4],
+    quoted: &[u8],
+) -> Vec<u8> {
+    ip(
+        src,
+        dst,
+        &L4::Icmp {
+            typ,
+            code,
+            rest,
+            data: quoted.to_vec(),
+        },
+    )
 }
 
 #[test]
@@ -204,14 +336,22 @@ fn test_icmp_frag_needed_from_backend_side_reaches_client() {
     // The node sent LIP → RS a 1400-byte segment; a router on the backend side answers
     // "fragmentation needed, MTU 1280" quoting its header and 8 bytes (RFC 792 minimum) — and a
     // longer quote (RFC 1812) in a second case.
-    let big = ip(v4(LIP), v4(RS1), &tcp(lport, 8080, ACK, 1001, 5001, &[7u8; 1400]));
+    let big = ip(
+        v4(LIP),
+        v4(RS1),
+        &tcp(lport, 8080, ACK, 1001, 5001, &[7u8; 1400]),
+    );
     for quote_len in [28, 548] {
         let mtu = [0, 0, 0x05, 0x00];
         let err = icmp4_error(v4(ROUTER), v4(LIP), 3, 4, mtu, &big[..quote_len]);
         let (v, out) = run(&mut w, T0, &err);
         assert_eq!(v, Verdict::Forward(Direction::Outbound));
         // What the client sent, as the client sees it: client → VIP.
-        let original = ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, ACK, 1001, 5001, &[7u8; 1400]));
+        let original = ip(
+            v4(CLIENT),
+            v4(VIP),
+            &tcp(40000, 80, ACK, 1001, 5001, &[7u8; 1400]),
+        );
         let mut expected_quote = original[..quote_len].to_vec();
         if quote_len < 20 + 18 {
             // The quoted TCP checksum is not in an 8-byte quote; nothing to compare there.
@@ -228,12 +368,23 @@ fn test_icmp_frag_needed_from_backend_side_reaches_client() {
 fn test_icmp_error_from_client_side_reaches_backend() {
     let (_, mut w) = engine();
     let lport = establish(&mut w);
-    let reply = ip(v4(VIP), v4(CLIENT), &tcp(80, 40000, ACK, 5001, 1001, &[1u8; 600]));
+    let reply = ip(
+        v4(VIP),
+        v4(CLIENT),
+        &tcp(80, 40000, ACK, 5001, 1001, &[1u8; 600]),
+    );
     let err = icmp4_error(v4(CLIENT), v4(VIP), 3, 4, [0, 0, 0x02, 0x40], &reply[..60]);
     let (v, out) = run(&mut w, T0, &err);
     assert_eq!(v, Verdict::Forward(Direction::Inbound));
-    let original = ip(v4(RS1), v4(LIP), &tcp(8080, lport, ACK, 5001, 1001, &[1u8; 600]));
-    assert_eq!(out, icmp4_error(v4(LIP), v4(RS1), 3, 4, [0, 0, 0x02, 0x40], &original[..60]));
+    let original = ip(
+        v4(RS1),
+        v4(LIP),
+        &tcp(8080, lport, ACK, 5001, 1001, &[1u8; 600]),
+    );
+    assert_eq!(
+        out,
+        icmp4_error(v4(LIP), v4(RS1), 3, 4, [0, 0, 0x02, 0x40], &original[..60])
+    );
     assert_checksums_ok(&out);
 }
 
@@ -243,9 +394,24 @@ fn test_icmp_error_unknown_flow_dropped() {
     establish(&mut w);
     let stranger = ip(v4(LIP), v4(RS1), &tcp(9999, 8080, ACK, 1, 1, b""));
     let err = icmp4_error(v4(ROUTER), v4(LIP), 3, 4, [0, 0, 5, 0], &stranger[..28]);
-    assert_eq!(run(&mut w, T0, &err).0, Verdict::Drop(DropReason::IcmpNoSession));
-    let echo = ip(v4(CLIENT), v4(VIP), &L4::Icmp { typ: 8, code: 0, rest: [0, 1, 0, 1], data: b"ping".to_vec() });
-    assert_eq!(run(&mut w, T0, &echo).0, Verdict::Drop(DropReason::IcmpUnsupported));
+    assert_eq!(
+        run(&mut w, T0, &err).0,
+        Verdict::Drop(DropReason::IcmpNoSession)
+    );
+    let echo = ip(
+        v4(CLIENT),
+        v4(VIP),
+        &L4::Icmp {
+            typ: 8,
+            code: 0,
+            rest: [0, 1, 0, 1],
+            data: b"ping".to_vec(),
+        },
+    );
+    assert_eq!(
+        run(&mut w, T0, &echo).0,
+        Verdict::Drop(DropReason::IcmpUnsupported)
+    );
     assert_eq!(engine.counters().drops(DropReason::IcmpNoSession), 1);
 }
 
@@ -255,14 +421,39 @@ fn test_icmpv6_packet_too_big_translated() {
     let syn = ip(v6(CLIENT6), v6(VIP6), &tcp(40000, 80, SYN, 1000, 0, b""));
     run(&mut w, T0, &syn);
     let lport = created(&mut w).local.port();
-    let big = ip(v6(LIP6), v6(RS6), &tcp(lport, 8080, ACK, 1001, 1, &[3u8; 1400]));
+    let big = ip(
+        v6(LIP6),
+        v6(RS6),
+        &tcp(lport, 8080, ACK, 1001, 1, &[3u8; 1400]),
+    );
     let router6 = "2001:db8:3::1".parse().unwrap();
-    let err = ip(router6, v6(LIP6), &L4::Icmp { typ: 2, code: 0, rest: 1280u32.to_be_bytes(), data: big[..1232].to_vec() });
+    let err = ip(
+        router6,
+        v6(LIP6),
+        &L4::Icmp {
+            typ: 2,
+            code: 0,
+            rest: 1280u32.to_be_bytes(),
+            data: big[..1232].to_vec(),
+        },
+    );
     let (v, out) = run(&mut w, T0, &err);
     assert_eq!(v, Verdict::Forward(Direction::Outbound));
-    let original = ip(v6(CLIENT6), v6(VIP6), &tcp(40000, 80, ACK, 1001, 1, &[3u8; 1400]));
-    let expected =
-        ip(v6(VIP6), v6(CLIENT6), &L4::Icmp { typ: 2, code: 0, rest: 1280u32.to_be_bytes(), data: original[..1232].to_vec() });
+    let original = ip(
+        v6(CLIENT6),
+        v6(VIP6),
+        &tcp(40000, 80, ACK, 1001, 1, &[3u8; 1400]),
+    );
+    let expected = ip(
+        v6(VIP6),
+        v6(CLIENT6),
+        &L4::Icmp {
+            typ: 2,
+            code: 0,
+            rest: 1280u32.to_be_bytes(),
+            data: original[..1232].to_vec(),
+        },
+    );
     assert_eq!(out, expected);
     assert_checksums_ok(&out);
 }
@@ -297,12 +488,18 @@ fn test_fragments_dropped() {
     let mut first = p.clone();
     first[6] = 0x20; // MF
     refill_ipv4_checksum(&mut first);
-    assert_eq!(run(&mut w, T0, &first).0, Verdict::Drop(DropReason::Fragment));
+    assert_eq!(
+        run(&mut w, T0, &first).0,
+        Verdict::Drop(DropReason::Fragment)
+    );
     let mut later = p.clone();
     later[6] = 0x00;
     later[7] = 0x10; // offset 128 bytes
     refill_ipv4_checksum(&mut later);
-    assert_eq!(run(&mut w, T0, &later).0, Verdict::Drop(DropReason::Fragment));
+    assert_eq!(
+        run(&mut w, T0, &later).0,
+        Verdict::Drop(DropReason::Fragment)
+    );
     // IPv6 fragment header before UDP.
     let body = {
         let (_, u) = (17u8, ip(v6(CLIENT6), v6(VIP6), &udp(5000, 53, b"q")));
@@ -326,7 +523,12 @@ fn test_truncation_at_every_boundary() {
     for p in &packets {
         for cut in 0..p.len() {
             let (v, _) = run(&mut w, T0, &p[..cut]);
-            assert_eq!(v, Verdict::Drop(DropReason::Truncated), "cut at {cut} of {}", p.len());
+            assert_eq!(
+                v,
+                Verdict::Drop(DropReason::Truncated),
+                "cut at {cut} of {}",
+                p.len()
+            );
         }
     }
     assert_eq!(engine.session_count(), 0);
@@ -361,10 +563,16 @@ fn test_bad_header_fields() {
     // Bad IPv4 header checksum, bad TCP checksum on a SYN.
     let mut p = good.clone();
     p[8] = 63;
-    assert_eq!(run(&mut w, T0, &p).0, Verdict::Drop(DropReason::BadChecksum));
+    assert_eq!(
+        run(&mut w, T0, &p).0,
+        Verdict::Drop(DropReason::BadChecksum)
+    );
     let mut p = good.clone();
     p[36] ^= 0x55;
-    assert_eq!(run(&mut w, T0, &p).0, Verdict::Drop(DropReason::BadChecksum));
+    assert_eq!(
+        run(&mut w, T0, &p).0,
+        Verdict::Drop(DropReason::BadChecksum)
+    );
 }
 
 #[test]
@@ -396,7 +604,20 @@ fn toa_engine() -> (std::sync::Arc<dataplane::Engine>, dataplane::Worker) {
 fn test_toa_inserted_ipv4_and_ipv6() {
     let (engine, mut w) = toa_engine();
     let mss = vec![2, 4, 0x05, 0xb4];
-    let syn = ip(v4(CLIENT), v4(VIP), &L4::Tcp { sport: 40000, dport: 80, seq: 9, ack: 0, flags: SYN, window: 64240, options: mss.clone(), payload: vec![] });
+    let syn = ip(
+        v4(CLIENT),
+        v4(VIP),
+        &L4::Tcp {
+            sport: 40000,
+            dport: 80,
+            seq: 9,
+            ack: 0,
+            flags: SYN,
+            window: 64240,
+            options: mss.clone(),
+            payload: vec![],
+        },
+    );
     let (v, out) = run(&mut w, T0, &syn);
     assert_eq!(v, Verdict::Forward(Direction::Inbound));
     let lport = created(&mut w).local.port();
@@ -404,18 +625,57 @@ fn test_toa_inserted_ipv4_and_ipv6() {
     opts.extend_from_slice(&[254, 8]);
     opts.extend_from_slice(&40000u16.to_be_bytes());
     opts.extend_from_slice(&CLIENT.octets());
-    let expected = ip(v4(LIP), v4(RS1), &L4::Tcp { sport: lport, dport: 8080, seq: 9, ack: 0, flags: SYN, window: 64240, options: opts, payload: vec![] });
+    let expected = ip(
+        v4(LIP),
+        v4(RS1),
+        &L4::Tcp {
+            sport: lport,
+            dport: 8080,
+            seq: 9,
+            ack: 0,
+            flags: SYN,
+            window: 64240,
+            options: opts,
+            payload: vec![],
+        },
+    );
     assert_eq!(out, expected);
     assert_checksums_ok(&out);
 
-    let syn6 = ip(v6(CLIENT6), v6(VIP6), &L4::Tcp { sport: 40000, dport: 80, seq: 9, ack: 0, flags: SYN, window: 64240, options: mss.clone(), payload: vec![] });
+    let syn6 = ip(
+        v6(CLIENT6),
+        v6(VIP6),
+        &L4::Tcp {
+            sport: 40000,
+            dport: 80,
+            seq: 9,
+            ack: 0,
+            flags: SYN,
+            window: 64240,
+            options: mss.clone(),
+            payload: vec![],
+        },
+    );
     let (_, out) = run(&mut w, T0, &syn6);
     let lport = created(&mut w).local.port();
     let mut opts = mss;
     opts.extend_from_slice(&[254, 20]);
     opts.extend_from_slice(&40000u16.to_be_bytes());
     opts.extend_from_slice(&CLIENT6.octets());
-    let expected = ip(v6(LIP6), v6(RS6), &L4::Tcp { sport: lport, dport: 8080, seq: 9, ack: 0, flags: SYN, window: 64240, options: opts, payload: vec![] });
+    let expected = ip(
+        v6(LIP6),
+        v6(RS6),
+        &L4::Tcp {
+            sport: lport,
+            dport: 8080,
+            seq: 9,
+            ack: 0,
+            flags: SYN,
+            window: 64240,
+            options: opts,
+            payload: vec![],
+        },
+    );
     assert_eq!(out, expected);
     assert_checksums_ok(&out);
     assert_eq!(engine.counters().events(Event::ToaInserted), 2);
@@ -425,13 +685,41 @@ fn test_toa_inserted_ipv4_and_ipv6() {
 fn test_toa_without_room() {
     let (engine, mut w) = toa_engine();
     // 36 bytes of options (MSS, SACK-permitted, timestamps, window scale, NOPs): 56-byte header.
-    let mut opts = vec![2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7];
+    let mut opts = vec![
+        2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+    ];
     opts.extend_from_slice(&[1; 16]);
-    let syn = ip(v4(CLIENT), v4(VIP), &L4::Tcp { sport: 40000, dport: 80, seq: 9, ack: 0, flags: SYN, window: 64240, options: opts.clone(), payload: vec![] });
+    let syn = ip(
+        v4(CLIENT),
+        v4(VIP),
+        &L4::Tcp {
+            sport: 40000,
+            dport: 80,
+            seq: 9,
+            ack: 0,
+            flags: SYN,
+            window: 64240,
+            options: opts.clone(),
+            payload: vec![],
+        },
+    );
     let (v, out) = run(&mut w, T0, &syn);
     assert_eq!(v, Verdict::Forward(Direction::Inbound));
     let lport = created(&mut w).local.port();
-    let expected = ip(v4(LIP), v4(RS1), &L4::Tcp { sport: lport, dport: 8080, seq: 9, ack: 0, flags: SYN, window: 64240, options: opts, payload: vec![] });
+    let expected = ip(
+        v4(LIP),
+        v4(RS1),
+        &L4::Tcp {
+            sport: lport,
+            dport: 8080,
+            seq: 9,
+            ack: 0,
+            flags: SYN,
+            window: 64240,
+            options: opts,
+            payload: vec![],
+        },
+    );
     assert_eq!(out, expected);
     assert_eq!(engine.counters().events(Event::ToaNoRoom), 1);
     assert_eq!(engine.counters().events(Event::ToaInserted), 0);
@@ -439,36 +727,73 @@ fn test_toa_without_room() {
 
 #[test]
 fn test_table_full_refuses_new_flows_established_carry_on() {
-    let config = EngineConfig { max_sessions_v4: 2, ..small_config() };
+    let config = EngineConfig {
+        max_sessions_v4: 2,
+        ..small_config()
+    };
     let (engine, mut w) = engine_with(&services(), config);
     let mut lports = Vec::new();
     for cport in [40000, 40001] {
-        run(&mut w, T0, &ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b"")));
+        run(
+            &mut w,
+            T0,
+            &ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b"")),
+        );
         lports.push(created(&mut w).local.port());
     }
     let third = ip(v4(CLIENT), v4(VIP), &tcp(40002, 80, SYN, 1, 0, b""));
-    assert_eq!(run(&mut w, T0, &third).0, Verdict::Drop(DropReason::TableFull));
+    assert_eq!(
+        run(&mut w, T0, &third).0,
+        Verdict::Drop(DropReason::TableFull)
+    );
     // The two existing flows still pass both ways.
-    let (v, _) = run(&mut w, T0, &ip(v4(RS1), v4(LIP), &tcp(8080, lports[1], SYN | ACK, 7, 2, b"")));
+    let (v, _) = run(
+        &mut w,
+        T0,
+        &ip(
+            v4(RS1),
+            v4(LIP),
+            &tcp(8080, lports[1], SYN | ACK, 7, 2, b""),
+        ),
+    );
     assert_eq!(v, Verdict::Forward(Direction::Outbound));
-    let (v, _) = run(&mut w, T0, &ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, ACK, 2, 8, b"")));
+    let (v, _) = run(
+        &mut w,
+        T0,
+        &ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, ACK, 2, 8, b"")),
+    );
     assert_eq!(v, Verdict::Forward(Direction::Inbound));
     assert_eq!(engine.counters().drops(DropReason::TableFull), 1);
     // The refused flow left no port behind.
-    let tcp_usage = engine.local_addrs().usage().into_iter().find(|u| u.ip == v4(LIP) && u.proto == L4Proto::Tcp).unwrap();
+    let tcp_usage = engine
+        .local_addrs()
+        .usage()
+        .into_iter()
+        .find(|u| u.ip == v4(LIP) && u.proto == L4Proto::Tcp)
+        .unwrap();
     assert_eq!(tcp_usage.in_use, 2);
 }
 
 #[test]
 fn test_ports_exhausted() {
-    let config = EngineConfig { local_ports: 2000..=2001, ..small_config() };
+    let config = EngineConfig {
+        local_ports: 2000..=2001,
+        ..small_config()
+    };
     let (engine, mut w) = engine_with(&services(), config);
     for cport in [40000, 40001] {
-        let (v, _) = run(&mut w, T0, &ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b"")));
+        let (v, _) = run(
+            &mut w,
+            T0,
+            &ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b"")),
+        );
         assert_eq!(v, Verdict::Forward(Direction::Inbound));
     }
     let third = ip(v4(CLIENT), v4(VIP), &tcp(40002, 80, SYN, 1, 0, b""));
-    assert_eq!(run(&mut w, T0, &third).0, Verdict::Drop(DropReason::NoLocalPort));
+    assert_eq!(
+        run(&mut w, T0, &third).0,
+        Verdict::Drop(DropReason::NoLocalPort)
+    );
     assert_eq!(engine.counters().drops(DropReason::NoLocalPort), 1);
     assert_eq!(engine.session_count(), 2);
 }
@@ -478,11 +803,20 @@ fn test_expiry_frees_session_and_port() {
     let (engine, mut w) = engine();
     open_tcp(&mut w);
     // SYN_RECV times out after 60 s.
-    assert_eq!(w.expire(T0.saturating_add(std::time::Duration::from_secs(59)), 1024), 0);
+    assert_eq!(
+        w.expire(T0.saturating_add(std::time::Duration::from_secs(59)), 1024),
+        0
+    );
     assert_eq!(engine.session_count(), 1);
-    assert_eq!(w.expire(T0.saturating_add(std::time::Duration::from_secs(61)), 1024), 1);
+    assert_eq!(
+        w.expire(T0.saturating_add(std::time::Duration::from_secs(61)), 1024),
+        1
+    );
     assert_eq!(engine.session_count(), 0);
-    assert!(w.drain_events().any(|e| matches!(e, SessionEvent::Closed(_))));
+    assert!(
+        w.drain_events()
+            .any(|e| matches!(e, SessionEvent::Closed(_)))
+    );
     assert!(engine.local_addrs().usage().iter().all(|u| u.in_use == 0));
     // The flow is gone: a non-SYN is now dropped.
     let p = ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, ACK, 1001, 1, b""));
@@ -493,7 +827,11 @@ fn test_expiry_frees_session_and_port() {
 fn test_expiry_bounded_per_call() {
     let (engine, mut w) = engine();
     for cport in 0..100u16 {
-        run(&mut w, T0, &ip(v4(CLIENT), v4(VIP), &udp(10000 + cport, 53, b"q")));
+        run(
+            &mut w,
+            T0,
+            &ip(v4(CLIENT), v4(VIP), &udp(10000 + cport, 53, b"q")),
+        );
     }
     let later = T0.saturating_add(std::time::Duration::from_secs(301));
     let first = w.expire(later, 16);
@@ -512,22 +850,39 @@ fn test_partial_checksum_offload() {
     let lport = establish(&mut w);
     // A 60 KB GSO segment from the real server with the pseudo-header sum in the field.
     let payload = vec![0x42u8; 60_000];
-    let mut p = ip(v4(RS1), v4(LIP), &tcp(8080, lport, ACK, 5001, 1001, &payload));
+    let mut p = ip(
+        v4(RS1),
+        v4(LIP),
+        &tcp(8080, lport, ACK, 5001, 1001, &payload),
+    );
     let l4_len = p.len() - 20;
     p[36..38].copy_from_slice(&partial_sum(v4(RS1), v4(LIP), 6, l4_len).to_be_bytes());
     let (v, out) = run_with(&mut w, T0, &p, L4Checksum::Partial);
     assert_eq!(v, Verdict::Forward(Direction::Outbound));
-    assert_eq!(&out[36..38], &partial_sum(v4(VIP), v4(CLIENT), 6, l4_len).to_be_bytes());
+    assert_eq!(
+        &out[36..38],
+        &partial_sum(v4(VIP), v4(CLIENT), 6, l4_len).to_be_bytes()
+    );
     // Completing the sum as the kernel would gives a valid segment.
     let mut done = out.clone();
-    let c = !fold(u32::from(partial_sum(v4(VIP), v4(CLIENT), 6, l4_len)) + sum16(&{
-        let mut seg = done[20..].to_vec();
-        seg[16..18].copy_from_slice(&[0, 0]);
-        seg
-    }));
+    let c = !fold(
+        u32::from(partial_sum(v4(VIP), v4(CLIENT), 6, l4_len))
+            + sum16(&{
+                let mut seg = done[20..].to_vec();
+                seg[16..18].copy_from_slice(&[0, 0]);
+                seg
+            }),
+    );
     done[36..38].copy_from_slice(&c.to_be_bytes());
     assert_checksums_ok(&done);
-    assert_eq!(&done[..36], &ip(v4(VIP), v4(CLIENT), &tcp(80, 40000, ACK, 5001, 1001, &payload))[..36]);
+    assert_eq!(
+        &done[..36],
+        &ip(
+            v4(VIP),
+            v4(CLIENT),
+            &tcp(80, 40000, ACK, 5001, 1001, &payload)
+        )[..36]
+    );
 }
 
 #[test]
@@ -536,14 +891,27 @@ fn test_session_record_installed_on_another_node_carries_the_flow() {
     let lport = establish(&mut wa);
     let rec = a.sessions(T0)[0];
     // Node B has the same services but its own LIP; the record names A's LIP.
-    let config_b = EngineConfig { local_addrs: vec!["198.19.200.2".parse().unwrap()], ..small_config() };
+    let config_b = EngineConfig {
+        local_addrs: vec!["198.19.200.2".parse().unwrap()],
+        ..small_config()
+    };
     let (b, mut wb) = engine_with(&services(), config_b);
     assert_eq!(b.install(T0, &rec), Ok(dataplane::Installed::New));
     assert_eq!(b.install(T0, &rec), Ok(dataplane::Installed::Updated));
-    let data = ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, ACK, 1001, 5001, b"more"));
+    let data = ip(
+        v4(CLIENT),
+        v4(VIP),
+        &tcp(40000, 80, ACK, 1001, 5001, b"more"),
+    );
     let (va, out_a) = run(&mut wa, T0, &data);
     let (vb, out_b) = run(&mut wb, T0, &data);
-    assert_eq!((va, vb), (Verdict::Forward(Direction::Inbound), Verdict::Forward(Direction::Inbound)));
+    assert_eq!(
+        (va, vb),
+        (
+            Verdict::Forward(Direction::Inbound),
+            Verdict::Forward(Direction::Inbound)
+        )
+    );
     assert_eq!(out_a, out_b, "same LIP:port and backend on both nodes");
     let back = ip(v4(RS1), v4(LIP), &tcp(8080, lport, ACK, 5001, 1005, b"ok"));
     assert_eq!(run(&mut wa, T0, &back).1, run(&mut wb, T0, &back).1);
@@ -554,11 +922,20 @@ fn test_session_record_installed_on_another_node_carries_the_flow() {
 
 #[test]
 fn test_weight_zero_takes_no_new_flows_but_keeps_sessions() {
-    let two = vec![service(v4(VIP), 80, L4Proto::Tcp, vec![backend(v4(RS1), 8080, 1), backend(v4(RS2), 8080, 1)])];
+    let two = vec![service(
+        v4(VIP),
+        80,
+        L4Proto::Tcp,
+        vec![backend(v4(RS1), 8080, 1), backend(v4(RS2), 8080, 1)],
+    )];
     let (engine, mut w) = engine_with(&two, small_config());
     let mut on_rs1 = None;
     for cport in 40000..40004 {
-        run(&mut w, T0, &ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b"")));
+        run(
+            &mut w,
+            T0,
+            &ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b"")),
+        );
         let rec = created(&mut w);
         if rec.backend.ip() == v4(RS1) {
             on_rs1 = Some(rec);
@@ -567,14 +944,23 @@ fn test_weight_zero_takes_no_new_flows_but_keeps_sessions() {
     let rec = on_rs1.expect("rr used RS1");
     let mut drained = two.clone();
     drained[0].backends[0].weight = 0;
-    let snap = dataplane::Snapshot::new(2, &drained, Default::default(), Some(&engine.snapshot())).unwrap();
+    let snap = dataplane::Snapshot::new(2, &drained, Default::default(), Some(&engine.snapshot()))
+        .unwrap();
     engine.set_snapshot(snap);
     for cport in 41000..41010 {
-        run(&mut w, T0, &ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b"")));
+        run(
+            &mut w,
+            T0,
+            &ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b"")),
+        );
         assert_eq!(created(&mut w).backend.ip(), v4(RS2));
     }
     // The old flow on RS1 still goes to RS1.
-    let data = ip(v4(CLIENT), v4(VIP), &tcp(rec.client.port(), 80, ACK, 2, 1, b"x"));
+    let data = ip(
+        v4(CLIENT),
+        v4(VIP),
+        &tcp(rec.client.port(), 80, ACK, 2, 1, b"x"),
+    );
     let (v, out) = run(&mut w, T0, &data);
     assert_eq!(v, Verdict::Forward(Direction::Inbound));
     assert_eq!(&out[16..20], &RS1.octets());
@@ -582,7 +968,18 @@ fn test_weight_zero_takes_no_new_flows_but_keeps_sessions() {
 
 #[test]
 fn test_no_backend() {
-    let (_, mut w) = engine_with(&[service(v4(VIP), 80, L4Proto::Tcp, vec![backend(v4(RS1), 8080, 0)])], small_config());
+    let (_, mut w) = engine_with(
+        &[service(
+            v4(VIP),
+            80,
+            L4Proto::Tcp,
+            vec![backend(v4(RS1), 8080, 0)],
+        )],
+        small_config(),
+    );
     let syn = ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, SYN, 1, 0, b""));
-    assert_eq!(run(&mut w, T0, &syn).0, Verdict::Drop(DropReason::NoBackend));
+    assert_eq!(
+        run(&mut w, T0, &syn).0,
+        Verdict::Drop(DropReason::NoBackend)
+    );
 }

@@ -13,10 +13,12 @@ const T0: Instant = Instant::from_secs(50);
 
 fn lab_v4() -> impl Strategy<Value = Ipv4Addr> {
     // Clients anywhere in 198.18.0.0/15 except the VIP/LIP/backend ranges used by the engine.
-    (0u32..(1 << 17)).prop_map(|n| Ipv4Addr::from(0xc612_0000 | n)).prop_filter("not a lab service address", |a| {
-        let o = a.octets();
-        !(o[1] == 18 && (o[2] == 100 || o[2] == 3)) && !(o[1] == 19 && o[2] == 200)
-    })
+    (0u32..(1 << 17))
+        .prop_map(|n| Ipv4Addr::from(0xc612_0000 | n))
+        .prop_filter("not a lab service address", |a| {
+            let o = a.octets();
+            !(o[1] == 18 && (o[2] == 100 || o[2] == 3)) && !(o[1] == 19 && o[2] == 200)
+        })
 }
 
 fn lab_v6() -> impl Strategy<Value = Ipv6Addr> {
@@ -33,10 +35,18 @@ fn flow_packets(
 ) -> (Vec<u8>, L4, L4) {
     if is_udp {
         let dport = 53;
-        (ip(client, vip, &udp(sport, dport, &payload)), udp(sport, dport, &payload), udp(dport, sport, &payload))
+        (
+            ip(client, vip, &udp(sport, dport, &payload)),
+            udp(sport, dport, &payload),
+            udp(dport, sport, &payload),
+        )
     } else {
         let first = tcp(sport, 80, SYN, seq, 0, b"");
-        (ip(client, vip, &first), first, tcp(80, sport, SYN | ACK, 7, seq.wrapping_add(1), &payload))
+        (
+            ip(client, vip, &first),
+            first,
+            tcp(80, sport, SYN | ACK, 7, seq.wrapping_add(1), &payload),
+        )
     }
 }
 
@@ -56,12 +66,27 @@ fn endpoints(p: &[u8]) -> (IpAddr, IpAddr, u16, u16) {
             40,
         )
     };
-    (s, d, u16::from_be_bytes([p[l4], p[l4 + 1]]), u16::from_be_bytes([p[l4 + 2], p[l4 + 3]]))
+    (
+        s,
+        d,
+        u16::from_be_bytes([p[l4], p[l4 + 1]]),
+        u16::from_be_bytes([p[l4 + 2], p[l4 + 3]]),
+    )
 }
 
-fn round_trip(client: IpAddr, sport: u16, is_udp: bool, seq: u32, payload: Vec<u8>) -> Result<(), TestCaseError> {
+fn round_trip(
+    client: IpAddr,
+    sport: u16,
+    is_udp: bool,
+    seq: u32,
+    payload: Vec<u8>,
+) -> Result<(), TestCaseError> {
     let (_, mut w) = engine();
-    let vip: IpAddr = if client.is_ipv4() { VIP.into() } else { VIP6.into() };
+    let vip: IpAddr = if client.is_ipv4() {
+        VIP.into()
+    } else {
+        VIP6.into()
+    };
     let is_udp = is_udp && client.is_ipv4();
     let (first, _, reply_l4) = flow_packets(client, vip, sport, is_udp, seq, payload);
     let (v, out) = run(&mut w, T0, &first);
@@ -69,12 +94,34 @@ fn round_trip(client: IpAddr, sport: u16, is_udp: bool, seq: u32, payload: Vec<u
     assert_checksums_ok(&out);
     // The real server answers the translated packet: swap its endpoints.
     let (lip, rs, lport, rport) = endpoints(&out);
-    prop_assert!(lip != client && rs != vip, "Full-NAT rewrote both addresses");
+    prop_assert!(
+        lip != client && rs != vip,
+        "Full-NAT rewrote both addresses"
+    );
     let reply_l4 = match reply_l4 {
-        L4::Tcp { seq, ack, flags, window, options, payload, .. } => {
-            L4::Tcp { sport: rport, dport: lport, seq, ack, flags, window, options, payload }
-        }
-        L4::Udp { payload, .. } => L4::Udp { sport: rport, dport: lport, payload },
+        L4::Tcp {
+            seq,
+            ack,
+            flags,
+            window,
+            options,
+            payload,
+            ..
+        } => L4::Tcp {
+            sport: rport,
+            dport: lport,
+            seq,
+            ack,
+            flags,
+            window,
+            options,
+            payload,
+        },
+        L4::Udp { payload, .. } => L4::Udp {
+            sport: rport,
+            dport: lport,
+            payload,
+        },
         other => other,
     };
     let reply = ip(rs, lip, &reply_l4);
@@ -85,13 +132,36 @@ fn round_trip(client: IpAddr, sport: u16, is_udp: bool, seq: u32, payload: Vec<u
     prop_assert_eq!((s, d, dp), (vip, client, sport));
     prop_assert_eq!(sp, if is_udp { 53 } else { 80 });
     // Apart from addresses, ports and checksums the reply is untouched.
-    let expect = ip(vip, client, &match reply_l4 {
-        L4::Tcp { seq, ack, flags, window, options, payload, .. } => {
-            L4::Tcp { sport: sp, dport: sport, seq, ack, flags, window, options, payload }
-        }
-        L4::Udp { payload, .. } => L4::Udp { sport: sp, dport: sport, payload },
-        other => other,
-    });
+    let expect = ip(
+        vip,
+        client,
+        &match reply_l4 {
+            L4::Tcp {
+                seq,
+                ack,
+                flags,
+                window,
+                options,
+                payload,
+                ..
+            } => L4::Tcp {
+                sport: sp,
+                dport: sport,
+                seq,
+                ack,
+                flags,
+                window,
+                options,
+                payload,
+            },
+            L4::Udp { payload, .. } => L4::Udp {
+                sport: sp,
+                dport: sport,
+                payload,
+            },
+            other => other,
+        },
+    );
     prop_assert_eq!(back, expect);
     Ok(())
 }
@@ -115,13 +185,30 @@ proptest! {
 fn valid_inputs() -> Vec<Vec<u8>> {
     let c: IpAddr = CLIENT.into();
     let v: IpAddr = VIP.into();
-    let inner = ip(LIP.into(), RS1.into(), &tcp(1024, 8080, ACK, 1, 1, &[0; 40]));
+    let inner = ip(
+        LIP.into(),
+        RS1.into(),
+        &tcp(1024, 8080, ACK, 1, 1, &[0; 40]),
+    );
     vec![
         ip(c, v, &tcp(40000, 80, SYN, 1, 0, b"")),
         ip(c, v, &tcp(40000, 80, ACK, 2, 1, b"data")),
-        ip(RS1.into(), LIP.into(), &tcp(8080, 1024, SYN | ACK, 9, 2, b"")),
+        ip(
+            RS1.into(),
+            LIP.into(),
+            &tcp(8080, 1024, SYN | ACK, 9, 2, b""),
+        ),
         ip(c, v, &udp(5000, 53, b"q")),
-        ip(ROUTER.into(), LIP.into(), &L4::Icmp { typ: 3, code: 4, rest: [0, 0, 5, 0], data: inner[..48].to_vec() }),
+        ip(
+            ROUTER.into(),
+            LIP.into(),
+            &L4::Icmp {
+                typ: 3,
+                code: 4,
+                rest: [0, 0, 5, 0],
+                data: inner[..48].to_vec(),
+            },
+        ),
         ip(CLIENT6.into(), VIP6.into(), &tcp(40000, 80, SYN, 1, 0, b"")),
     ]
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use dataplane::sched::{MaglevParams, SchedulerKind};
 use dataplane::{
-    BackendConfig, Engine, EngineConfig, Instant, L4Checksum, L4Proto, Packet, ServiceConfig, SessionEvent,
-    SessionRecord, Snapshot, Timeouts, Verdict, Worker,
+    BackendConfig, Engine, EngineConfig, Instant, L4Checksum, L4Proto, Packet, ServiceConfig,
+    SessionEvent, SessionRecord, Snapshot, Timeouts, Verdict, Worker,
 };
 
 pub const SYN: u8 = 0x02;
@@ -21,7 +21,11 @@ pub const PSH: u8 = 0x08;
 pub fn sum16(data: &[u8]) -> u32 {
     let mut s = 0u32;
     for chunk in data.chunks(2) {
-        let w = if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from(chunk[0]) << 8 };
+        let w = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from(chunk[0]) << 8
+        };
         s += u32::from(w);
     }
     s
@@ -61,23 +65,63 @@ pub fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> u16 {
 /// An L4 segment description.
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, window: u16, options: Vec<u8>, payload: Vec<u8> },
-    Udp { sport: u16, dport: u16, payload: Vec<u8> },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        window: u16,
+        options: Vec<u8>,
+        payload: Vec<u8>,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+        payload: Vec<u8>,
+    },
     /// ICMP (v4 or v6 by the addresses) with type, code, the 4 bytes after the checksum, and data.
-    Icmp { typ: u8, code: u8, rest: [u8; 4], data: Vec<u8> },
+    Icmp {
+        typ: u8,
+        code: u8,
+        rest: [u8; 4],
+        data: Vec<u8>,
+    },
 }
 
 pub fn tcp(sport: u16, dport: u16, flags: u8, seq: u32, ack: u32, payload: &[u8]) -> L4 {
-    L4::Tcp { sport, dport, seq, ack, flags, window: 64240, options: Vec::new(), payload: payload.to_vec() }
+    L4::Tcp {
+        sport,
+        dport,
+        seq,
+        ack,
+        flags,
+        window: 64240,
+        options: Vec::new(),
+        payload: payload.to_vec(),
+    }
 }
 
 pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> L4 {
-    L4::Udp { sport, dport, payload: payload.to_vec() }
+    L4::Udp {
+        sport,
+        dport,
+        payload: payload.to_vec(),
+    }
 }
 
 fn l4_bytes(src: IpAddr, dst: IpAddr, l4: &L4) -> (u8, Vec<u8>) {
     match l4 {
-        L4::Tcp { sport, dport, seq, ack, flags, window, options, payload } => {
+        L4::Tcp {
+            sport,
+            dport,
+            seq,
+            ack,
+            flags,
+            window,
+            options,
+            payload,
+        } => {
             assert!(options.len() % 4 == 0);
             let hl = 20 + options.len();
             let mut b = Vec::with_capacity(hl + payload.len());
@@ -95,7 +139,11 @@ fn l4_bytes(src: IpAddr, dst: IpAddr, l4: &L4) -> (u8, Vec<u8>) {
             b[16..18].copy_from_slice(&c.to_be_bytes());
             (6, b)
         }
-        L4::Udp { sport, dport, payload } => {
+        L4::Udp {
+            sport,
+            dport,
+            payload,
+        } => {
             let mut b = Vec::new();
             b.extend_from_slice(&sport.to_be_bytes());
             b.extend_from_slice(&dport.to_be_bytes());
@@ -106,7 +154,12 @@ fn l4_bytes(src: IpAddr, dst: IpAddr, l4: &L4) -> (u8, Vec<u8>) {
             b[6..8].copy_from_slice(&c.to_be_bytes());
             (17, b)
         }
-        L4::Icmp { typ, code, rest, data } => {
+        L4::Icmp {
+            typ,
+            code,
+            rest,
+            data,
+        } => {
             let mut b = vec![*typ, *code, 0, 0];
             b.extend_from_slice(rest);
             b.extend_from_slice(data);
@@ -177,23 +230,40 @@ pub fn assert_checksums_ok(p: &[u8]) {
                 next = p[off];
                 off += (usize::from(p[off + 1]) + 1) * 8;
             }
-            (Ipv6Addr::from(s).into(), Ipv6Addr::from(d).into(), next, &p[off..])
+            (
+                Ipv6Addr::from(s).into(),
+                Ipv6Addr::from(d).into(),
+                next,
+                &p[off..],
+            )
         }
         v => panic!("IP version {v}"),
     };
     match proto {
-        6 | 58 => assert_eq!(fold(pseudo(src, dst, proto, l4.len()) + sum16(l4)), 0xffff, "L4 checksum"),
+        6 | 58 => assert_eq!(
+            fold(pseudo(src, dst, proto, l4.len()) + sum16(l4)),
+            0xffff,
+            "L4 checksum"
+        ),
         17 => {
             let c = u16::from_be_bytes([l4[6], l4[7]]);
             if !(c == 0 && src.is_ipv4()) {
-                assert_eq!(fold(pseudo(src, dst, 17, l4.len()) + sum16(l4)), 0xffff, "UDP checksum");
+                assert_eq!(
+                    fold(pseudo(src, dst, 17, l4.len()) + sum16(l4)),
+                    0xffff,
+                    "UDP checksum"
+                );
             }
         }
         1 => {
             assert_eq!(fold(sum16(l4)), 0xffff, "ICMP checksum");
             let inner = &l4[8..];
             let hl = usize::from(inner[0] & 0xf) * 4;
-            assert_eq!(fold(sum16(&inner[..hl])), 0xffff, "quoted IPv4 header checksum");
+            assert_eq!(
+                fold(sum16(&inner[..hl])),
+                0xffff,
+                "quoted IPv4 header checksum"
+            );
         }
         other => panic!("unexpected protocol {other}"),
     }
@@ -211,10 +281,19 @@ pub const RS6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 10);
 pub const LIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 200, 0, 0, 0, 0, 1);
 
 pub fn backend(addr: IpAddr, port: u16, weight: u32) -> BackendConfig {
-    BackendConfig { addr: SocketAddr::new(addr, port), weight, healthy: true }
+    BackendConfig {
+        addr: SocketAddr::new(addr, port),
+        weight,
+        healthy: true,
+    }
 }
 
-pub fn service(vip: IpAddr, port: u16, proto: L4Proto, backends: Vec<BackendConfig>) -> ServiceConfig {
+pub fn service(
+    vip: IpAddr,
+    port: u16,
+    proto: L4Proto,
+    backends: Vec<BackendConfig>,
+) -> ServiceConfig {
     ServiceConfig {
         vip: SocketAddr::new(vip, port),
         proto,
@@ -229,9 +308,24 @@ pub fn service(vip: IpAddr, port: u16, proto: L4Proto, backends: Vec<BackendConf
 /// real server each, one LIP per family.
 pub fn services() -> Vec<ServiceConfig> {
     vec![
-        service(VIP.into(), 80, L4Proto::Tcp, vec![backend(RS1.into(), 8080, 1)]),
-        service(VIP.into(), 53, L4Proto::Udp, vec![backend(RS1.into(), 5353, 1)]),
-        service(VIP6.into(), 80, L4Proto::Tcp, vec![backend(RS6.into(), 8080, 1)]),
+        service(
+            VIP.into(),
+            80,
+            L4Proto::Tcp,
+            vec![backend(RS1.into(), 8080, 1)],
+        ),
+        service(
+            VIP.into(),
+            53,
+            L4Proto::Udp,
+            vec![backend(RS1.into(), 5353, 1)],
+        ),
+        service(
+            VIP6.into(),
+            80,
+            L4Proto::Tcp,
+            vec![backend(RS6.into(), 8080, 1)],
+        ),
     ]
 }
 
@@ -260,7 +354,12 @@ pub fn run(worker: &mut Worker, now: Instant, input: &[u8]) -> (Verdict, Vec<u8>
     run_with(worker, now, input, L4Checksum::Unverified)
 }
 
-pub fn run_with(worker: &mut Worker, now: Instant, input: &[u8], csum: L4Checksum) -> (Verdict, Vec<u8>) {
+pub fn run_with(
+    worker: &mut Worker,
+    now: Instant,
+    input: &[u8],
+    csum: L4Checksum,
+) -> (Verdict, Vec<u8>) {
     let mut buf = vec![0u8; input.len() + 64];
     buf[..input.len()].copy_from_slice(input);
     let mut pkt = Packet::new(&mut buf, input.len(), csum);
@@ -271,12 +370,12 @@ pub fn run_with(worker: &mut Worker, now: Instant, input: &[u8], csum: L4Checksu
 
 /// The record of the last `Created` event.
 pub fn created(worker: &mut Worker) -> SessionRecord {
-    worker
+    let created: Vec<SessionRecord> = worker
         .drain_events()
         .filter_map(|e| match e {
             SessionEvent::Created(r) => Some(r),
             _ => None,
         })
-        .last()
-        .expect("a Created event")
+        .collect();
+    *created.last().expect("a Created event")
 }
