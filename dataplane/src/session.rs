@@ -525,3 +525,210 @@ impl SessionTable {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::service::{DestStats, ServiceParams};
+    use crate::tcp_state::Timeouts;
+
+    fn key(n: u16) -> FlowKey<Ipv4Addr> {
+        FlowKey {
+            src: Ipv4Addr::new(198, 18, 1, (n % 7) as u8),
+            dst: Ipv4Addr::new(198, 18, 100, 1),
+            sport: n,
+            dport: 80,
+            proto: 6,
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u16, u32),
+        Remove(u16),
+        Get(u16),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u16..48, 0u32..1000).prop_map(|(k, s)| Op::Insert(k, s)),
+            (0u16..48).prop_map(Op::Remove),
+            (0u16..48).prop_map(Op::Get),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// The open-addressing index behaves as a map under any sequence of operations, with a
+        /// capacity small enough that probe runs wrap around and backward shifts happen all the
+        /// time.
+        #[test]
+        fn prop_index_matches_hashmap(ops in proptest::collection::vec(op(), 1..300)) {
+            let index: Index<Ipv4Addr> = Index::new(16, 7);
+            let mut model: HashMap<FlowKey<Ipv4Addr>, SlotId> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Insert(k, s) => {
+                        let r = index.insert(key(k), s);
+                        match model.get(&key(k)) {
+                            Some(&existing) => prop_assert_eq!(r, Err(InsertError::Exists(existing))),
+                            None if model.len() >= index.limit => prop_assert_eq!(r, Err(InsertError::Full)),
+                            None => {
+                                prop_assert_eq!(r, Ok(()));
+                                model.insert(key(k), s);
+                            }
+                        }
+                    }
+                    Op::Remove(k) => {
+                        let expected = model.get(&key(k)).copied();
+                        // Removing under the wrong slot must not remove.
+                        prop_assert!(!index.remove(&key(k), expected.map_or(0, |s| s + 1)));
+                        prop_assert_eq!(index.remove(&key(k), expected.unwrap_or(0)), expected.is_some());
+                        model.remove(&key(k));
+                    }
+                    Op::Get(k) => prop_assert_eq!(index.get(&key(k)), model.get(&key(k)).copied()),
+                }
+                for k in 0..48 {
+                    prop_assert_eq!(index.get(&key(k)), model.get(&key(k)).copied());
+                }
+            }
+        }
+    }
+
+    fn dest() -> Arc<Dest> {
+        Arc::new(Dest {
+            addr: SocketAddr::from(([198, 18, 3, 10], 8080)),
+            stats: Arc::new(DestStats::default()),
+            params: Arc::new(ServiceParams {
+                timeouts: Timeouts::default(),
+            }),
+        })
+    }
+
+    fn session(n: u16, expires: u32) -> SessionData<Ipv4Addr> {
+        SessionData {
+            dest: dest(),
+            expires,
+            window: TcpWindow::new(),
+            client: Ipv4Addr::new(198, 18, 1, 1),
+            vip: Ipv4Addr::new(198, 18, 100, 1),
+            lip: Ipv4Addr::new(198, 19, 200, 1),
+            rs: Ipv4Addr::new(198, 18, 3, 10),
+            cport: n,
+            vport: 80,
+            lport: 1024 + n,
+            rport: 8080,
+            state: FlowState::Tcp(TcpState::Established),
+            synced: false,
+        }
+    }
+
+    #[test]
+    fn test_both_keys_reach_one_session() {
+        let t = FamilyTable::new(8, 1);
+        let s = session(1, 100);
+        let (ck, sk) = (s.client_key(), s.server_key());
+        t.insert(s).unwrap();
+        assert!(t.lookup(&ck).unwrap().from_client);
+        assert!(!t.lookup(&sk).unwrap().from_client);
+        assert!(t.lookup(&ck.reversed()).is_none());
+        assert_eq!(t.len(), 1);
+        assert!(t.remove(&sk).is_none(), "removal goes by the client key");
+        assert!(t.remove(&ck).is_some());
+        assert!(t.lookup(&sk).is_none());
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn test_full_and_conflicting_inserts_leave_nothing_behind() {
+        let t = FamilyTable::new(2, 1);
+        t.insert(session(1, 100)).unwrap();
+        let dup = t.insert(session(1, 100)).unwrap_err().0;
+        assert!(matches!(dup, InsertError::Exists(_)));
+        // Same client key, other server side: refused, and the server key is not left behind.
+        let mut other = session(1, 100);
+        other.lport = 9999;
+        assert!(matches!(
+            t.insert(other).unwrap_err().0,
+            InsertError::Exists(_)
+        ));
+        let mut lport_clash = session(2, 100);
+        lport_clash.lport = 1025;
+        assert!(matches!(
+            t.insert(lport_clash).unwrap_err().0,
+            InsertError::Exists(_)
+        ));
+        assert!(t.lookup(&session(2, 100).client_key()).is_none());
+        t.insert(session(3, 100)).unwrap();
+        assert_eq!(t.insert(session(4, 100)).unwrap_err().0, InsertError::Full);
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn test_expire_only_what_is_due_within_budget() {
+        let t = FamilyTable::new(64, 1);
+        for n in 0..64 {
+            t.insert(session(n, if n % 2 == 0 { 10 } else { 20 }))
+                .unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut total = 0;
+        for _ in 0..8 {
+            total += t.expire(15, 8, |d| seen.push(d.cport));
+        }
+        assert_eq!(total, 32);
+        assert!(seen.iter().all(|p| p % 2 == 0));
+        assert_eq!(t.len(), 32);
+        assert_eq!(t.expire(25, 1000, |_| {}), 32);
+        assert_eq!(t.len(), 0);
+    }
+
+    /// Two threads churn sessions while a third looks them up: a lookup returns either nothing
+    /// or the session of the very key it asked for, never a reused slot's other flow.
+    #[test]
+    fn test_concurrent_churn_never_returns_a_foreign_session() {
+        let t = FamilyTable::new(64, 3);
+        std::thread::scope(|scope| {
+            for base in [0u16, 1000] {
+                let t = &t;
+                scope.spawn(move || {
+                    for round in 0..2000u16 {
+                        let n = base + round % 100;
+                        let s = session(n, 100);
+                        let ck = s.client_key();
+                        let _ = t.insert(s);
+                        if round % 3 == 0 {
+                            t.remove(&ck);
+                        }
+                    }
+                });
+            }
+            let t = &t;
+            scope.spawn(move || {
+                for round in 0..20_000u16 {
+                    let n = if round % 2 == 0 {
+                        round % 100
+                    } else {
+                        1000 + round % 100
+                    };
+                    let s = session(n, 100);
+                    for k in [s.client_key(), s.server_key()] {
+                        if let Some(l) = t.lookup(&k) {
+                            let got = l.guard.as_ref().unwrap();
+                            assert!(got.client_key() == k || got.server_key() == k);
+                        }
+                    }
+                }
+            });
+        });
+        let mut live = 0;
+        t.for_each(|_| live += 1);
+        assert_eq!(live, t.len());
+    }
+}
