@@ -1,7 +1,8 @@
 //! Named counters: why packets were dropped, and what the engine did.
 //!
-//! Each worker owns one `Counters` (no sharing on the packet path, relaxed atomics only so that
-//! metrics can read them from another thread); the engine sums them on demand.
+//! Each worker owns one `Counters` and is its only writer: an increment is a relaxed load and
+//! store, not a locked read-modify-write, and the atomics exist only so that metrics can read
+//! the figures from another thread. The engine sums all workers' counters on demand.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -100,7 +101,7 @@ impl Default for Counters {
 
 impl Counters {
     pub(crate) fn dropped(&self, reason: DropReason) {
-        self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
+        bump(&self.drops[reason as usize], 1);
     }
 
     pub(crate) fn count(&self, event: Event) {
@@ -108,7 +109,7 @@ impl Counters {
     }
 
     pub(crate) fn add(&self, event: Event, n: u64) {
-        self.events[event as usize].fetch_add(n, Ordering::Relaxed);
+        bump(&self.events[event as usize], n);
     }
 
     pub(crate) fn add_into(&self, total: &mut CounterTotals) {
@@ -119,6 +120,14 @@ impl Counters {
             *t += c.load(Ordering::Relaxed);
         }
     }
+}
+
+/// Adds to a counter that only the calling worker writes.
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
 }
 
 /// The sum of all workers' counters at one moment.

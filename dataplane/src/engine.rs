@@ -332,12 +332,12 @@ impl Engine {
             state: rec.state,
             synced: true,
         };
+        // Counted before the insert so that a removal racing it balances the count.
+        dest.stats.opened(rec.state.is_active());
         match table.insert(data) {
-            Ok(_) => {
-                dest.stats.opened(rec.state.is_active());
-                Ok(Installed::New)
-            }
-            Err((e, _)) => {
+            Ok(_) => Ok(Installed::New),
+            Err(e) => {
+                dest.stats.closed(rec.state.is_active());
                 if ours {
                     self.laddr.release(rec.proto, local);
                 }
@@ -393,6 +393,16 @@ fn timeout_secs(state: FlowState, t: &Timeouts) -> u64 {
     match state {
         FlowState::Udp => t.udp.as_secs(),
         FlowState::Tcp(s) => t.tcp(s).as_secs(),
+    }
+}
+
+/// Buffers a session event. Never grows the buffer on the packet path; session sync recovers
+/// lost events through its periodic refresh.
+fn emit(events: &mut Vec<SessionEvent>, counters: &Counters, event: SessionEvent) {
+    if events.len() < events.capacity() {
+        events.push(event);
+    } else {
+        counters.count(Event::EventsLost);
     }
 }
 
@@ -530,12 +540,7 @@ impl Worker {
     }
 
     fn emit(&mut self, event: SessionEvent) {
-        // Never grow the buffer on the packet path; sync recovers lost events by refresh.
-        if self.events.len() < self.events.capacity() {
-            self.events.push(event);
-        } else {
-            self.counters.count(Event::EventsLost);
-        }
+        emit(&mut self.events, &self.counters, event);
     }
 
     fn ipv4(&mut self, now: Instant, pkt: &mut Packet<'_>) -> Result<Direction, DropReason> {
@@ -644,7 +649,13 @@ impl Worker {
         key: &FlowKey<A>,
         tcp: Option<TcpInfo>,
     ) -> Option<Rewrite<A>> {
-        let engine = self.engine.clone();
+        // Field by field, so the session stays locked while events are written: no Arc clone
+        // per packet.
+        let Worker {
+            engine,
+            counters,
+            events,
+        } = self;
         let mut locked = A::table(&engine.table).lookup(key)?;
         let from_client = locked.from_client;
         let s = locked.guard.as_mut()?;
@@ -656,7 +667,7 @@ impl Worker {
         let mut changed = false;
         if let (FlowState::Tcp(state), Some(t)) = (s.state, tcp) {
             if t.flags.rst && !s.window.rst_acceptable(dir, &t.segment) {
-                self.counters.count(Event::RstOutOfWindow);
+                counters.count(Event::RstOutOfWindow);
             } else {
                 s.window.update(dir, &t.segment);
                 let next = state.next(dir, t.flags);
@@ -688,9 +699,11 @@ impl Worker {
             }
         };
         if changed {
-            let record = s.record(now_s);
-            drop(locked);
-            self.emit(SessionEvent::StateChanged(record));
+            emit(
+                events,
+                counters,
+                SessionEvent::StateChanged(s.record(now_s)),
+            );
         }
         Some(rewrite)
     }
@@ -772,9 +785,10 @@ impl Worker {
             synced: false,
         };
         let record = data.record(now_s);
+        // Counted before the insert so that a removal racing it balances the count.
+        dest.stats.opened(state.is_active());
         match A::table(&engine.table).insert(data) {
             Ok(_) => {
-                dest.stats.opened(state.is_active());
                 self.counters.count(Event::SessionsCreated);
                 self.emit(SessionEvent::Created(record));
                 let toa = (proto == L4Proto::Tcp && svc.config.toa).then_some((key.src, key.sport));
@@ -787,7 +801,8 @@ impl Worker {
                     toa,
                 })
             }
-            Err((e, _)) => {
+            Err(e) => {
+                dest.stats.closed(state.is_active());
                 engine.laddr.release(proto, local);
                 match e {
                     InsertError::Full => Err(DropReason::TableFull),

@@ -9,8 +9,6 @@ use crate::session::{FamilyTable, SessionTable};
 use crate::wire::{IpProtocol, checksum};
 
 pub(crate) trait Family: Copy + Eq + Hash + Debug + Send + Sync + 'static {
-    /// The unspecified address, used for empty index entries.
-    const UNSPECIFIED: Self;
     const IS_V6: bool;
     /// Offsets of the source and destination address in the IP header.
     const SRC_OFF: usize;
@@ -28,7 +26,6 @@ pub(crate) trait Family: Copy + Eq + Hash + Debug + Send + Sync + 'static {
 }
 
 impl Family for Ipv4Addr {
-    const UNSPECIFIED: Self = Ipv4Addr::UNSPECIFIED;
     const IS_V6: bool = false;
     const SRC_OFF: usize = 12;
     const DST_OFF: usize = 16;
@@ -61,7 +58,6 @@ impl Family for Ipv4Addr {
 }
 
 impl Family for Ipv6Addr {
-    const UNSPECIFIED: Self = Ipv6Addr::UNSPECIFIED;
     const IS_V6: bool = true;
     const SRC_OFF: usize = 8;
     const DST_OFF: usize = 24;
