@@ -207,6 +207,9 @@ pub(crate) fn run(params: Params) -> Result<Report> {
     .context("starting the engine")?;
     let mut replay = Replay::new(&engine, &configs, params.seed);
 
+    // A few ms between flows, but the whole trace within TRACE_SPAN however many flows, so that
+    // the final sweep finds exactly the reset flows expired.
+    let flow_step = Duration::from_millis(3).min(TRACE_SPAN / params.flows.max(1));
     let started = std::time::Instant::now();
     for i in 0..params.flows {
         replay.flow(i)?;
@@ -214,7 +217,7 @@ pub(crate) fn run(params: Params) -> Result<Report> {
         if i % 10 == 5 {
             replay.bad_packet(i / 10)?;
         }
-        replay.now = replay.now.saturating_add(Duration::from_millis(3));
+        replay.now = replay.now.saturating_add(flow_step);
     }
     let wall = started.elapsed();
 
@@ -222,12 +225,18 @@ pub(crate) fn run(params: Params) -> Result<Report> {
     let sweep_at = replay
         .now
         .saturating_add(Timeouts::default().close + Duration::from_secs(1));
-    let expired = replay.worker.expire(sweep_at, max_sessions as usize);
-    let closed = replay
-        .worker
-        .drain_events()
-        .filter(|e| matches!(e, SessionEvent::Closed(_)))
-        .count();
+    // The sweep goes in chunks that cannot overflow the worker's event buffer (each call may
+    // report a chunk per address family), draining it in between, like a node's timer would.
+    let chunk = EngineConfig::default().event_capacity / 2;
+    let (mut expired, mut closed) = (0, 0);
+    for _ in 0..(max_sessions as usize).div_ceil(chunk) {
+        expired += replay.worker.expire(sweep_at, chunk);
+        closed += replay
+            .worker
+            .drain_events()
+            .filter(|e| matches!(e, SessionEvent::Closed(_)))
+            .count();
+    }
     ensure!(
         closed == expired,
         "the sweep expired {expired} sessions but reported {closed} closed"
@@ -236,6 +245,12 @@ pub(crate) fn run(params: Params) -> Result<Report> {
     replay.check_accounting(&engine, &configs, expired as u64)?;
     Ok(replay.report(&engine, &configs, params.seed, sweep_at, wall))
 }
+
+/// The longest simulated time the flows may span. With the final sweep (CLOSE timeout plus a
+/// second) it stays below the shortest timeout but CLOSE's (SYN_RECV and CLOSE_WAIT, 60 s).
+const TRACE_SPAN: Duration = Duration::from_secs(20);
+/// Simulated time between two packets.
+const PACKET_STEP: Duration = Duration::from_micros(10);
 
 /// The simulated clock starts here rather than at zero so that "seconds since start" reads well.
 const START: Instant = Instant::from_secs(1);
@@ -532,7 +547,7 @@ impl Replay {
     /// Hands one packet to the engine at the current simulated time.
     fn send(&mut self, pkt: &[u8]) -> (Verdict, Vec<u8>) {
         self.trace.packets += 1;
-        self.now = self.now.saturating_add(Duration::from_micros(100));
+        self.now = self.now.saturating_add(PACKET_STEP);
         self.scratch[..pkt.len()].copy_from_slice(pkt);
         let mut packet = Packet::new(&mut self.scratch[..], pkt.len(), L4Checksum::Unverified);
         let verdict = self.worker.process(self.now, &mut packet);
