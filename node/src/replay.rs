@@ -346,7 +346,8 @@ struct Replay {
     outbound: u64,
     icmp_translated: u64,
     expected_drops: HashMap<DropReason, u64>,
-    tcp_flows: u64,
+    /// TCP flows so far, IPv4 and IPv6.
+    tcp_flows: [u64; 2],
 }
 
 impl Replay {
@@ -371,7 +372,7 @@ impl Replay {
             outbound: 0,
             icmp_translated: 0,
             expected_drops: HashMap::new(),
-            tcp_flows: 0,
+            tcp_flows: [0; 2],
         }
     }
 
@@ -418,8 +419,11 @@ impl Replay {
 
     /// A whole TCP conversation: handshake, request, response, then the flow's fate.
     fn tcp_flow(&mut self, client: SocketAddr, vip: SocketAddr, icmp: bool) -> Result<()> {
-        let fate = Fate::of(self.tcp_flows);
-        self.tcp_flows += 1;
+        // Counted per family: one shared counter would give the IPv6 flows (every eighth TCP
+        // flow) only a fifth of the cycle.
+        let family = usize::from(vip.is_ipv6());
+        let fate = Fate::of(self.tcp_flows[family]);
+        self.tcp_flows[family] += 1;
         let mut flow = Flow {
             proto: L4Proto::Tcp,
             client,
