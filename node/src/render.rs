@@ -1,0 +1,132 @@
+//! Renders a replay [`Report`]: text laid out like `ipvsadm`, or JSON of the same struct.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result};
+
+use crate::replay::{Report, proto_name};
+
+/// The report as JSON, one document, ending with a newline.
+pub(crate) fn json(report: &Report) -> Result<String> {
+    let mut s = serde_json::to_string_pretty(report).context("serialising the report")?;
+    s.push('\n');
+    Ok(s)
+}
+
+/// The report as text for a terminal.
+pub(crate) fn text(r: &Report) -> String {
+    // Writing into a String cannot fail, so the fmt::Results below carry no information.
+    let mut s = String::new();
+    let t = &r.trace;
+    let _ = writeln!(
+        s,
+        "lbcluster replay: {} flows (seed {}), {} packets through one Full-NAT worker, \
+         {} forwarded packets checked, {:.1} s simulated",
+        t.flows, r.seed, t.packets, t.forwarded_checked, t.simulated_secs
+    );
+    let _ = writeln!(
+        s,
+        "  trace: {} TCP/IPv4, {} UDP/IPv4, {} TCP/IPv6 flows; {} closed, {} reset, {} left open; \
+         {} ICMP errors, {} bad packets",
+        t.tcp_v4_flows,
+        t.udp_v4_flows,
+        t.tcp_v6_flows,
+        t.flows_closed,
+        t.flows_reset,
+        t.flows_left_open,
+        t.icmp_errors,
+        t.bad_packets
+    );
+
+    let c = &r.counters;
+    let _ = writeln!(s, "\nCounters");
+    let rows = [
+        ("packets forwarded inbound", c.forwarded_inbound),
+        ("packets forwarded outbound", c.forwarded_outbound),
+        ("sessions created", c.sessions_created),
+        ("sessions expired", c.sessions_expired),
+        ("ICMP errors translated", c.icmp_translated),
+        ("TOA options inserted", c.toa_inserted),
+    ];
+    for (label, n) in rows {
+        let _ = writeln!(s, "  {label:<30} {n:>8}");
+    }
+    for d in &c.drops {
+        let label = format!("dropped: {}", d.name);
+        let _ = writeln!(s, "  {label:<30} {:>8}", d.count);
+    }
+
+    let _ = writeln!(s, "\nServices");
+    let _ = writeln!(s, "Prot LocalAddress:Port Scheduler");
+    let _ = writeln!(
+        s,
+        "  -> RemoteAddress:Port{:12}Forward Weight ActiveConn InActConn TotalConn",
+        ""
+    );
+    for svc in &r.services {
+        let _ = writeln!(s, "{:<4} {} {}", svc.proto, svc.vip, svc.scheduler);
+        for b in &svc.backends {
+            let _ = writeln!(
+                s,
+                "  -> {:<29} FullNat {:<6} {:<10} {:<9} {}",
+                b.addr.to_string(),
+                b.weight,
+                b.active_conns,
+                b.inactive_conns,
+                b.total_conns
+            );
+        }
+    }
+
+    let _ = writeln!(s, "\nLocal addresses (LIP)");
+    let _ = writeln!(
+        s,
+        "  {:<20} {:<5} {:>8} {:>8}",
+        "address", "pro", "in use", "ports"
+    );
+    for u in &r.local_addrs {
+        let _ = writeln!(
+            s,
+            "  {:<20} {:<5} {:>8} {:>8}",
+            u.ip.to_string(),
+            proto_name(u.proto),
+            u.in_use,
+            u.capacity
+        );
+    }
+
+    let _ = writeln!(
+        s,
+        "\nSessions ({} in the table, first {} shown)",
+        r.sessions_total,
+        r.sessions.len()
+    );
+    let _ = writeln!(
+        s,
+        "pro expire state       {:<22} {:<22} {:<26} destination",
+        "source", "virtual", "local"
+    );
+    for x in &r.sessions {
+        let _ = writeln!(
+            s,
+            "{:<3} {:02}:{:02}  {:<11} {:<22} {:<22} {:<26} {}",
+            x.proto,
+            x.expires_in_secs / 60,
+            x.expires_in_secs % 60,
+            x.state,
+            x.client.to_string(),
+            x.vip.to_string(),
+            x.local.to_string(),
+            x.backend
+        );
+    }
+
+    let rate = &r.rate;
+    let _ = writeln!(
+        s,
+        "\nreplay rate: {:.0} packets/s ({} packets in {:.3} s wall clock; one worker, {} build, \
+         packet building and checks included; not a benchmark)",
+        rate.packets_per_sec, rate.packets, rate.wall_secs, rate.build
+    );
+    s
+}
