@@ -424,6 +424,9 @@ struct TcpInfo {
 }
 
 impl TcpInfo {
+    // Inlined so the result stays in registers: returned through memory, it was written field
+    // by field and read back whole, a store-forwarding stall on every packet.
+    #[inline(always)]
     fn parse<T: AsRef<[u8]>>(t: &TcpPacket<T>) -> Result<TcpInfo, DropReason> {
         let flags = TcpFlags {
             syn: t.syn(),
@@ -737,7 +740,7 @@ impl Worker {
             return Err(DropReason::BadChecksum);
         }
         let maglev_seed = snap.maglev().seed;
-        let flow_hash = key.hash(maglev_seed);
+        let flow_hash = key.flow_hash(maglev_seed);
         let source_hash =
             xxhash_rust::xxh3::xxh3_64_with_seed(l3.src.octets_of().as_ref(), maglev_seed);
         let idx = svc

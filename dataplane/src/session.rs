@@ -35,8 +35,17 @@ pub(crate) struct FlowKey<A> {
     pub(crate) proto: u8,
 }
 
+/// Folded multiply: the full 128-bit product of two words, halves xored. The mixing step of
+/// foldhash and aHash.
+fn folded_mul(a: u64, b: u64) -> u64 {
+    let p = u128::from(a) * u128::from(b);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
 impl<A: Family> FlowKey<A> {
-    pub(crate) fn hash(&self, seed: u64) -> u64 {
+    /// The flow hash every node computes alike (it picks the real server with Maglev): xxh3
+    /// over a fixed byte layout, so it never changes between versions of lbcluster.
+    pub(crate) fn flow_hash(&self, seed: u64) -> u64 {
         let mut buf = [0u8; 37];
         let len = if A::IS_V6 { 16 } else { 4 };
         buf[..len].copy_from_slice(self.src.octets_of().as_ref());
@@ -46,6 +55,35 @@ impl<A: Family> FlowKey<A> {
         buf[n + 2..n + 4].copy_from_slice(&self.dport.to_be_bytes());
         buf[n + 4] = self.proto;
         xxhash_rust::xxh3::xxh3_64_with_seed(&buf[..n + 5], seed)
+    }
+
+    /// The session-table hash: node-local with a per-node secret seed, so it only has to be
+    /// fast and well mixed. A folded multiply per word pair, as foldhash does it.
+    pub(crate) fn table_hash(&self, seed: u64) -> u64 {
+        const K: [u64; 4] = [
+            0x243f_6a88_85a3_08d3,
+            0x1319_8a2e_0370_7344,
+            0xa409_3822_299f_31d0,
+            0x082e_fa98_ec4e_6c89,
+        ];
+        let ports =
+            u64::from(self.sport) << 24 | u64::from(self.dport) << 8 | u64::from(self.proto);
+        let (src, dst) = (self.src.octets_of(), self.dst.octets_of());
+        let (src, dst) = (src.as_ref(), dst.as_ref());
+        let mut h = seed ^ K[0];
+        if A::IS_V6 {
+            for (s, d) in src.chunks_exact(8).zip(dst.chunks_exact(8)) {
+                let s = u64::from_ne_bytes(s.try_into().unwrap_or_default());
+                let d = u64::from_ne_bytes(d.try_into().unwrap_or_default());
+                h = folded_mul(h ^ s, d ^ K[1]);
+            }
+        } else {
+            let s = u64::from(u32::from_ne_bytes(src.try_into().unwrap_or_default()));
+            let d = u64::from(u32::from_ne_bytes(dst.try_into().unwrap_or_default()));
+            h = folded_mul(h ^ (s << 32 | d), K[1]);
+        }
+        h = folded_mul(h ^ ports, K[2]);
+        folded_mul(h, (seed ^ K[3]) | 1)
     }
 
     /// The same flow seen from the other end.
@@ -438,7 +476,7 @@ impl<A: Family> FamilyTable<A> {
     }
 
     fn position(&self, key: &FlowKey<A>) -> Position {
-        self.index.position(key.hash(self.seed))
+        self.index.position(key.table_hash(self.seed))
     }
 
     /// Locks `slot` if it holds the session of `key`.
