@@ -456,6 +456,15 @@ impl TcpInfo {
     }
 }
 
+/// How hard to look for a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    /// Lock-free only; may miss while a writer moves index entries.
+    Fast,
+    /// Confirms a miss under the index lock.
+    Stable,
+}
+
 /// The new addresses and ports of a translated packet.
 #[derive(Debug, Clone, Copy)]
 struct Rewrite<A> {
@@ -628,7 +637,7 @@ impl Worker {
             proto: proto.number(),
         };
         let now_s = now.as_secs();
-        let rewrite = match self.established(now_s, &key, tcp) {
+        let rewrite = match self.established(now_s, &key, tcp, Lookup::Fast) {
             Some(rw) => rw,
             None => self.new_flow(now_s, pkt, &l3, key, proto, tcp)?,
         };
@@ -651,6 +660,7 @@ impl Worker {
         now_s: u64,
         key: &FlowKey<A>,
         tcp: Option<TcpInfo>,
+        how: Lookup,
     ) -> Option<Rewrite<A>> {
         // Field by field, so the session stays locked while events are written: no Arc clone
         // per packet.
@@ -659,7 +669,11 @@ impl Worker {
             counters,
             events,
         } = self;
-        let mut locked = A::table(&engine.table).lookup(key)?;
+        let table = A::table(&engine.table);
+        let mut locked = match how {
+            Lookup::Fast => table.lookup_fast(key)?,
+            Lookup::Stable => table.lookup(key)?,
+        };
         let from_client = locked.from_client;
         let s = locked.guard.as_mut()?;
         let dir = if from_client {
@@ -722,19 +736,27 @@ impl Worker {
         tcp: Option<TcpInfo>,
     ) -> Result<Rewrite<A>, DropReason> {
         let engine = self.engine.clone();
+        // The fast lookup may have missed a session a writer was moving: before a packet is
+        // refused for having none, look again under the index lock. (A packet that opens a flow
+        // needs no second look: its insert finds an existing session.)
         if let Some(t) = tcp
             && !(t.flags.syn && !t.flags.ack && !t.flags.rst && !t.flags.fin)
         {
-            return Err(DropReason::NoSession);
+            return self
+                .established(now_s, &key, tcp, Lookup::Stable)
+                .ok_or(DropReason::NoSession);
         }
         let snap = engine.snapshot.load();
         let vip = SocketAddr::new(l3.dst.to_ip(), key.dport);
         let Some(svc) = snap.service(proto, vip) else {
-            return Err(if engine.laddr.is_local(vip.ip()) {
+            let reason = if engine.laddr.is_local(vip.ip()) {
                 DropReason::NoSession
             } else {
                 DropReason::NoService
-            });
+            };
+            return self
+                .established(now_s, &key, tcp, Lookup::Stable)
+                .ok_or(reason);
         };
         if pkt.csum == L4Checksum::Unverified && !l4_checksum_ok(pkt, l3, proto) {
             return Err(DropReason::BadChecksum);
@@ -812,7 +834,7 @@ impl Worker {
                     // Another worker opened the same flow a moment ago (a retransmitted SYN on
                     // another queue): carry on with its session.
                     InsertError::Exists(_) => self
-                        .established(now_s, &key, tcp)
+                        .established(now_s, &key, tcp, Lookup::Stable)
                         .ok_or(DropReason::NoSession),
                 }
             }

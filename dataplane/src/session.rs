@@ -511,6 +511,13 @@ impl<A: Family> FamilyTable<A> {
             .find_map(|&slot| self.verify(slot, key))
     }
 
+    /// Like `lookup`, lock-free only: a miss may be false while a writer moves entries. For
+    /// callers that confirm a miss by other means (an insert, or `lookup`).
+    pub(crate) fn lookup_fast(&self, key: &FlowKey<A>) -> Option<Locked<'_, A>> {
+        self.index
+            .probe(self.position(key), |slot| self.verify(slot, key))
+    }
+
     /// Stores a new session under both its keys. On failure the session is dropped and the
     /// caller undoes what it did for it.
     pub(crate) fn insert(&self, data: SessionData<A>) -> Result<SlotId, InsertError> {
