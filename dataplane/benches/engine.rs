@@ -124,6 +124,41 @@ fn bench_established(c: &mut Criterion) {
     group.finish();
     let drops = engine.counters().total_drops();
     assert_eq!(drops, 0, "the benchmark must forward every packet");
+    drop(flows);
+    drop(engine);
+    bench_dashmap_baseline(c, &order);
+}
+
+/// What the session table replaces, measured the same way: a DashMap lookup and the session
+/// lock, nothing else (no parsing, no rewrite), for the same access patterns.
+fn bench_dashmap_baseline(c: &mut Criterion, order: &[usize]) {
+    use support::dashmap_baseline::{client_key, filled, server_key};
+    let table = filled(SESSIONS);
+    let mut group = c.benchmark_group("baseline_dashmap_lookup_and_lock");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for (name, spread) in [
+        ("random_flows_of_1M_batch32", order.len()),
+        ("hot_32_flows_of_1M_batch32", 16),
+    ] {
+        group.bench_function(name, |b| {
+            let mut k = 0usize;
+            b.iter(|| {
+                for j in 0..BATCH {
+                    let i = order[((k + j) / 2) % spread] as u32;
+                    let key = if j % 2 == 0 {
+                        client_key(i)
+                    } else {
+                        server_key(i)
+                    };
+                    if let Some(s) = table.get(&key) {
+                        black_box(s.lock().words[0]);
+                    }
+                }
+                k += BATCH;
+            })
+        });
+    }
+    group.finish();
 }
 
 fn bench_new_flows(c: &mut Criterion) {

@@ -1,7 +1,7 @@
 //! Memory per session, measured: a fresh process per address family builds an engine for
 //! 1,000,000 sessions, opens 1,000,000 flows through it, and reports its resident-set growth
-//! per session next to what the session table allocates. Target (issue 2): ≤ 128 bytes per
-//! IPv4 session.
+//! per session next to what the session table allocates, and the same for the DashMap baseline.
+//! Target (issue 2): ≤ 128 bytes per IPv4 session.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -57,10 +57,24 @@ fn measure(v6: bool) {
     );
 }
 
+/// Runs in the child: the DashMap baseline with the same million flows.
+fn measure_dashmap() {
+    let before = rss_bytes();
+    let table = support::dashmap_baseline::filled(SESSIONS);
+    let after = rss_bytes();
+    assert_eq!(table.len(), 2 * SESSIONS as usize);
+    println!(
+        "memory per IPv4 session at {SESSIONS} sessions with the DashMap baseline (both keys to \
+         one Arc<Mutex<session>>, presized): {:.1} B measured",
+        after.saturating_sub(before) as f64 / f64::from(SESSIONS),
+    );
+}
+
 fn main() {
     match std::env::var(CHILD).as_deref() {
         Ok("v4") => return measure(false),
         Ok("v6") => return measure(true),
+        Ok("dashmap") => return measure_dashmap(),
         _ => {}
     }
     // `cargo bench` passes filter arguments; this bench runs whole or not at all.
@@ -71,7 +85,7 @@ fn main() {
         return;
     }
     let me = std::env::current_exe().expect("own path");
-    for family in ["v4", "v6"] {
+    for family in ["v4", "v6", "dashmap"] {
         let status = Command::new(&me)
             .env(CHILD, family)
             .status()

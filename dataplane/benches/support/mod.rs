@@ -85,3 +85,55 @@ pub(crate) fn syn(i: u32, v6: bool) -> Vec<u8> {
         &tcp(port, 80, SYN, i, 0, b""),
     )
 }
+
+/// The baseline the session table is measured against: a `DashMap` from both keys of a flow
+/// to one shared, locked session of the same payload size as an IPv4 session slot.
+pub(crate) mod dashmap_baseline {
+    use std::sync::Arc;
+
+    use dashmap::DashMap;
+    use parking_lot::Mutex;
+
+    /// Protocol, source, destination, ports: the key of one direction.
+    pub(crate) type Key = (u8, [u8; 4], [u8; 4], u16, u16);
+
+    /// As many bytes as an IPv4 session holds (addresses, ports, state, window, deadline,
+    /// real-server reference).
+    #[derive(Debug, Default)]
+    pub(crate) struct Session {
+        pub(crate) words: [u64; 7],
+    }
+
+    pub(crate) type Table = DashMap<Key, Arc<Mutex<Session>>>;
+
+    pub(crate) fn client_key(i: u32) -> Key {
+        (
+            6,
+            (0xc613_0000 + i / 1000).to_be_bytes(),
+            [198, 18, 100, 1],
+            10_000 + (i % 1000) as u16,
+            80,
+        )
+    }
+
+    pub(crate) fn server_key(i: u32) -> Key {
+        (
+            6,
+            [198, 18, 3, 10 + (i % 10) as u8],
+            [198, 19, 200, 1 + (i % 20) as u8],
+            8080,
+            1024 + (i / 20 % 60_000) as u16,
+        )
+    }
+
+    /// A table presized for `n` sessions (2n keys), as the session table is.
+    pub(crate) fn filled(n: u32) -> Table {
+        let table = DashMap::with_capacity(2 * n as usize);
+        for i in 0..n {
+            let s = Arc::new(Mutex::new(Session::default()));
+            table.insert(client_key(i), s.clone());
+            table.insert(server_key(i), s);
+        }
+        table
+    }
+}
