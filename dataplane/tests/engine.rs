@@ -604,20 +604,7 @@ fn toa_engine() -> (std::sync::Arc<dataplane::Engine>, dataplane::Worker) {
 fn test_toa_inserted_ipv4_and_ipv6() {
     let (engine, mut w) = toa_engine();
     let mss = vec![2, 4, 0x05, 0xb4];
-    let syn = ip(
-        v4(CLIENT),
-        v4(VIP),
-        &L4::Tcp {
-            sport: 40000,
-            dport: 80,
-            seq: 9,
-            ack: 0,
-            flags: SYN,
-            window: 64240,
-            options: mss.clone(),
-            payload: vec![],
-        },
-    );
+    let syn = ip(v4(CLIENT), v4(VIP), &tcp_opts(40000, 80, SYN, 9, 0, &mss));
     let (v, out) = run(&mut w, T0, &syn);
     assert_eq!(v, Verdict::Forward(Direction::Inbound));
     let lport = created(&mut w).local.port();
@@ -625,57 +612,18 @@ fn test_toa_inserted_ipv4_and_ipv6() {
     opts.extend_from_slice(&[254, 8]);
     opts.extend_from_slice(&40000u16.to_be_bytes());
     opts.extend_from_slice(&CLIENT.octets());
-    let expected = ip(
-        v4(LIP),
-        v4(RS1),
-        &L4::Tcp {
-            sport: lport,
-            dport: 8080,
-            seq: 9,
-            ack: 0,
-            flags: SYN,
-            window: 64240,
-            options: opts,
-            payload: vec![],
-        },
-    );
+    let expected = ip(v4(LIP), v4(RS1), &tcp_opts(lport, 8080, SYN, 9, 0, &opts));
     assert_eq!(out, expected);
     assert_checksums_ok(&out);
 
-    let syn6 = ip(
-        v6(CLIENT6),
-        v6(VIP6),
-        &L4::Tcp {
-            sport: 40000,
-            dport: 80,
-            seq: 9,
-            ack: 0,
-            flags: SYN,
-            window: 64240,
-            options: mss.clone(),
-            payload: vec![],
-        },
-    );
+    let syn6 = ip(v6(CLIENT6), v6(VIP6), &tcp_opts(40000, 80, SYN, 9, 0, &mss));
     let (_, out) = run(&mut w, T0, &syn6);
     let lport = created(&mut w).local.port();
     let mut opts = mss;
     opts.extend_from_slice(&[254, 20]);
     opts.extend_from_slice(&40000u16.to_be_bytes());
     opts.extend_from_slice(&CLIENT6.octets());
-    let expected = ip(
-        v6(LIP6),
-        v6(RS6),
-        &L4::Tcp {
-            sport: lport,
-            dport: 8080,
-            seq: 9,
-            ack: 0,
-            flags: SYN,
-            window: 64240,
-            options: opts,
-            payload: vec![],
-        },
-    );
+    let expected = ip(v6(LIP6), v6(RS6), &tcp_opts(lport, 8080, SYN, 9, 0, &opts));
     assert_eq!(out, expected);
     assert_checksums_ok(&out);
     assert_eq!(engine.counters().events(Event::ToaInserted), 2);
@@ -689,37 +637,11 @@ fn test_toa_without_room() {
         2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
     ];
     opts.extend_from_slice(&[1; 16]);
-    let syn = ip(
-        v4(CLIENT),
-        v4(VIP),
-        &L4::Tcp {
-            sport: 40000,
-            dport: 80,
-            seq: 9,
-            ack: 0,
-            flags: SYN,
-            window: 64240,
-            options: opts.clone(),
-            payload: vec![],
-        },
-    );
+    let syn = ip(v4(CLIENT), v4(VIP), &tcp_opts(40000, 80, SYN, 9, 0, &opts));
     let (v, out) = run(&mut w, T0, &syn);
     assert_eq!(v, Verdict::Forward(Direction::Inbound));
     let lport = created(&mut w).local.port();
-    let expected = ip(
-        v4(LIP),
-        v4(RS1),
-        &L4::Tcp {
-            sport: lport,
-            dport: 8080,
-            seq: 9,
-            ack: 0,
-            flags: SYN,
-            window: 64240,
-            options: opts,
-            payload: vec![],
-        },
-    );
+    let expected = ip(v4(LIP), v4(RS1), &tcp_opts(lport, 8080, SYN, 9, 0, &opts));
     assert_eq!(out, expected);
     assert_eq!(engine.counters().events(Event::ToaNoRoom), 1);
     assert_eq!(engine.counters().events(Event::ToaInserted), 0);

@@ -98,32 +98,7 @@ fn round_trip(
         lip != client && rs != vip,
         "Full-NAT rewrote both addresses"
     );
-    let reply_l4 = match reply_l4 {
-        L4::Tcp {
-            seq,
-            ack,
-            flags,
-            window,
-            options,
-            payload,
-            ..
-        } => L4::Tcp {
-            sport: rport,
-            dport: lport,
-            seq,
-            ack,
-            flags,
-            window,
-            options,
-            payload,
-        },
-        L4::Udp { payload, .. } => L4::Udp {
-            sport: rport,
-            dport: lport,
-            payload,
-        },
-        other => other,
-    };
+    let reply_l4 = reply_l4.with_ports(rport, lport);
     let reply = ip(rs, lip, &reply_l4);
     let (v, back) = run(&mut w, T0, &reply);
     prop_assert_eq!(v, Verdict::Forward(Direction::Outbound));
@@ -132,36 +107,7 @@ fn round_trip(
     prop_assert_eq!((s, d, dp), (vip, client, sport));
     prop_assert_eq!(sp, if is_udp { 53 } else { 80 });
     // Apart from addresses, ports and checksums the reply is untouched.
-    let expect = ip(
-        vip,
-        client,
-        &match reply_l4 {
-            L4::Tcp {
-                seq,
-                ack,
-                flags,
-                window,
-                options,
-                payload,
-                ..
-            } => L4::Tcp {
-                sport: sp,
-                dport: sport,
-                seq,
-                ack,
-                flags,
-                window,
-                options,
-                payload,
-            },
-            L4::Udp { payload, .. } => L4::Udp {
-                sport: sp,
-                dport: sport,
-                payload,
-            },
-            other => other,
-        },
-    );
+    let expect = ip(vip, client, &reply_l4.with_ports(sp, sport));
     prop_assert_eq!(back, expect);
     Ok(())
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use dataplane::laddr::LipUsage;
 use dataplane::sched::{MaglevParams, SchedulerKind};
+use dataplane::service::Dest;
 use dataplane::wire::{
     Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpProtocol, Ipv4Packet, Ipv4Repr,
     Ipv6Packet, Ipv6Repr, TcpControl, TcpOption, TcpOptions, TcpPacket, TcpRepr, UdpPacket,
@@ -558,16 +559,32 @@ impl Replay {
         (verdict, packet.data().to_vec())
     }
 
+    /// Hands one packet to the engine, which must forward it `direction`; returns the packet as
+    /// it left. `ctx` names the packet in the error.
+    fn forward(
+        &mut self,
+        pkt: &[u8],
+        direction: Direction,
+        ctx: impl Fn() -> String,
+    ) -> Result<Vec<u8>> {
+        let (verdict, out) = self.send(pkt);
+        let expected = match direction {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        };
+        ensure!(
+            verdict == Verdict::Forward(direction),
+            "{}: engine said {verdict:?}, expected forward {expected}",
+            ctx()
+        );
+        Ok(out)
+    }
+
     /// Client → VIP: must leave as LIP:lport → one of the service's backends, the same for
     /// every packet of the flow. Returns what was seen and the packet as it left.
     fn inbound(&mut self, flow: &mut Flow, pkt: &[u8], what: &str) -> Result<(Seen, Vec<u8>)> {
         let ctx = || format!("{what} of {} → {}", flow.client, flow.vip);
-        let (verdict, out) = self.send(pkt);
-        ensure!(
-            verdict == Verdict::Forward(Direction::Inbound),
-            "{}: engine said {verdict:?}, expected forward inbound",
-            ctx()
-        );
+        let out = self.forward(pkt, Direction::Inbound, ctx)?;
         let seen = parse_forwarded(&out).with_context(ctx)?;
         let lip: IpAddr = if flow.vip.is_ipv4() {
             LIP4.into()
@@ -607,12 +624,7 @@ impl Replay {
     /// Backend → LIP:lport: must leave as VIP → client.
     fn outbound(&mut self, flow: &Flow, pkt: &[u8], what: &str) -> Result<()> {
         let ctx = || format!("{what} of {} → {}", flow.client, flow.vip);
-        let (verdict, out) = self.send(pkt);
-        ensure!(
-            verdict == Verdict::Forward(Direction::Outbound),
-            "{}: engine said {verdict:?}, expected forward outbound",
-            ctx()
-        );
+        let out = self.forward(pkt, Direction::Outbound, ctx)?;
         let seen = parse_forwarded(&out).with_context(ctx)?;
         ensure!(
             seen.src == flow.vip && seen.dst == flow.client,
@@ -636,12 +648,7 @@ impl Replay {
             IpAddr::V6(lip) => icmpv6_too_big(ROUTER6, lip, translated),
         };
         let ctx = || format!("ICMP error about {} → {}", flow.client, flow.vip);
-        let (verdict, out) = self.send(&error);
-        ensure!(
-            verdict == Verdict::Forward(Direction::Outbound),
-            "{}: engine said {verdict:?}, expected forward outbound",
-            ctx()
-        );
+        let out = self.forward(&error, Direction::Outbound, ctx)?;
         let (outer_src, outer_dst, quoted_src, quoted_dst) =
             parse_icmp_error(&out).with_context(ctx)?;
         ensure!(
@@ -755,13 +762,7 @@ impl Replay {
         let snapshot = engine.snapshot();
         let scheduled: u64 = configs
             .iter()
-            .flat_map(|cfg| {
-                let key = ServiceKey {
-                    proto: cfg.proto,
-                    vip: cfg.vip,
-                };
-                snapshot.dests(&key).unwrap_or_default().to_vec()
-            })
+            .flat_map(|cfg| service_dests(&snapshot, cfg))
             .map(|d| d.stats.total())
             .sum();
         ensure!(
@@ -785,11 +786,7 @@ impl Replay {
         let services = configs
             .iter()
             .map(|cfg| {
-                let key = ServiceKey {
-                    proto: cfg.proto,
-                    vip: cfg.vip,
-                };
-                let dests = snapshot.dests(&key).unwrap_or_default();
+                let dests = service_dests(&snapshot, cfg);
                 ServiceReport {
                     proto: proto_name(cfg.proto),
                     vip: cfg.vip,
@@ -861,6 +858,16 @@ impl Replay {
             trace: self.trace,
         }
     }
+}
+
+/// The engine's destinations of a configured service, in the order of its backends (none if
+/// the snapshot lacks the service).
+fn service_dests<'a>(snapshot: &'a Snapshot, cfg: &ServiceConfig) -> &'a [Arc<Dest>] {
+    let key = ServiceKey {
+        proto: cfg.proto,
+        vip: cfg.vip,
+    };
+    snapshot.dests(&key).unwrap_or_default()
 }
 
 pub(crate) fn proto_name(proto: L4Proto) -> &'static str {

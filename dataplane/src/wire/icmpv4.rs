@@ -3,7 +3,7 @@
 //! Once [`Packet::check_len`] has passed (the buffer holds the 8-byte header), no getter
 //! panics. The buffer is the whole message: the checksum covers all of it.
 
-use super::{Error, Result, checksum, get_u16, put_u16};
+use super::{checksum, get_u16, put_u16};
 
 mod field {
     pub(super) const TYPE: usize = 0;
@@ -83,66 +83,14 @@ impl From<Message> for u8 {
     }
 }
 
-/// A read/write view of an ICMPv4 message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Packet<T: AsRef<[u8]>> {
-    buffer: T,
+icmp_view! {
+    /// A read/write view of an ICMPv4 message.
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    /// Wraps a buffer without validation; getters may panic until [`Self::check_len`] passes.
-    pub const fn new_unchecked(buffer: T) -> Packet<T> {
-        Packet { buffer }
-    }
-
-    /// Wraps untrusted bytes: [`Self::new_unchecked`] followed by [`Self::check_len`].
-    pub fn new_checked(buffer: T) -> Result<Packet<T>> {
-        let packet = Self::new_unchecked(buffer);
-        packet.check_len()?;
-        Ok(packet)
-    }
-
-    /// `Truncated` if the buffer is shorter than the 8-byte header.
-    pub fn check_len(&self) -> Result<()> {
-        if self.buffer.as_ref().len() < HEADER_LEN {
-            return Err(Error::Truncated);
-        }
-        Ok(())
-    }
-
-    /// Returns the wrapped buffer.
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    pub fn msg_type(&self) -> Message {
-        Message::from(self.buffer.as_ref()[field::TYPE])
-    }
-
-    pub fn msg_code(&self) -> u8 {
-        self.buffer.as_ref()[field::CODE]
-    }
-
-    pub fn checksum(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), field::CHECKSUM)
-    }
-
     /// Next-hop MTU of a "fragmentation needed" message (RFC 1191).
     pub fn next_hop_mtu(&self) -> u16 {
         get_u16(self.buffer.as_ref(), field::NEXT_HOP_MTU)
-    }
-
-    pub fn echo_ident(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), field::ECHO_IDENT)
-    }
-
-    pub fn echo_seq_no(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), field::ECHO_SEQNO)
-    }
-
-    /// Everything after the 8-byte header: echo data, or the quoted packet of an error.
-    pub fn data(&self) -> &[u8] {
-        &self.buffer.as_ref()[HEADER_LEN..]
     }
 
     /// True if the checksum over the whole message is valid.
@@ -152,32 +100,8 @@ impl<T: AsRef<[u8]>> Packet<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
-    pub fn set_msg_type(&mut self, value: Message) {
-        self.buffer.as_mut()[field::TYPE] = value.into();
-    }
-
-    pub fn set_msg_code(&mut self, value: u8) {
-        self.buffer.as_mut()[field::CODE] = value;
-    }
-
-    pub fn set_checksum(&mut self, value: u16) {
-        put_u16(self.buffer.as_mut(), field::CHECKSUM, value);
-    }
-
     pub fn set_next_hop_mtu(&mut self, value: u16) {
         put_u16(self.buffer.as_mut(), field::NEXT_HOP_MTU, value);
-    }
-
-    pub fn set_echo_ident(&mut self, value: u16) {
-        put_u16(self.buffer.as_mut(), field::ECHO_IDENT, value);
-    }
-
-    pub fn set_echo_seq_no(&mut self, value: u16) {
-        put_u16(self.buffer.as_mut(), field::ECHO_SEQNO, value);
-    }
-
-    pub fn data_mut(&mut self) -> &mut [u8] {
-        &mut self.buffer.as_mut()[HEADER_LEN..]
     }
 
     /// Recomputes the checksum over the whole message.
@@ -246,12 +170,9 @@ mod tests {
 
     #[test]
     fn test_truncated_at_each_boundary() {
-        for len in 0..HEADER_LEN {
-            assert_eq!(
-                Packet::new_checked(&ECHO_BYTES[..len]).err(),
-                Some(Error::Truncated)
-            );
-        }
+        super::super::assert_prefixes_truncated(&ECHO_BYTES[..HEADER_LEN], |b| {
+            Packet::new_checked(b).map(drop)
+        });
         let packet = Packet::new_checked(&ECHO_BYTES[..HEADER_LEN]).unwrap();
         assert_eq!(packet.data(), &[] as &[u8]);
     }

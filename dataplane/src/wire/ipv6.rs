@@ -61,25 +61,11 @@ pub struct FragmentInfo {
     pub ident: u32,
 }
 
-/// A read/write view of an IPv6 packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Packet<T: AsRef<[u8]>> {
-    buffer: T,
+packet_view! {
+    /// A read/write view of an IPv6 packet.
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    /// Wraps a buffer without validation; getters may panic until [`Self::check_len`] passes.
-    pub const fn new_unchecked(buffer: T) -> Packet<T> {
-        Packet { buffer }
-    }
-
-    /// Wraps untrusted bytes: [`Self::new_unchecked`] followed by [`Self::check_len`].
-    pub fn new_checked(buffer: T) -> Result<Packet<T>> {
-        let packet = Self::new_unchecked(buffer);
-        packet.check_len()?;
-        Ok(packet)
-    }
-
     /// `Truncated` if the buffer is shorter than 40 bytes or than `40 + payload_len`;
     /// `Malformed` if the version is not 6.
     pub fn check_len(&self) -> Result<()> {
@@ -94,11 +80,6 @@ impl<T: AsRef<[u8]>> Packet<T> {
             return Err(Error::Truncated);
         }
         Ok(())
-    }
-
-    /// Returns the wrapped buffer.
-    pub fn into_inner(self) -> T {
-        self.buffer
     }
 
     pub fn version(&self) -> u8 {
@@ -413,13 +394,9 @@ mod tests {
 
     #[test]
     fn test_truncated_at_each_boundary() {
-        for len in 0..PACKET_BYTES.len() {
-            assert_eq!(
-                Packet::new_checked(&PACKET_BYTES[..len]).err(),
-                Some(Error::Truncated),
-                "length {len}"
-            );
-        }
+        super::super::assert_prefixes_truncated(&PACKET_BYTES, |b| {
+            Packet::new_checked(b).map(drop)
+        });
     }
 
     #[test]

@@ -13,6 +13,113 @@
 
 use core::fmt;
 
+/// Declares the module's `Packet<T>` view with the constructors every view shares.
+///
+/// The invoking module writes its own `check_len`: it alone knows which bounds make its
+/// getters panic-free, and `new_checked` is the one door untrusted bytes pass through.
+macro_rules! packet_view {
+    ($(#[$attr:meta])*) => {
+        $(#[$attr])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub struct Packet<T: AsRef<[u8]>> {
+            buffer: T,
+        }
+
+        impl<T: AsRef<[u8]>> Packet<T> {
+            /// Wraps a buffer without validation; getters may panic until [`Self::check_len`]
+            /// passes.
+            pub const fn new_unchecked(buffer: T) -> Packet<T> {
+                Packet { buffer }
+            }
+
+            /// Wraps untrusted bytes: [`Self::new_unchecked`] followed by [`Self::check_len`].
+            pub fn new_checked(buffer: T) -> $crate::wire::Result<Packet<T>> {
+                let packet = Self::new_unchecked(buffer);
+                packet.check_len()?;
+                Ok(packet)
+            }
+
+            /// Returns the wrapped buffer.
+            pub fn into_inner(self) -> T {
+                self.buffer
+            }
+        }
+    };
+}
+
+/// Declares an ICMP view: ICMPv4 and ICMPv6 share one 8-byte header layout (type, code,
+/// checksum, then echo identifier and sequence number; RFC 792, RFC 4443), so they share its
+/// length check and accessors too. The invoking module defines `Message`, `HEADER_LEN` and
+/// those `field` offsets, and adds its own MTU field and checksum rule.
+macro_rules! icmp_view {
+    ($(#[$attr:meta])*) => {
+        packet_view! {
+            $(#[$attr])*
+        }
+
+        impl<T: AsRef<[u8]>> Packet<T> {
+            /// `Truncated` if the buffer is shorter than the 8-byte header.
+            pub fn check_len(&self) -> $crate::wire::Result<()> {
+                if self.buffer.as_ref().len() < HEADER_LEN {
+                    return Err($crate::wire::Error::Truncated);
+                }
+                Ok(())
+            }
+
+            pub fn msg_type(&self) -> Message {
+                Message::from(self.buffer.as_ref()[field::TYPE])
+            }
+
+            pub fn msg_code(&self) -> u8 {
+                self.buffer.as_ref()[field::CODE]
+            }
+
+            pub fn checksum(&self) -> u16 {
+                $crate::wire::get_u16(self.buffer.as_ref(), field::CHECKSUM)
+            }
+
+            pub fn echo_ident(&self) -> u16 {
+                $crate::wire::get_u16(self.buffer.as_ref(), field::ECHO_IDENT)
+            }
+
+            pub fn echo_seq_no(&self) -> u16 {
+                $crate::wire::get_u16(self.buffer.as_ref(), field::ECHO_SEQNO)
+            }
+
+            /// Everything after the 8-byte header: echo data, or the quoted packet of an error.
+            pub fn data(&self) -> &[u8] {
+                &self.buffer.as_ref()[HEADER_LEN..]
+            }
+        }
+
+        impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
+            pub fn set_msg_type(&mut self, value: Message) {
+                self.buffer.as_mut()[field::TYPE] = value.into();
+            }
+
+            pub fn set_msg_code(&mut self, value: u8) {
+                self.buffer.as_mut()[field::CODE] = value;
+            }
+
+            pub fn set_checksum(&mut self, value: u16) {
+                $crate::wire::put_u16(self.buffer.as_mut(), field::CHECKSUM, value);
+            }
+
+            pub fn set_echo_ident(&mut self, value: u16) {
+                $crate::wire::put_u16(self.buffer.as_mut(), field::ECHO_IDENT, value);
+            }
+
+            pub fn set_echo_seq_no(&mut self, value: u16) {
+                $crate::wire::put_u16(self.buffer.as_mut(), field::ECHO_SEQNO, value);
+            }
+
+            pub fn data_mut(&mut self) -> &mut [u8] {
+                &mut self.buffer.as_mut()[HEADER_LEN..]
+            }
+        }
+    };
+}
+
 pub mod checksum;
 pub mod icmpv4;
 pub mod icmpv6;
@@ -134,6 +241,19 @@ fn proptest_config(cases: u32) -> proptest::test_runner::Config {
     proptest::test_runner::Config {
         failure_persistence: None,
         ..proptest::test_runner::Config::with_cases(cases)
+    }
+}
+
+/// The views' shared truncation test: `check` (a view's `new_checked`) must refuse every
+/// proper prefix of `bytes` as `Truncated`, whichever length field it trips on.
+#[cfg(test)]
+fn assert_prefixes_truncated(bytes: &[u8], check: impl Fn(&[u8]) -> Result<()>) {
+    for len in 0..bytes.len() {
+        assert_eq!(
+            check(&bytes[..len]).err(),
+            Some(Error::Truncated),
+            "length {len}"
+        );
     }
 }
 

@@ -45,25 +45,11 @@ pub const HEADER_LEN: usize = 20;
 /// Longest header the data offset can express.
 pub const MAX_HEADER_LEN: usize = 60;
 
-/// A read/write view of a TCP segment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Packet<T: AsRef<[u8]>> {
-    buffer: T,
+packet_view! {
+    /// A read/write view of a TCP segment.
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    /// Wraps a buffer without validation; getters may panic until [`Self::check_len`] passes.
-    pub const fn new_unchecked(buffer: T) -> Packet<T> {
-        Packet { buffer }
-    }
-
-    /// Wraps untrusted bytes: [`Self::new_unchecked`] followed by [`Self::check_len`].
-    pub fn new_checked(buffer: T) -> Result<Packet<T>> {
-        let packet = Self::new_unchecked(buffer);
-        packet.check_len()?;
-        Ok(packet)
-    }
-
     /// `Truncated` if the buffer is shorter than 20 bytes or `header_len()`; `Malformed` if
     /// the data offset is below 5.
     pub fn check_len(&self) -> Result<()> {
@@ -79,11 +65,6 @@ impl<T: AsRef<[u8]>> Packet<T> {
             return Err(Error::Truncated);
         }
         Ok(())
-    }
-
-    /// Returns the wrapped buffer.
-    pub fn into_inner(self) -> T {
-        self.buffer
     }
 
     fn flags(&self) -> u16 {
@@ -811,13 +792,7 @@ mod tests {
 
     #[test]
     fn test_truncated_at_each_boundary() {
-        for len in 0..SYN_BYTES.len() {
-            assert_eq!(
-                Packet::new_checked(&SYN_BYTES[..len]).err(),
-                Some(Error::Truncated),
-                "length {len}"
-            );
-        }
+        super::super::assert_prefixes_truncated(&SYN_BYTES, |b| Packet::new_checked(b).map(drop));
     }
 
     #[test]

@@ -21,25 +21,11 @@ mod field {
 /// Length of the UDP header.
 pub const HEADER_LEN: usize = 8;
 
-/// A read/write view of a UDP datagram.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Packet<T: AsRef<[u8]>> {
-    buffer: T,
+packet_view! {
+    /// A read/write view of a UDP datagram.
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    /// Wraps a buffer without validation; getters may panic until [`Self::check_len`] passes.
-    pub const fn new_unchecked(buffer: T) -> Packet<T> {
-        Packet { buffer }
-    }
-
-    /// Wraps untrusted bytes: [`Self::new_unchecked`] followed by [`Self::check_len`].
-    pub fn new_checked(buffer: T) -> Result<Packet<T>> {
-        let packet = Self::new_unchecked(buffer);
-        packet.check_len()?;
-        Ok(packet)
-    }
-
     /// `Truncated` if the buffer is shorter than 8 bytes or the length field; `Malformed` if
     /// the length field is below 8.
     pub fn check_len(&self) -> Result<()> {
@@ -55,11 +41,6 @@ impl<T: AsRef<[u8]>> Packet<T> {
             return Err(Error::Truncated);
         }
         Ok(())
-    }
-
-    /// Returns the wrapped buffer.
-    pub fn into_inner(self) -> T {
-        self.buffer
     }
 
     pub fn src_port(&self) -> u16 {
@@ -230,13 +211,9 @@ mod tests {
 
     #[test]
     fn test_truncated_at_each_boundary() {
-        for len in 0..PACKET_BYTES.len() {
-            assert_eq!(
-                Packet::new_checked(&PACKET_BYTES[..len]).err(),
-                Some(Error::Truncated),
-                "length {len}"
-            );
-        }
+        super::super::assert_prefixes_truncated(&PACKET_BYTES, |b| {
+            Packet::new_checked(b).map(drop)
+        });
     }
 
     #[test]

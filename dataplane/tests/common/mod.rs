@@ -89,7 +89,38 @@ pub enum L4 {
     },
 }
 
+impl L4 {
+    /// The same segment between other ports: what a peer answering a translated packet sends.
+    pub fn with_ports(mut self, new_sport: u16, new_dport: u16) -> L4 {
+        match &mut self {
+            L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport, .. } => {
+                *sport = new_sport;
+                *dport = new_dport;
+            }
+            L4::Icmp { .. } => {}
+        }
+        self
+    }
+}
+
 pub fn tcp(sport: u16, dport: u16, flags: u8, seq: u32, ack: u32, payload: &[u8]) -> L4 {
+    tcp_segment(sport, dport, flags, seq, ack, &[], payload)
+}
+
+/// A payload-free segment carrying TCP `options` (a multiple of 4 bytes).
+pub fn tcp_opts(sport: u16, dport: u16, flags: u8, seq: u32, ack: u32, options: &[u8]) -> L4 {
+    tcp_segment(sport, dport, flags, seq, ack, options, &[])
+}
+
+fn tcp_segment(
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    options: &[u8],
+    payload: &[u8],
+) -> L4 {
     L4::Tcp {
         sport,
         dport,
@@ -97,7 +128,7 @@ pub fn tcp(sport: u16, dport: u16, flags: u8, seq: u32, ack: u32, payload: &[u8]
         ack,
         flags,
         window: 64240,
-        options: Vec::new(),
+        options: options.to_vec(),
         payload: payload.to_vec(),
     }
 }
@@ -108,6 +139,20 @@ pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> L4 {
         dport,
         payload: payload.to_vec(),
     }
+}
+
+/// Fills the zeroed checksum field at `at` of a TCP or UDP segment; returns the protocol with
+/// the segment, as `l4_bytes` does.
+fn with_l4_checksum(
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    mut segment: Vec<u8>,
+    at: usize,
+) -> (u8, Vec<u8>) {
+    let c = l4_checksum(src, dst, proto, &segment);
+    segment[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    (proto, segment)
 }
 
 fn l4_bytes(src: IpAddr, dst: IpAddr, l4: &L4) -> (u8, Vec<u8>) {
@@ -135,9 +180,7 @@ fn l4_bytes(src: IpAddr, dst: IpAddr, l4: &L4) -> (u8, Vec<u8>) {
             b.extend_from_slice(&[0, 0, 0, 0]);
             b.extend_from_slice(options);
             b.extend_from_slice(payload);
-            let c = l4_checksum(src, dst, 6, &b);
-            b[16..18].copy_from_slice(&c.to_be_bytes());
-            (6, b)
+            with_l4_checksum(src, dst, 6, b, 16)
         }
         L4::Udp {
             sport,
@@ -150,9 +193,7 @@ fn l4_bytes(src: IpAddr, dst: IpAddr, l4: &L4) -> (u8, Vec<u8>) {
             b.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
             b.extend_from_slice(&[0, 0]);
             b.extend_from_slice(payload);
-            let c = l4_checksum(src, dst, 17, &b);
-            b[6..8].copy_from_slice(&c.to_be_bytes());
-            (17, b)
+            with_l4_checksum(src, dst, 17, b, 6)
         }
         L4::Icmp {
             typ,
