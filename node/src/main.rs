@@ -1,14 +1,38 @@
-//! The `lbcluster` binary. Until the node daemon lands it has one command, `replay`, which runs
-//! the Full-NAT engine over a built-in packet trace and prints what the engine did.
+//! The `lbcluster` binary: the node daemon (`run`), the operator commands that talk to it over
+//! its admin API (`status`, `sessions`), `config check`, and `replay`, which runs the Full-NAT
+//! engine over a built-in packet trace.
+//!
+//! Exit codes: 0 success; 1 failure (for `status`: a backend is down); 2 usage error; 3 the node
+//! cannot be reached or did not answer.
 
+mod admin;
+mod api;
+mod client;
+mod clock;
+mod config;
+mod daemon;
+mod health;
+mod metrics;
 mod render;
 mod replay;
+mod source;
+mod state;
 
 use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::api::{NodeStatus, SESSIONS_PATH, STATUS_PATH, SessionList};
+use crate::client::ClientError;
+
+/// A backend is down (`status`).
+const EXIT_DEGRADED: u8 = 1;
+/// The node cannot be reached or did not answer.
+const EXIT_UNREACHABLE: u8 = 3;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,9 +47,63 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the node daemon until SIGTERM or SIGINT; SIGHUP reloads the services.
+    Run(RunArgs),
+    /// Show the node's services, backend health, sessions and drops. Exits 0 when every backend
+    /// is healthy, 1 when one is down, 3 when the node cannot be reached.
+    Status(StatusArgs),
+    /// List the node's sessions like `ipvsadm -Lnc`, with the local address (LIP) column.
+    Sessions(SessionsArgs),
+    /// Work with config files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Replay a generated packet trace through the Full-NAT engine and print its counters,
     /// per-backend connections, local port usage and sessions.
     Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The node's config file (TOML).
+    #[arg(long, short = 'c')]
+    config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct SocketArg {
+    /// The node's admin socket.
+    #[arg(long, default_value = config::DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Debug, Args)]
+struct SessionsArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Only the sessions of this VIP and port.
+    #[arg(long, value_name = "ADDR:PORT")]
+    vip: Option<SocketAddr>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Check a config file; explain the first error and exit 1 if it has one.
+    Check {
+        /// The config file (TOML).
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -50,16 +128,64 @@ enum Output {
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("lbcluster: error: {e:#}");
-            ExitCode::FAILURE
+            let unreachable = e.downcast_ref::<ClientError>().is_some();
+            ExitCode::from(if unreachable { EXIT_UNREACHABLE } else { 1 })
         }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Run(args) => {
+            daemon::run(&args.config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(args) => {
+            let status: NodeStatus = client::get(&args.socket.socket, STATUS_PATH)?;
+            let out = match args.output {
+                Output::Text => render::status_text(&status),
+                Output::Json => render::json(&status)?,
+            };
+            write_stdout(&out)?;
+            Ok(if status.backends_down() > 0 {
+                ExitCode::from(EXIT_DEGRADED)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Sessions(args) => {
+            let path = match args.vip {
+                Some(vip) => format!("{SESSIONS_PATH}?vip={vip}"),
+                None => SESSIONS_PATH.to_owned(),
+            };
+            let list: SessionList = client::get(&args.socket.socket, &path)?;
+            let out = match args.output {
+                Output::Text => render::sessions_text(&list),
+                Output::Json => render::json(&list)?,
+            };
+            write_stdout(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check { file }) => {
+            let config = config::load(&file, 1)?;
+            let backends: usize = config
+                .services
+                .services
+                .iter()
+                .map(|s| s.config.backends.len())
+                .sum();
+            write_stdout(&format!(
+                "{}: ok (node {}, {} services, {} backends)\n",
+                file.display(),
+                config.node.name,
+                config.services.services.len(),
+                backends
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Replay(args) => {
             let report = replay::run(replay::Params {
                 flows: args.flows,
@@ -70,7 +196,8 @@ fn run(cli: Cli) -> Result<()> {
                 Output::Text => render::text(&report),
                 Output::Json => render::json(&report)?,
             };
-            write_stdout(&out)
+            write_stdout(&out)?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -1,14 +1,17 @@
-//! Renders a replay [`Report`]: text laid out like `ipvsadm`, or JSON of the same struct.
+//! Renders what the CLI prints: text laid out like `ipvsadm`, or JSON of the very struct the
+//! text renders (a replay [`Report`], or an admin API answer).
 
 use std::fmt::Write as _;
 
 use anyhow::{Context, Result};
+use serde::Serialize;
 
+use crate::api::{NodeStatus, SessionEntry, SessionList, scheduler_name};
 use crate::replay::{Report, proto_name};
 
-/// The report as JSON, one document, ending with a newline.
-pub(crate) fn json(report: &Report) -> Result<String> {
-    let mut s = serde_json::to_string_pretty(report).context("serialising the report")?;
+/// Any output as JSON, one document, ending with a newline.
+pub(crate) fn json<T: Serialize>(value: &T) -> Result<String> {
+    let mut s = serde_json::to_string_pretty(value).context("serialising the output")?;
     s.push('\n');
     Ok(s)
 }
@@ -101,12 +104,26 @@ pub(crate) fn text(r: &Report) -> String {
         r.sessions_total,
         r.sessions.len()
     );
+    session_table(&mut s, &r.sessions);
+
+    let rate = &r.rate;
+    let _ = writeln!(
+        s,
+        "\nreplay rate: {:.0} packets/s ({} packets in {:.3} s wall clock; one worker, {} build, \
+         packet building and checks included; not a benchmark)",
+        rate.packets_per_sec, rate.packets, rate.wall_secs, rate.build
+    );
+    s
+}
+
+/// Sessions as `ipvsadm -Lnc` lists them, with the local address (LIP) column.
+fn session_table(s: &mut String, sessions: &[SessionEntry]) {
     let _ = writeln!(
         s,
         "pro expire state       {:<22} {:<22} {:<26} destination",
         "source", "virtual", "local"
     );
-    for x in &r.sessions {
+    for x in sessions {
         let _ = writeln!(
             s,
             "{:<3} {:02}:{:02}  {:<11} {:<22} {:<22} {:<26} {}",
@@ -120,13 +137,88 @@ pub(crate) fn text(r: &Report) -> String {
             x.backend
         );
     }
+}
 
-    let rate = &r.rate;
+/// `lbcluster sessions`.
+pub(crate) fn sessions_text(list: &SessionList) -> String {
+    let mut s = String::new();
+    session_table(&mut s, &list.sessions);
+    s
+}
+
+/// `lbcluster status`.
+pub(crate) fn status_text(st: &NodeStatus) -> String {
+    let mut s = String::new();
+    let down = st.backends_down();
     let _ = writeln!(
         s,
-        "\nreplay rate: {:.0} packets/s ({} packets in {:.3} s wall clock; one worker, {} build, \
-         packet building and checks included; not a benchmark)",
-        rate.packets_per_sec, rate.packets, rate.wall_secs, rate.build
+        "node {}: config version {}, up {} s, {}",
+        st.node,
+        st.config_version,
+        st.uptime_secs,
+        if down == 0 {
+            "all backends healthy".to_owned()
+        } else {
+            format!("DEGRADED: {down} backend(s) down")
+        }
     );
+    let _ = writeln!(
+        s,
+        "sessions: {} of {}; packets dropped: {}",
+        st.sessions.count,
+        st.sessions.capacity,
+        st.total_drops()
+    );
+    let _ = writeln!(s, "\nProt LocalAddress:Port Scheduler Check");
+    let _ = writeln!(
+        s,
+        "  -> RemoteAddress:Port{:12}Forward Weight ActiveConn InActConn TotalConn Health",
+        ""
+    );
+    for svc in &st.services {
+        let _ = writeln!(
+            s,
+            "{:<4} {} {} {}",
+            svc.proto,
+            svc.vip,
+            scheduler_name(svc.scheduler),
+            svc.health_check
+        );
+        for b in &svc.backends {
+            let _ = writeln!(
+                s,
+                "  -> {:<29} FullNat {:<6} {:<10} {:<9} {:<9} {}",
+                b.addr.to_string(),
+                b.weight,
+                b.active,
+                b.inactive,
+                b.total,
+                if b.healthy { "up" } else { "DOWN" }
+            );
+        }
+    }
+    let _ = writeln!(s, "\nLocal addresses (LIP)");
+    let _ = writeln!(
+        s,
+        "  {:<20} {:<5} {:>8} {:>8}",
+        "address", "pro", "in use", "ports"
+    );
+    for u in &st.local_addrs {
+        let _ = writeln!(
+            s,
+            "  {:<20} {:<5} {:>8} {:>8}",
+            u.ip.to_string(),
+            u.proto,
+            u.in_use,
+            u.capacity
+        );
+    }
+    let drops: Vec<_> = st.drops.iter().filter(|d| d.count > 0).collect();
+    if !drops.is_empty() {
+        let _ = writeln!(s, "\nDrops");
+        for d in drops {
+            let _ = writeln!(s, "  {:<30} {:>8}", d.name, d.count);
+        }
+    }
     s
 }

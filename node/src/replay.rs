@@ -28,6 +28,8 @@ use dataplane::{
 };
 use serde::Serialize;
 
+use crate::api::{SessionEntry, scheduler_name};
+
 const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
 const LIP4: Ipv4Addr = Ipv4Addr::new(198, 19, 200, 1);
@@ -62,7 +64,7 @@ pub(crate) struct Report {
     /// Sessions still in the table after the final expiry sweep.
     pub(crate) sessions_total: usize,
     /// The first sessions of the table, as `ipvsadm -Lnc` lists them.
-    pub(crate) sessions: Vec<SessionRow>,
+    pub(crate) sessions: Vec<SessionEntry>,
     pub(crate) rate: Rate,
 }
 
@@ -124,17 +126,6 @@ pub(crate) struct BackendReport {
     pub(crate) active_conns: u32,
     pub(crate) inactive_conns: u32,
     pub(crate) total_conns: u64,
-}
-
-#[derive(Debug, Serialize)]
-pub(crate) struct SessionRow {
-    pub(crate) proto: &'static str,
-    pub(crate) expires_in_secs: u32,
-    pub(crate) state: &'static str,
-    pub(crate) client: SocketAddr,
-    pub(crate) vip: SocketAddr,
-    pub(crate) local: SocketAddr,
-    pub(crate) backend: SocketAddr,
 }
 
 /// Wall-clock speed of the replay loop, packet building and checking included.
@@ -831,15 +822,7 @@ impl Replay {
             sessions: sessions
                 .iter()
                 .take(LISTED_SESSIONS)
-                .map(|s| SessionRow {
-                    proto: proto_name(s.proto),
-                    expires_in_secs: s.expires_in_secs,
-                    state: s.state.name(),
-                    client: s.client,
-                    vip: s.vip,
-                    local: s.local,
-                    backend: s.backend,
-                })
+                .map(SessionEntry::from)
                 .collect(),
             rate: Rate {
                 packets: self.trace.packets,
@@ -874,16 +857,6 @@ pub(crate) fn proto_name(proto: L4Proto) -> &'static str {
     match proto {
         L4Proto::Tcp => "TCP",
         L4Proto::Udp => "UDP",
-    }
-}
-
-fn scheduler_name(kind: SchedulerKind) -> &'static str {
-    match kind {
-        SchedulerKind::Maglev => "mh",
-        SchedulerKind::Wrr => "wrr",
-        SchedulerKind::Wlc => "wlc",
-        SchedulerKind::Rr => "rr",
-        SchedulerKind::Sh => "sh",
     }
 }
 

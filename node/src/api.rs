@@ -1,0 +1,181 @@
+//! The admin API's types: the daemon serialises them, the CLI deserialises the very same structs
+//! and renders them, and `-o json` prints them as they came.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use dataplane::sched::SchedulerKind;
+use dataplane::{L4Proto, SessionRecord};
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/status`.
+pub(crate) const STATUS_PATH: &str = "/v1/status";
+/// `GET /v1/sessions[?vip=ADDR:PORT]`.
+pub(crate) const SESSIONS_PATH: &str = "/v1/sessions";
+
+/// A transport protocol as the API and the config file spell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl From<L4Proto> for Proto {
+    fn from(p: L4Proto) -> Self {
+        match p {
+            L4Proto::Tcp => Proto::Tcp,
+            L4Proto::Udp => Proto::Udp,
+        }
+    }
+}
+
+impl From<Proto> for L4Proto {
+    fn from(p: Proto) -> Self {
+        match p {
+            Proto::Tcp => L4Proto::Tcp,
+            Proto::Udp => L4Proto::Udp,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    /// Upper case, as `ipvsadm` lists it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        })
+    }
+}
+
+/// The node as it is now.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct NodeStatus {
+    pub(crate) node: String,
+    /// Version of the service set the data plane runs.
+    pub(crate) config_version: u64,
+    pub(crate) uptime_secs: u64,
+    pub(crate) services: Vec<ServiceStatus>,
+    pub(crate) sessions: SessionCounts,
+    /// Every drop reason the engine knows, zero or not.
+    pub(crate) drops: Vec<NamedCount>,
+    /// Every engine event counter, zero or not.
+    pub(crate) events: Vec<NamedCount>,
+    /// Local port usage per LIP and protocol.
+    pub(crate) local_addrs: Vec<LipPorts>,
+}
+
+impl NodeStatus {
+    /// Backends that fail their health checks.
+    pub(crate) fn backends_down(&self) -> usize {
+        self.services
+            .iter()
+            .flat_map(|s| &s.backends)
+            .filter(|b| !b.healthy)
+            .count()
+    }
+
+    pub(crate) fn total_drops(&self) -> u64 {
+        self.drops.iter().map(|d| d.count).sum()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ServiceStatus {
+    pub(crate) vip: SocketAddr,
+    pub(crate) proto: Proto,
+    pub(crate) scheduler: SchedulerKind,
+    /// `none`, `tcp` or `http`.
+    pub(crate) health_check: String,
+    pub(crate) backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct BackendStatus {
+    pub(crate) addr: SocketAddr,
+    /// The configured weight; a backend that is down takes no new flows whatever its weight.
+    pub(crate) weight: u32,
+    pub(crate) healthy: bool,
+    /// Established connections.
+    pub(crate) active: u32,
+    /// Connections in every other state.
+    pub(crate) inactive: u32,
+    /// Connections ever scheduled to this backend by this node, or installed from a peer.
+    pub(crate) total: u64,
+}
+
+/// The engine counts sessions of both families together.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SessionCounts {
+    pub(crate) count: usize,
+    pub(crate) capacity: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct NamedCount {
+    pub(crate) name: String,
+    pub(crate) count: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct LipPorts {
+    pub(crate) ip: IpAddr,
+    pub(crate) proto: Proto,
+    pub(crate) in_use: u32,
+    pub(crate) capacity: u32,
+}
+
+/// The query of `GET /v1/sessions`.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SessionQuery {
+    /// Only the sessions of this VIP and port.
+    pub(crate) vip: Option<SocketAddr>,
+}
+
+/// `GET /v1/sessions`: the session table, or the part of it for one VIP.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SessionList {
+    pub(crate) sessions: Vec<SessionEntry>,
+}
+
+/// One session, as `ipvsadm -Lnc` lists it, with the local address (LIP) it uses.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SessionEntry {
+    pub(crate) proto: Proto,
+    pub(crate) expires_in_secs: u32,
+    /// The state's name as `ipvsadm` prints it (`ESTABLISHED`, `UDP`, …).
+    pub(crate) state: String,
+    pub(crate) client: SocketAddr,
+    pub(crate) vip: SocketAddr,
+    pub(crate) local: SocketAddr,
+    pub(crate) backend: SocketAddr,
+    /// Installed from a peer rather than created by this node's traffic.
+    pub(crate) synced: bool,
+}
+
+impl From<&SessionRecord> for SessionEntry {
+    fn from(s: &SessionRecord) -> Self {
+        SessionEntry {
+            proto: s.proto.into(),
+            expires_in_secs: s.expires_in_secs,
+            state: s.state.name().to_owned(),
+            client: s.client,
+            vip: s.vip,
+            local: s.local,
+            backend: s.backend,
+            synced: s.synced,
+        }
+    }
+}
+
+/// The name `ipvsadm` uses for a scheduler (`mh` for Maglev).
+pub(crate) fn scheduler_name(kind: SchedulerKind) -> &'static str {
+    match kind {
+        SchedulerKind::Maglev => "mh",
+        SchedulerKind::Wrr => "wrr",
+        SchedulerKind::Wlc => "wlc",
+        SchedulerKind::Rr => "rr",
+        SchedulerKind::Sh => "sh",
+    }
+}

@@ -1,0 +1,254 @@
+//! `lbcluster run`: the node daemon. It checks the config before it binds or changes anything,
+//! then starts the engine, the admin API, the metrics listener and the health checks, and runs
+//! until SIGTERM or SIGINT. SIGHUP reloads the services from the config file.
+
+use std::hash::{BuildHasher, Hasher};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use dataplane::{Engine, EngineConfig, Snapshot};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::source::{ConfigFileSource, Reloaded, ServiceSource};
+use crate::state::NodeState;
+use crate::{admin, clock, config, health, metrics};
+
+/// How long tasks get to finish after the shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the daemon until it is told to stop.
+pub(crate) fn run(config_path: &Path) -> Result<()> {
+    let config = config::load(config_path, 1)?;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lbcluster-ctl")
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(config_path.to_owned(), config))
+}
+
+/// Resolves once the shutdown signal is given (or its sender is gone).
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
+    clock::now();
+    let AdminSocket {
+        path: socket_path,
+        listener: socket_listener,
+        file: socket_file,
+    } = AdminSocket::bind(&config.admin.socket).await?;
+    let metrics_listener = match config.admin.metrics {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics listener on {addr}"))?,
+        ),
+        None => None,
+    };
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP")?;
+
+    let engine = Engine::new(
+        EngineConfig {
+            max_sessions_v4: config.node.max_sessions_v4,
+            max_sessions_v6: config.node.max_sessions_v6,
+            table_seed: random_seed(),
+            local_addrs: config.node.local_addrs.clone(),
+            local_ports: config.node.local_ports.clone(),
+            ..EngineConfig::default()
+        },
+        Snapshot::empty(),
+    )
+    .context("starting the engine")?;
+    let node_name = config.node.name.clone();
+    let mut source = ConfigFileSource::new(config_path, config);
+    let mut services = source.subscribe();
+    let state = Arc::new(NodeState::new(
+        node_name,
+        engine,
+        services.borrow_and_update().clone(),
+    )?);
+
+    // Packet I/O starts here (crate::io), wired when the io module lands.
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    {
+        let state = state.clone();
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(
+            async move {
+                if let Err(e) = admin::serve(socket_listener, state, stop).await {
+                    error!("admin API failed: {e}");
+                }
+            }
+            .instrument(info_span!("admin", socket = %socket_path.display())),
+        );
+    }
+    if let Some(listener) = metrics_listener {
+        let state = state.clone();
+        let stop = stopped(stop_rx.clone());
+        let addr = listener.local_addr().context("metrics listener address")?;
+        tasks.spawn(
+            async move {
+                if let Err(e) = metrics::serve(listener, state, stop).await {
+                    error!("metrics listener failed: {e}");
+                }
+            }
+            .instrument(info_span!("metrics", %addr)),
+        );
+    }
+    {
+        let state = state.clone();
+        let stop = stop_rx.clone();
+        tasks.spawn(supervise_health(state, services, stop).instrument(info_span!("health")));
+    }
+    info!(node = state.name(), "lbcluster running");
+
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = interrupt.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = hangup.recv() => match source.reload() {
+                Ok(Reloaded::Unchanged) => info!("SIGHUP: services unchanged"),
+                Ok(Reloaded::Services { version }) => info!(version, "SIGHUP: services reloaded"),
+                Err(e) => warn!("SIGHUP: reload refused: {e:#}"),
+            },
+        }
+    }
+    stop_tx.send_replace(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!("tasks still running after {SHUTDOWN_GRACE:?}; stopping anyway");
+        tasks.shutdown().await;
+    }
+    drop(socket_file);
+    info!("stopped");
+    Ok(())
+}
+
+/// Keeps one health checker per checked backend of the current service set: a new set replaces
+/// the checkers (backends that stay keep their state) and rebuilds the snapshot.
+async fn supervise_health(
+    state: Arc<NodeState>,
+    mut services: watch::Receiver<Arc<config::ServiceSet>>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut checkers = JoinSet::new();
+    health::spawn_checkers(&state.service_set(), &state, &mut checkers);
+    let stop = stopped(stop);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            changed = services.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let set = services.borrow_and_update().clone();
+                checkers.shutdown().await;
+                if let Err(e) = state.set_services(set.clone()) {
+                    error!("service set {} not applied: {e:#}", set.version);
+                }
+                health::spawn_checkers(&state.service_set(), &state, &mut checkers);
+            }
+        }
+    }
+    checkers.shutdown().await;
+}
+
+/// A per-process random seed, from the standard library's randomly keyed hasher.
+fn random_seed() -> u64 {
+    std::hash::RandomState::new().build_hasher().finish()
+}
+
+/// The admin socket, bound and owned by this daemon.
+#[derive(Debug)]
+struct AdminSocket {
+    path: PathBuf,
+    listener: UnixListener,
+    file: SocketFile,
+}
+
+/// Removes the socket file when dropped, whatever ends the daemon.
+#[derive(Debug)]
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            warn!("removing {}: {e}", self.0.display());
+        }
+    }
+}
+
+impl AdminSocket {
+    /// Binds the socket with mode 0600. A stale socket file is removed; a socket another daemon
+    /// answers on, or a file that is not a socket, is an error.
+    async fn bind(path: &Path) -> Result<AdminSocket> {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                bail!(
+                    "{} exists and is not a socket; remove it or choose another admin.socket",
+                    path.display()
+                )
+            }
+            Ok(_) => {
+                if UnixStream::connect(path).await.is_ok() {
+                    bail!(
+                        "another lbcluster daemon is answering on {}; stop it first or choose another admin.socket",
+                        path.display()
+                    );
+                }
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing the stale socket {}", path.display()))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the socket directory {}", dir.display()))?;
+        }
+        // Bound under a temporary name and renamed once its mode is 0600, so that nobody can
+        // connect while it still has the umask's mode.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp)
+            .with_context(|| format!("binding the admin socket {}", tmp.display()))?;
+        // Until the rename, the guard removes the temporary name on any error.
+        let mut file = SocketFile(tmp.clone());
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("setting the mode of {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("moving the admin socket to {}", path.display()))?;
+        file.0 = path.to_owned();
+        Ok(AdminSocket {
+            path: path.to_owned(),
+            listener,
+            file,
+        })
+    }
+}

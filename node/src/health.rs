@@ -1,0 +1,205 @@
+//! Health checks: one task per checked backend probes it (TCP connect, or an HTTP/1.1 GET whose
+//! status line must match) every interval; `fall` failures in a row take it down, `rise`
+//! successes bring it back. A change of state rebuilds the engine's snapshot at once, so a down
+//! backend gets no new flows; its sessions stay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail, ensure};
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio::time::{MissedTickBehavior, timeout};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::{HealthCheck, Probe, ServiceSet};
+use crate::state::{BackendKey, NodeState, service_key};
+
+/// Starts one checker per checked backend of `set` into `tasks`.
+pub(crate) fn spawn_checkers(set: &ServiceSet, state: &Arc<NodeState>, tasks: &mut JoinSet<()>) {
+    for svc in &set.services {
+        let key = service_key(&svc.config);
+        let Some(probe) = probe_of(&svc.health) else {
+            continue;
+        };
+        for b in &svc.config.backends {
+            let span = info_span!("check", vip = %key.vip, backend = %b.addr);
+            tasks.spawn(
+                check_forever((key, b.addr), svc.health.clone(), probe, state.clone())
+                    .instrument(span),
+            );
+        }
+    }
+}
+
+fn probe_of(check: &HealthCheck) -> Option<Probe> {
+    match check {
+        HealthCheck::None => None,
+        HealthCheck::Tcp(p) | HealthCheck::Http { probe: p, .. } => Some(*p),
+    }
+}
+
+/// Counts results in a row against `rise` and `fall`.
+#[derive(Debug)]
+struct Verdicts {
+    up: bool,
+    streak: u32,
+}
+
+impl Verdicts {
+    /// Records one result; `Some(new state)` when it changes the backend's state.
+    fn record(&mut self, ok: bool, probe: &Probe) -> Option<bool> {
+        if ok == self.up {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if self.up { probe.fall } else { probe.rise };
+        if self.streak < needed {
+            return None;
+        }
+        self.up = ok;
+        self.streak = 0;
+        Some(ok)
+    }
+}
+
+async fn check_forever(key: BackendKey, check: HealthCheck, probe: Probe, state: Arc<NodeState>) {
+    let mut verdicts = Verdicts {
+        up: state.is_healthy(&key),
+        streak: 0,
+    };
+    let mut ticks = tokio::time::interval(probe.interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let result = match timeout(probe.timeout, probe_once(key.1, &check)).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!("no answer within {:?}", probe.timeout)),
+        };
+        let ok = result.is_ok();
+        if let Some(up) = verdicts.record(ok, &probe) {
+            match &result {
+                Ok(()) => info!("backend up"),
+                Err(e) => warn!("backend down: {e:#}"),
+            }
+            if let Err(e) = state.set_health(key, up) {
+                warn!("health change not applied: {e:#}");
+            }
+        }
+    }
+}
+
+async fn probe_once(addr: SocketAddr, check: &HealthCheck) -> Result<()> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    match check {
+        HealthCheck::None | HealthCheck::Tcp(_) => Ok(()),
+        HealthCheck::Http {
+            path,
+            expect_status,
+            ..
+        } => http_get(stream, addr, path, *expect_status).await,
+    }
+}
+
+/// One GET on a fresh connection; only the status line counts, the body is not read.
+async fn http_get(stream: TcpStream, addr: SocketAddr, path: &str, expect: u16) -> Result<()> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("HTTP handshake")?;
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::USER_AGENT, "lbcluster-health")
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .context("building the request")?;
+    let mut conn = std::pin::pin!(conn);
+    let response = tokio::select! {
+        r = sender.send_request(request) => r.context("HTTP GET")?,
+        r = &mut conn => {
+            r.context("HTTP connection")?;
+            bail!("connection closed before a response");
+        }
+    };
+    let status = response.status().as_u16();
+    ensure!(status == expect, "HTTP status {status}, expected {expect}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    const PROBE: Probe = Probe {
+        interval: Duration::from_millis(20),
+        timeout: Duration::from_millis(10),
+        rise: 2,
+        fall: 3,
+    };
+
+    #[test]
+    fn test_verdicts_need_fall_failures_and_rise_successes() {
+        let mut v = Verdicts {
+            up: true,
+            streak: 0,
+        };
+        assert_eq!(v.record(false, &PROBE), None);
+        assert_eq!(v.record(false, &PROBE), None);
+        assert_eq!(v.record(true, &PROBE), None, "a success resets the streak");
+        assert_eq!(v.record(false, &PROBE), None);
+        assert_eq!(v.record(false, &PROBE), None);
+        assert_eq!(v.record(false, &PROBE), Some(false));
+        assert_eq!(v.record(true, &PROBE), None);
+        assert_eq!(v.record(true, &PROBE), Some(true));
+    }
+
+    /// Serves one HTTP answer with `status` per connection.
+    async fn http_server(status: u16) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        addr
+    }
+
+    fn http(expect_status: u16) -> HealthCheck {
+        HealthCheck::Http {
+            probe: PROBE,
+            path: "/health".to_owned(),
+            expect_status,
+        }
+    }
+
+    #[tokio::test]
+    async fn test_http_probe_checks_the_status() {
+        let addr = http_server(200).await;
+        probe_once(addr, &http(200)).await.unwrap();
+        let e = probe_once(addr, &http(204)).await.unwrap_err();
+        assert_eq!(e.to_string(), "HTTP status 200, expected 204");
+    }
+
+    #[tokio::test]
+    async fn test_tcp_probe_fails_without_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        probe_once(addr, &HealthCheck::Tcp(PROBE)).await.unwrap();
+        drop(listener);
+        assert!(probe_once(addr, &HealthCheck::Tcp(PROBE)).await.is_err());
+    }
+}

@@ -1,0 +1,205 @@
+//! What the admin API, the metrics and the health checks share: the engine, the service set it
+//! runs and each backend's health. Every change of either rebuilds the engine's snapshot.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use dataplane::{Engine, ServiceConfig, ServiceKey, Snapshot};
+use parking_lot::Mutex;
+
+use crate::api::{BackendStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, SessionCounts};
+use crate::config::ServiceSet;
+
+/// A backend of one service: the same address behind two services is checked twice.
+pub(crate) type BackendKey = (ServiceKey, SocketAddr);
+
+#[derive(Debug)]
+pub(crate) struct NodeState {
+    name: String,
+    started: Instant,
+    engine: Arc<Engine>,
+    services: Mutex<Services>,
+}
+
+#[derive(Debug)]
+struct Services {
+    set: Arc<ServiceSet>,
+    /// Backends that fail their checks; every other backend is healthy.
+    down: HashSet<BackendKey>,
+}
+
+pub(crate) fn service_key(cfg: &ServiceConfig) -> ServiceKey {
+    ServiceKey {
+        proto: cfg.proto,
+        vip: cfg.vip,
+    }
+}
+
+impl NodeState {
+    /// The node state over an engine, whose snapshot is built from `set` at once.
+    pub(crate) fn new(name: String, engine: Arc<Engine>, set: Arc<ServiceSet>) -> Result<Self> {
+        let state = NodeState {
+            name,
+            started: Instant::now(),
+            engine,
+            services: Mutex::new(Services {
+                set,
+                down: HashSet::new(),
+            }),
+        };
+        state.rebuild(&state.services.lock())?;
+        Ok(state)
+    }
+
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs a new service set. Backends that stay keep their health; new ones start healthy.
+    pub(crate) fn set_services(&self, set: Arc<ServiceSet>) -> Result<()> {
+        let mut s = self.services.lock();
+        let keep: HashSet<BackendKey> = backend_keys(&set).filter(|k| s.down.contains(k)).collect();
+        s.set = set;
+        s.down = keep;
+        self.rebuild(&s)
+    }
+
+    /// Whether a backend passes its health checks now.
+    pub(crate) fn is_healthy(&self, key: &BackendKey) -> bool {
+        !self.services.lock().down.contains(key)
+    }
+
+    /// Records a backend's health; a change rebuilds the snapshot.
+    pub(crate) fn set_health(&self, key: BackendKey, healthy: bool) -> Result<()> {
+        let mut s = self.services.lock();
+        let changed = if healthy {
+            s.down.remove(&key)
+        } else {
+            s.down.insert(key)
+        };
+        if changed { self.rebuild(&s) } else { Ok(()) }
+    }
+
+    /// Builds the engine's snapshot from the service set and the health of each backend, with
+    /// the current snapshot as `previous` so that the backends' counters carry over.
+    fn rebuild(&self, s: &Services) -> Result<()> {
+        let configs: Vec<ServiceConfig> = s
+            .set
+            .services
+            .iter()
+            .map(|svc| {
+                let key = service_key(&svc.config);
+                let mut cfg = svc.config.clone();
+                for b in &mut cfg.backends {
+                    b.healthy = !s.down.contains(&(key, b.addr));
+                }
+                cfg
+            })
+            .collect();
+        let snapshot = Snapshot::new(
+            s.set.version,
+            &configs,
+            s.set.maglev,
+            Some(&self.engine.snapshot()),
+        )
+        .context("building the data-plane snapshot")?;
+        self.engine.set_snapshot(snapshot);
+        Ok(())
+    }
+
+    /// The services now, for the health checkers.
+    pub(crate) fn service_set(&self) -> Arc<ServiceSet> {
+        self.services.lock().set.clone()
+    }
+
+    pub(crate) fn status(&self) -> NodeStatus {
+        let (set, down) = {
+            let s = self.services.lock();
+            (s.set.clone(), s.down.clone())
+        };
+        let snapshot = self.engine.snapshot();
+        let services = set
+            .services
+            .iter()
+            .map(|svc| {
+                let key = service_key(&svc.config);
+                let dests = snapshot.dests(&key).unwrap_or_default();
+                ServiceStatus {
+                    vip: svc.config.vip,
+                    proto: svc.config.proto.into(),
+                    scheduler: svc.config.scheduler,
+                    health_check: svc.health.kind().to_owned(),
+                    backends: svc
+                        .config
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            let dest = dests.iter().find(|d| d.addr == b.addr);
+                            let conns = dest.map(|d| d.stats.conns()).unwrap_or_default();
+                            BackendStatus {
+                                addr: b.addr,
+                                weight: b.weight,
+                                healthy: !down.contains(&(key, b.addr)),
+                                active: conns.active,
+                                inactive: conns.inactive,
+                                total: dest.map_or(0, |d| d.stats.total()),
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        let counters = self.engine.counters();
+        NodeStatus {
+            node: self.name.clone(),
+            config_version: set.version,
+            uptime_secs: self.started.elapsed().as_secs(),
+            services,
+            sessions: SessionCounts {
+                count: self.engine.session_count(),
+                capacity: self.engine.session_capacity(),
+            },
+            drops: dataplane::DropReason::ALL
+                .iter()
+                .map(|&r| NamedCount {
+                    name: r.name().to_owned(),
+                    count: counters.drops(r),
+                })
+                .collect(),
+            events: dataplane::Event::ALL
+                .iter()
+                .map(|&e| NamedCount {
+                    name: e.name().to_owned(),
+                    count: counters.events(e),
+                })
+                .collect(),
+            local_addrs: self
+                .engine
+                .local_addrs()
+                .usage()
+                .into_iter()
+                .map(|u| LipPorts {
+                    ip: u.ip,
+                    proto: u.proto.into(),
+                    in_use: u.in_use,
+                    capacity: u.capacity,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Every backend of every service.
+pub(crate) fn backend_keys(set: &ServiceSet) -> impl Iterator<Item = BackendKey> + '_ {
+    set.services.iter().flat_map(|svc| {
+        let key = service_key(&svc.config);
+        svc.config.backends.iter().map(move |b| (key, b.addr))
+    })
+}
