@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -118,12 +118,17 @@ async fn http_get(stream: TcpStream, addr: SocketAddr, path: &str, expect: u16) 
         .header(hyper::header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())
         .context("building the request")?;
+    // The connection is driven here rather than in a task of its own, so that a probe that
+    // times out leaves nothing behind. It may finish (server closes) in the same poll that hands
+    // over the response, so the response is still awaited after it.
     let mut conn = std::pin::pin!(conn);
+    let mut response = std::pin::pin!(sender.send_request(request));
     let response = tokio::select! {
-        r = sender.send_request(request) => r.context("HTTP GET")?,
+        biased;
+        r = &mut response => r.context("HTTP GET")?,
         r = &mut conn => {
             r.context("HTTP connection")?;
-            bail!("connection closed before a response");
+            response.await.context("HTTP GET")?
         }
     };
     let status = response.status().as_u16();
@@ -201,5 +206,73 @@ mod tests {
         probe_once(addr, &HealthCheck::Tcp(PROBE)).await.unwrap();
         drop(listener);
         assert!(probe_once(addr, &HealthCheck::Tcp(PROBE)).await.is_err());
+    }
+
+    /// A node whose one service has one TCP-checked backend at `addr`.
+    fn node_with_backend(addr: SocketAddr) -> (Arc<NodeState>, ServiceSet) {
+        let set = ServiceSet {
+            version: 1,
+            maglev: dataplane::sched::MaglevParams::default(),
+            services: vec![crate::config::Service {
+                config: dataplane::ServiceConfig {
+                    vip: "198.18.100.1:80".parse().unwrap(),
+                    proto: dataplane::L4Proto::Tcp,
+                    scheduler: dataplane::sched::SchedulerKind::Wrr,
+                    timeouts: dataplane::Timeouts::default(),
+                    toa: false,
+                    backends: vec![dataplane::BackendConfig {
+                        addr,
+                        weight: 1,
+                        healthy: true,
+                    }],
+                },
+                health: HealthCheck::Tcp(PROBE),
+            }],
+        };
+        let engine = dataplane::Engine::new(
+            dataplane::EngineConfig {
+                local_addrs: vec!["198.19.200.1".parse().unwrap()],
+                ..Default::default()
+            },
+            dataplane::Snapshot::empty(),
+        )
+        .unwrap();
+        let state = NodeState::new("t".to_owned(), engine, Arc::new(set.clone())).unwrap();
+        (Arc::new(state), set)
+    }
+
+    /// Waits until the backend's health is `up`, for at most two seconds.
+    async fn wait_for(state: &NodeState, up: bool) -> Duration {
+        let start = tokio::time::Instant::now();
+        while state.status().backends_down() == usize::from(up) {
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "backend never became up={up}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        start.elapsed()
+    }
+
+    #[tokio::test]
+    async fn test_backend_goes_down_after_fall_and_up_after_rise() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (state, set) = node_with_backend(addr);
+        let mut tasks = JoinSet::new();
+        spawn_checkers(&set, &state, &mut tasks);
+
+        tokio::time::sleep(PROBE.interval * 3).await;
+        assert_eq!(state.status().backends_down(), 0);
+        drop(listener);
+        let took = wait_for(&state, false).await;
+        // Three failures in a row: the first probe after the drop and two intervals more.
+        assert!(took >= PROBE.interval * 2, "down after {took:?}");
+
+        let _listener = TcpListener::bind(addr).await.unwrap();
+        let took = wait_for(&state, true).await;
+        assert!(took >= PROBE.interval, "up after {took:?}");
+        assert_eq!(state.engine().snapshot().version(), 1);
+        tasks.shutdown().await;
     }
 }
