@@ -593,3 +593,87 @@ fn check_health(key: &str, h: HealthFile) -> Result<HealthCheck, Invalid> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = "[node]\nname = \"n1\"\nlocal_addrs = [\"198.19.200.1\"]\n";
+    const SVC: &str = "[[service]]\nvip = \"198.18.100.1:80\"\nproto = \"tcp\"\n";
+
+    fn error(text: &str) -> String {
+        let e = parse(text, 1).unwrap_err();
+        format!("{}: {}", e.key.unwrap_or_default(), e.reason)
+    }
+
+    #[test]
+    fn test_defaults() {
+        let c = parse(&format!("{NODE}{SVC}"), 7).unwrap();
+        assert_eq!(c.node.tun, "lbc0");
+        assert_eq!(c.node.local_ports, 1024..=65535);
+        assert_eq!(c.admin.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.services.version, 7);
+        assert_eq!(c.services.maglev, MaglevParams::default());
+        assert_eq!(c.services.services[0].health, HealthCheck::None);
+    }
+
+    #[test]
+    fn test_node_errors() {
+        let lips = |l: &str| format!("[node]\nname = \"n1\"\nlocal_addrs = {l}\n");
+        assert_eq!(
+            error(&lips("[]")),
+            "node.local_addrs: needs at least one local address (LIP)"
+        );
+        assert_eq!(
+            error(&lips("[\"198.19.200.1\", \"198.19.200.1\"]")),
+            "node.local_addrs: 198.19.200.1 is listed twice"
+        );
+        assert_eq!(
+            error(&format!("{NODE}local_ports = [2000, 1000]\n")),
+            "node.local_ports: [2000, 1000] is not a range of ports from 1 to 65535, first <= last"
+        );
+    }
+
+    #[test]
+    fn test_service_errors() {
+        assert_eq!(
+            error(&format!("{NODE}{SVC}timeouts = {{ established = 0 }}\n")),
+            "service[198.18.100.1:80/tcp].timeouts.established: must be greater than 0 seconds"
+        );
+        assert_eq!(
+            error(&format!(
+                "{NODE}{SVC}health = {{ kind = \"tcp\", interval_ms = 500, timeout_ms = 500 }}\n"
+            )),
+            "service[198.18.100.1:80/tcp].health.timeout_ms: 500 must be less than interval_ms (500)"
+        );
+        assert_eq!(
+            error(&format!(
+                "{NODE}{SVC}health = {{ kind = \"tcp\", path = \"/\" }}\n"
+            )),
+            "service[198.18.100.1:80/tcp].health.path: applies only to kind = \"http\""
+        );
+        assert_eq!(
+            error(&format!(
+                "{NODE}{SVC}[[service.backend]]\naddr = \"[2001:db8::1]:80\"\n"
+            )),
+            "service[198.18.100.1:80/tcp].backend[[2001:db8::1]:80].addr: is IPv6, the VIP is IPv4"
+        );
+        assert_eq!(
+            error(&format!(
+                "{NODE}{SVC}[[service.backend]]\naddr = \"198.18.3.1:80\"\n\
+                 [[service.backend]]\naddr = \"198.18.3.1:80\"\n"
+            )),
+            "service[198.18.100.1:80/tcp].backend[198.18.3.1:80]: listed twice in this service"
+        );
+        assert_eq!(
+            error(&format!("{NODE}[maglev]\ntable_size = 100\n{SVC}")),
+            "maglev.table_size: maglev table size 100 is not a prime number"
+        );
+    }
+
+    #[test]
+    fn test_line_col() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+}

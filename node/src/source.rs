@@ -71,3 +71,43 @@ impl ServiceSource for ConfigFileSource {
         self.tx.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = "[node]\nname = \"n1\"\nlocal_addrs = [\"198.19.200.1\"]\n";
+    const SVC: &str = "[[service]]\nvip = \"198.18.100.1:80\"\nproto = \"tcp\"\n\
+                       [[service.backend]]\naddr = \"198.18.3.10:80\"\n";
+
+    #[test]
+    fn test_reload_publishes_changed_services_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, format!("{NODE}{SVC}")).unwrap();
+        let mut source = ConfigFileSource::new(path.clone(), config::load(&path, 1).unwrap());
+        let mut rx = source.subscribe();
+        rx.borrow_and_update();
+
+        assert_eq!(source.reload().unwrap(), Reloaded::Unchanged);
+        assert!(!rx.has_changed().unwrap());
+
+        std::fs::write(&path, format!("{NODE}{SVC}weight = 5\n")).unwrap();
+        assert_eq!(source.reload().unwrap(), Reloaded::Services { version: 2 });
+        let set = rx.borrow_and_update().clone();
+        assert_eq!(
+            (set.version, set.services[0].config.backends[0].weight),
+            (2, 5)
+        );
+
+        std::fs::write(&path, format!("{}{SVC}", NODE.replace("n1", "n2"))).unwrap();
+        let e = source.reload().unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "[node] or [admin] changed; they take a restart, services were not reloaded"
+            ),
+            "{e}"
+        );
+        assert!(!rx.has_changed().unwrap());
+    }
+}
