@@ -12,3 +12,4 @@
 //! the node uplinks), `procps` (sysctl, kill).
 
 pub mod backend;
+pub mod lab;
