@@ -49,6 +49,12 @@ pub const MAX_PREFIX_LEN: usize = 24;
 /// Timeout of the client helpers ([`Lab::http_get`], [`Lab::tcp_echo`], [`Lab::udp_echo`]).
 const CLIENT_TIMEOUT_MS: &str = "3000";
 
+/// The router's addresses on the client and backend subnets.
+const CLIENT_GW: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 1));
+const CLIENT_GW6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1));
+const BACKEND_GW: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 1);
+const BACKEND_GW6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 1);
+
 /// What to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LabSpec {
@@ -192,8 +198,9 @@ fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
-fn ip(args: &[&str]) -> Result<Output> {
-    run(Command::new("ip").args(args))
+/// `ip <args>`, the arguments split on whitespace (lab names and addresses have none).
+fn ip(args: &str) -> Result<Output> {
+    run(Command::new("ip").args(args.split_whitespace()))
 }
 
 /// The `lab-backend` binary: `$LBC_LAB_BACKEND`, else next to the running executable or one
@@ -240,7 +247,7 @@ fn check_tools() -> Result<()> {
 
 /// Names of the namespaces that exist and belong to `prefix`.
 fn namespaces_with_prefix(prefix: &str) -> Result<Vec<String>> {
-    let list = ip(&["netns", "list"])?;
+    let list = ip("netns list")?;
     let start = format!("{prefix}-");
     Ok(String::from_utf8_lossy(&list.stdout)
         .lines()
@@ -265,8 +272,16 @@ pub fn alive(pid: u32) -> bool {
     })
 }
 
+/// The `ip` family flag and the host route (/32 or /128) for `addr`.
+fn host_route(addr: IpAddr) -> (&'static str, String) {
+    match addr {
+        IpAddr::V4(a) => ("-4", format!("{a}/32")),
+        IpAddr::V6(a) => ("-6", format!("{a}/128")),
+    }
+}
+
 fn pids_in(ns: &str) -> Vec<u32> {
-    ip(&["netns", "pids", ns])
+    ip(&format!("netns pids {ns}"))
         .map(|o| {
             String::from_utf8_lossy(&o.stdout)
                 .split_whitespace()
@@ -325,161 +340,77 @@ impl Lab {
 
     fn build(&mut self, backend_bin: &Path) -> Result<()> {
         for role in self.roles() {
-            let ns = self.ns(&role);
-            ip(&["netns", "add", &ns])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&format!("netns add {}", self.ns(&role)))?;
+            self.ip(&role, "link set lo up")?;
             self.sysctl(
                 &role,
-                &[
-                    "net.ipv4.conf.all.rp_filter=0",
-                    "net.ipv4.conf.default.rp_filter=0",
-                    "net.ipv6.conf.all.accept_dad=0",
-                    "net.ipv6.conf.default.accept_dad=0",
-                ],
+                "net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 \
+                 net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0",
             )?;
         }
         self.sysctl(
             "router",
-            &[
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-                "net.ipv6.conf.default.forwarding=1",
-                "net.ipv4.fib_multipath_hash_policy=1",
-                "net.ipv6.fib_multipath_hash_policy=1",
-            ],
+            "net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
+             net.ipv6.conf.default.forwarding=1 net.ipv4.fib_multipath_hash_policy=1 \
+             net.ipv6.fib_multipath_hash_policy=1",
         )?;
-        let (router, client) = (self.ns("router"), self.ns("client"));
 
-        // client ↔ router
+        // client ↔ router; the default route leads to the router, which knows only the lab
+        let (c4, c6) = (self.client_addr(), self.client_addr6());
         self.veth(
             "client",
             "eth0",
             "client",
-            &[
-                ("198.18.1.10/24", "198.18.1.1/24"),
-                ("2001:db8:1::10/64", "2001:db8:1::1/64"),
-            ],
+            &[(c4.into(), 24, CLIENT_GW), (c6.into(), 64, CLIENT_GW6)],
         )?;
-        ip(&[
-            "-n",
-            &client,
-            "route",
-            "add",
-            "default",
-            "via",
-            "198.18.1.1",
-        ])?;
-        ip(&[
-            "-n",
-            &client,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            "2001:db8:1::1",
-        ])?;
+        self.ip("client", &format!("route add default via {CLIENT_GW}"))?;
+        self.ip("client", &format!("-6 route add default via {CLIENT_GW6}"))?;
 
         // nodes: one-armed, routes to the client and backend subnets only
         for k in 1..=self.spec.nodes {
             let role = format!("n{k}");
-            let (v4, v6) = (
-                format!("{}/24", self.node_uplink(k)),
-                format!("{}/64", self.node_uplink6(k)),
-            );
-            let (gw4, gw6) = (
-                self.node_gateway(k).to_string(),
-                self.node_gateway6(k).to_string(),
-            );
-            self.veth(
-                &role,
-                NODE_UPLINK_IF,
-                &role,
-                &[(&v4, &format!("{gw4}/24")), (&v6, &format!("{gw6}/64"))],
-            )?;
-            let ns = self.ns(&role);
+            let (gw4, gw6) = (self.node_gateway(k), self.node_gateway6(k));
+            let addrs = [
+                (self.node_uplink(k).into(), 24, gw4.into()),
+                (self.node_uplink6(k).into(), 64, gw6.into()),
+            ];
+            self.veth(&role, NODE_UPLINK_IF, &role, &addrs)?;
             for net in ["198.18.1.0/24", "198.18.3.0/24"] {
-                ip(&["-n", &ns, "route", "add", net, "via", &gw4])?;
+                self.ip(&role, &format!("route add {net} via {gw4}"))?;
             }
             for net in ["2001:db8:1::/64", "2001:db8:3::/64"] {
-                ip(&["-n", &ns, "-6", "route", "add", net, "via", &gw6])?;
+                self.ip(&role, &format!("-6 route add {net} via {gw6}"))?;
             }
             self.exec(&role, &["ethtool", "-K", NODE_UPLINK_IF, "tx", "off"])?;
         }
 
         // backends: a bridge in the router, one veth per backend
-        ip(&[
-            "-n",
-            &router,
-            "link",
-            "add",
-            "backends",
-            "type",
-            "bridge",
-            "forward_delay",
-            "0",
-        ])?;
-        ip(&[
-            "-n",
-            &router,
-            "addr",
-            "add",
-            "198.18.3.1/24",
-            "dev",
-            "backends",
-        ])?;
-        ip(&[
-            "-n",
-            &router,
-            "addr",
-            "add",
-            "2001:db8:3::1/64",
-            "dev",
-            "backends",
-            "nodad",
-        ])?;
-        ip(&["-n", &router, "link", "set", "backends", "up"])?;
+        self.ip("router", "link add backends type bridge forward_delay 0")?;
+        self.ip("router", &format!("addr add {BACKEND_GW}/24 dev backends"))?;
+        self.ip(
+            "router",
+            &format!("addr add {BACKEND_GW6}/64 dev backends nodad"),
+        )?;
+        self.ip("router", "link set backends up")?;
         for j in 1..=self.spec.backends {
             let role = format!("b{j}");
             let ns = self.ns(&role);
-            ip(&[
-                "-n", &router, "link", "add", &role, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
-            ])?;
-            ip(&[
-                "-n", &router, "link", "set", &role, "master", "backends", "up",
-            ])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/24", self.backend_addr(j)),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/64", self.backend_addr6(j)),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &ns, "route", "add", "default", "via", "198.18.3.1"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                "2001:db8:3::1",
-            ])?;
+            self.ip(
+                "router",
+                &format!("link add {role} type veth peer name eth0 netns {ns}"),
+            )?;
+            self.ip("router", &format!("link set {role} master backends up"))?;
+            self.ip(
+                &role,
+                &format!("addr add {}/24 dev eth0", self.backend_addr(j)),
+            )?;
+            self.ip(
+                &role,
+                &format!("addr add {}/64 dev eth0 nodad", self.backend_addr6(j)),
+            )?;
+            self.ip(&role, "link set eth0 up")?;
+            self.ip(&role, &format!("route add default via {BACKEND_GW}"))?;
+            self.ip(&role, &format!("-6 route add default via {BACKEND_GW6}"))?;
         }
         for j in 1..=self.spec.backends {
             let role = format!("b{j}");
@@ -501,26 +432,40 @@ impl Lab {
         Ok(())
     }
 
+    /// `ip -n <role's namespace> <args>` (arguments split on whitespace).
+    fn ip(&self, role: &str, args: &str) -> Result<Output> {
+        ip(&format!("-n {} {args}", self.ns(role)))
+    }
+
     /// A veth pair from `role`'s `inner` interface to the router's `outer` interface, with
-    /// (inner, outer) address pairs, both ends up.
-    fn veth(&self, role: &str, inner: &str, outer: &str, addrs: &[(&str, &str)]) -> Result<()> {
-        let (ns, router) = (self.ns(role), self.ns("router"));
-        ip(&[
-            "-n", &router, "link", "add", outer, "type", "veth", "peer", "name", inner, "netns",
-            &ns,
-        ])?;
-        for (a, b) in addrs {
-            ip(&["-n", &ns, "addr", "add", a, "dev", inner, "nodad"])?;
-            ip(&["-n", &router, "addr", "add", b, "dev", outer, "nodad"])?;
+    /// (inner address, prefix length, router address) triples, both ends up.
+    fn veth(
+        &self,
+        role: &str,
+        inner: &str,
+        outer: &str,
+        addrs: &[(IpAddr, u8, IpAddr)],
+    ) -> Result<()> {
+        let ns = self.ns(role);
+        self.ip(
+            "router",
+            &format!("link add {outer} type veth peer name {inner} netns {ns}"),
+        )?;
+        for (addr, len, router_addr) in addrs {
+            self.ip(role, &format!("addr add {addr}/{len} dev {inner} nodad"))?;
+            self.ip(
+                "router",
+                &format!("addr add {router_addr}/{len} dev {outer} nodad"),
+            )?;
         }
-        ip(&["-n", &ns, "link", "set", inner, "up"])?;
-        ip(&["-n", &router, "link", "set", outer, "up"])?;
+        self.ip(role, &format!("link set {inner} up"))?;
+        self.ip("router", &format!("link set {outer} up"))?;
         Ok(())
     }
 
-    fn sysctl(&self, role: &str, settings: &[&str]) -> Result<()> {
+    fn sysctl(&self, role: &str, settings: &str) -> Result<()> {
         let mut cmd = vec!["sysctl", "-qw"];
-        cmd.extend_from_slice(settings);
+        cmd.extend(settings.split_whitespace());
         self.exec(role, &cmd)?;
         Ok(())
     }
@@ -677,49 +622,30 @@ impl Lab {
             "nodes {nodes:?} not all in 1..={}",
             self.spec.nodes
         );
-        let router = self.ns("router");
-        let (family, dst) = match addr {
-            IpAddr::V4(a) => ("-4", format!("{a}/32")),
-            IpAddr::V6(a) => ("-6", format!("{a}/128")),
-        };
-        let gateways: Vec<String> = nodes
+        let (family, dst) = host_route(addr);
+        let via: Vec<String> = nodes
             .iter()
             .map(|&k| match addr {
-                IpAddr::V4(_) => self.node_uplink(k).to_string(),
-                IpAddr::V6(_) => self.node_uplink6(k).to_string(),
+                IpAddr::V4(_) => format!("nexthop via {}", self.node_uplink(k)),
+                IpAddr::V6(_) => format!("nexthop via {}", self.node_uplink6(k)),
             })
             .collect();
-        let mut cmd = vec!["-n", &router, family, "route", "replace", &dst];
-        if let [gw] = gateways.as_slice() {
-            cmd.extend(["via", gw]);
-        } else {
-            for gw in &gateways {
-                cmd.extend(["nexthop", "via", gw]);
-            }
-        }
-        ip(&cmd)?;
+        let via = via.join(" ");
+        // A single "nexthop via X" is a plain route via X.
+        self.ip("router", &format!("{family} route replace {dst} {via}"))?;
         Ok(())
     }
 
     /// Removes the router's route to `addr` (installed by [`Lab::route_to_node`]).
     pub fn unroute(&self, addr: IpAddr) -> Result<()> {
-        let (family, dst) = match addr {
-            IpAddr::V4(a) => ("-4", format!("{a}/32")),
-            IpAddr::V6(a) => ("-6", format!("{a}/128")),
-        };
-        ip(&["-n", &self.ns("router"), family, "route", "del", &dst])?;
+        let (family, dst) = host_route(addr);
+        self.ip("router", &format!("{family} route del {dst}"))?;
         Ok(())
     }
 
-    /// The router's routing table for `addr`'s family (`ip route show`).
+    /// The router's IPv4 or IPv6 routing table (`ip route show`).
     pub fn router_routes(&self, v6: bool) -> Result<String> {
-        let out = ip(&[
-            "-n",
-            &self.ns("router"),
-            if v6 { "-6" } else { "-4" },
-            "route",
-            "show",
-        ])?;
+        let out = self.ip("router", if v6 { "-6 route show" } else { "-4 route show" })?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
@@ -839,7 +765,7 @@ impl Lab {
             while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            if let Err(e) = ip(&["netns", "del", ns]) {
+            if let Err(e) = ip(&format!("netns del {ns}")) {
                 errors.push(e.to_string());
             }
         }
@@ -864,7 +790,7 @@ impl Lab {
         for ns in namespaces_with_prefix(prefix)? {
             let pids: Vec<String> = pids_in(&ns).iter().map(u32::to_string).collect();
             s += &format!("{ns}  pids: [{}]\n", pids.join(" "));
-            let addrs = ip(&["-n", &ns, "-br", "addr", "show"])?;
+            let addrs = ip(&format!("-n {ns} -br addr show"))?;
             for line in String::from_utf8_lossy(&addrs.stdout).lines() {
                 s += &format!("    {line}\n");
             }
