@@ -229,6 +229,12 @@ fn nothing_remains_after_drop_or_down() {
     let lab = up(2, 2);
     let prefix = lab.prefix().to_owned();
     let node_process = lab.spawn("n1", &["sleep", "600"]).unwrap();
+    let short = lab.spawn("client", &["sh", "-c", "echo done"]).unwrap();
+    let status = short.wait_timeout(std::time::Duration::from_secs(5));
+    assert!(status.is_some_and(|s| s.success()));
+    assert_eq!(short.log(), "done\n");
+    // A stopped (hung) process is killed as well.
+    node_process.signal("STOP").unwrap();
     let mut pids: Vec<u32> = lab.backend_processes().iter().map(|p| p.pid()).collect();
     pids.push(node_process.pid());
     // The handle outlives the lab: the lab still kills the process.
