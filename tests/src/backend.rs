@@ -272,17 +272,21 @@ pub fn tcp_echo(addr: SocketAddr, message: &[u8], timeout: Duration) -> Result<V
     answer.with_context(|| format!("tcp echo with {addr}"))
 }
 
-/// Sends `message` to the UDP echo server at `addr` (up to 3 tries) and returns the answer.
+/// Sends `message` to the UDP echo server at `addr`, again every 200 ms until an answer comes or
+/// `timeout` passes (a first datagram can be lost while neighbours are resolved), and returns
+/// the answer.
 pub fn udp_echo(addr: SocketAddr, message: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+    const RESEND: Duration = Duration::from_millis(200);
     let local: IpAddr = match addr {
         SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
         SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
     };
     let socket = UdpSocket::bind((local, 0))?;
     socket.connect(addr)?;
-    socket.set_read_timeout(Some(timeout / 3))?;
+    socket.set_read_timeout(Some(RESEND))?;
+    let deadline = std::time::Instant::now() + timeout;
     let mut buf = vec![0u8; 65536];
-    for _ in 0..3 {
+    while std::time::Instant::now() < deadline {
         socket.send(message)?;
         match socket.recv(&mut buf) {
             Ok(n) => return Ok(buf[..n].to_vec()),
