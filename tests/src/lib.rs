@@ -1,3 +1,15 @@
-//! The lab: network-namespace topologies for end-to-end tests and the demo.
+//! The lab: network-namespace topologies for end-to-end tests and the demo (DESIGN §9).
 //!
-//! Empty until the node issue lands; the crate exists so the workspace layering is fixed now.
+//! * [`lab`] builds and removes the topology (client, router, N one-armed nodes, M backends
+//!   behind the router) and runs processes inside it.
+//! * [`backend`] is the real server the lab runs in every backend namespace (HTTP on 8080, TCP
+//!   echo on 9000, UDP echo on 5353) and the matching clients; the `lab-backend` binary wraps it.
+//!
+//! Binaries: `lbcluster-lab` (`up`, `down`, `status`) and `lab-backend` (`serve`, `http-get`,
+//! `tcp-echo`, `udp-echo`).
+//!
+//! Needs root and these Debian packages: `iproute2` (ip), `ethtool` (tx checksum offload off on
+//! the node uplinks), `procps` (sysctl, kill).
+
+pub mod backend;
+pub mod lab;

@@ -1,0 +1,387 @@
+//! The lab's real server and its clients (std threads, no runtime).
+//!
+//! The server answers, on one dual-stack socket per service:
+//! * HTTP/1.1 (keep-alive) on [`HTTP_PORT`]: `GET /` → the backend's name and a newline,
+//!   `GET /bytes/N` → N bytes, `GET /whoami` → the TCP peer address the server sees (under
+//!   Full-NAT a LIP and port), e.g. `198.19.200.1:40001`.
+//! * TCP echo on [`TCP_ECHO_PORT`] (echoes until the peer half-closes, then closes).
+//! * UDP echo on [`UDP_ECHO_PORT`].
+//!
+//! It logs every TCP connection's peer address to stderr. TOA is not parsed (that needs the raw
+//! SYN).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+
+/// HTTP port of every lab backend.
+pub const HTTP_PORT: u16 = 8080;
+/// TCP echo port of every lab backend.
+pub const TCP_ECHO_PORT: u16 = 9000;
+/// UDP echo port of every lab backend.
+pub const UDP_ECHO_PORT: u16 = 5353;
+
+/// The ports a [`Backend`] binds (0 = any free port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    pub http: u16,
+    pub tcp_echo: u16,
+    pub udp_echo: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self {
+            http: HTTP_PORT,
+            tcp_echo: TCP_ECHO_PORT,
+            udp_echo: UDP_ECHO_PORT,
+        }
+    }
+}
+
+/// A bound, not yet running, backend server.
+#[derive(Debug)]
+pub struct Backend {
+    name: Arc<str>,
+    http: TcpListener,
+    tcp_echo: TcpListener,
+    udp_echo: UdpSocket,
+}
+
+impl Backend {
+    /// Binds all three services on `ip` (`::` is dual-stack: IPv4 and IPv6 at once).
+    pub fn bind(name: &str, ip: IpAddr, ports: Ports) -> io::Result<Self> {
+        Ok(Self {
+            name: name.into(),
+            http: TcpListener::bind((ip, ports.http))?,
+            tcp_echo: TcpListener::bind((ip, ports.tcp_echo))?,
+            udp_echo: UdpSocket::bind((ip, ports.udp_echo))?,
+        })
+    }
+
+    /// Binds the default ports on `::` (IPv4 and IPv6).
+    pub fn bind_default(name: &str) -> io::Result<Self> {
+        Self::bind(name, IpAddr::V6(Ipv6Addr::UNSPECIFIED), Ports::default())
+    }
+
+    /// The bound ports.
+    pub fn ports(&self) -> io::Result<Ports> {
+        Ok(Ports {
+            http: self.http.local_addr()?.port(),
+            tcp_echo: self.tcp_echo.local_addr()?.port(),
+            udp_echo: self.udp_echo.local_addr()?.port(),
+        })
+    }
+
+    /// Serves forever on background threads (one per service, one per TCP connection).
+    pub fn start(self) {
+        let Self {
+            name,
+            http,
+            tcp_echo,
+            udp_echo,
+        } = self;
+        let http_name = Arc::clone(&name);
+        thread::spawn(move || accept_loop(&http, &http_name, serve_http));
+        let echo_name = Arc::clone(&name);
+        thread::spawn(move || accept_loop(&tcp_echo, &echo_name, serve_tcp_echo));
+        thread::spawn(move || serve_udp_echo(&udp_echo, &name));
+    }
+}
+
+/// IPv4-mapped IPv6 peers (seen on the dual-stack sockets) shown as plain IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+fn accept_loop(
+    listener: &TcpListener,
+    name: &Arc<str>,
+    serve: fn(TcpStream, &str) -> io::Result<()>,
+) {
+    let service = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                eprintln!("{name}: accept on port {service}: {e}");
+                continue;
+            }
+        };
+        let name = Arc::clone(name);
+        thread::spawn(move || {
+            let peer = stream.peer_addr().map(canonical);
+            if let Ok(peer) = peer {
+                eprintln!("{name}: tcp connection to port {service} from {peer}");
+            }
+            if let Err(e) = serve(stream, &name) {
+                eprintln!("{name}: connection to port {service}: {e}");
+            }
+        });
+    }
+}
+
+fn serve_tcp_echo(stream: TcpStream, _name: &str) -> io::Result<()> {
+    let mut reader = stream.try_clone()?;
+    let mut writer = stream;
+    io::copy(&mut reader, &mut writer)?;
+    writer.shutdown(Shutdown::Write)
+}
+
+fn serve_udp_echo(socket: &UdpSocket, name: &str) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match socket.recv_from(&mut buf) {
+            Ok((n, peer)) => {
+                if let Err(e) = socket.send_to(&buf[..n], peer) {
+                    eprintln!("{name}: udp echo to {}: {e}", canonical(peer));
+                }
+            }
+            Err(e) => eprintln!("{name}: udp receive: {e}"),
+        }
+    }
+}
+
+fn serve_http(stream: TcpStream, name: &str) -> io::Result<()> {
+    let peer = canonical(stream.peer_addr()?);
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        let mut request = String::new();
+        if reader.read_line(&mut request)? == 0 {
+            return Ok(());
+        }
+        let mut parts = request.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let mut close = parts.next() != Some("HTTP/1.1");
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header)? == 0 {
+                return Ok(());
+            }
+            let header = header.trim();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((key, value)) = header.split_once(':')
+                && key.trim().eq_ignore_ascii_case("connection")
+                && value.trim().eq_ignore_ascii_case("close")
+            {
+                close = true;
+            }
+        }
+        match (method, path) {
+            ("GET", "/") => respond(&mut out, "200 OK", format!("{name}\n").as_bytes(), close)?,
+            ("GET", "/whoami") => {
+                respond(&mut out, "200 OK", format!("{peer}\n").as_bytes(), close)?
+            }
+            ("GET", p) if p.starts_with("/bytes/") => match p["/bytes/".len()..].parse::<u64>() {
+                Ok(n) => respond_bytes(&mut out, n, close)?,
+                Err(_) => respond(&mut out, "400 Bad Request", b"bad byte count\n", close)?,
+            },
+            _ => respond(&mut out, "404 Not Found", b"not found\n", close)?,
+        }
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+fn head(out: &mut TcpStream, status: &str, len: u64, close: bool) -> io::Result<()> {
+    let connection = if close { "Connection: close\r\n" } else { "" };
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len}\r\n{connection}\r\n"
+    )
+}
+
+fn respond(out: &mut TcpStream, status: &str, body: &[u8], close: bool) -> io::Result<()> {
+    head(out, status, body.len() as u64, close)?;
+    out.write_all(body)
+}
+
+fn respond_bytes(out: &mut TcpStream, n: u64, close: bool) -> io::Result<()> {
+    head(out, "200 OK", n, close)?;
+    io::copy(&mut io::repeat(b'x').take(n), out)?;
+    Ok(())
+}
+
+fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let stream =
+        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+/// `GET path` from `addr` (HTTP/1.1, `Connection: close`); the body of a 200 answer.
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Vec<u8>> {
+    let mut stream = connect(addr, timeout)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .with_context(|| format!("read answer from {addr}"))?;
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .with_context(|| format!("no HTTP header in the answer from {addr}"))?;
+    let head = String::from_utf8_lossy(&answer[..split]).into_owned();
+    let body = answer.split_off(split + 4);
+    let status = head.lines().next().unwrap_or_default();
+    if !status.starts_with("HTTP/1.1 200 ") {
+        bail!("GET {path} from {addr}: {status}");
+    }
+    let length = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+    ensure!(
+        length == Some(body.len()),
+        "GET {path} from {addr}: body of {} bytes, Content-Length {length:?}",
+        body.len()
+    );
+    Ok(body)
+}
+
+/// Sends `message` to the TCP echo server at `addr`, half-closes, and returns what came back.
+pub fn tcp_echo(addr: SocketAddr, message: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+    let mut stream = connect(addr, timeout)?;
+    let mut writer = stream.try_clone()?;
+    let answer = thread::scope(|s| {
+        // Write from a second thread: a large message would otherwise fill both socket buffers.
+        let sent = s.spawn(move || {
+            writer.write_all(message)?;
+            writer.shutdown(Shutdown::Write)
+        });
+        let mut answer = Vec::new();
+        let read = stream.read_to_end(&mut answer);
+        let sent = sent
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("writer panicked")));
+        sent.and(read).map(|_| answer)
+    });
+    answer.with_context(|| format!("tcp echo with {addr}"))
+}
+
+/// Sends `message` to the UDP echo server at `addr`, again every 200 ms until an answer comes or
+/// `timeout` passes (a first datagram can be lost while neighbours are resolved), and returns
+/// the answer.
+pub fn udp_echo(addr: SocketAddr, message: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+    const RESEND: Duration = Duration::from_millis(200);
+    let local: IpAddr = match addr {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let socket = UdpSocket::bind((local, 0))?;
+    socket.connect(addr)?;
+    socket.set_read_timeout(Some(RESEND))?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; 65536];
+    while std::time::Instant::now() < deadline {
+        socket.send(message)?;
+        match socket.recv(&mut buf) {
+            Ok(n) => return Ok(buf[..n].to_vec()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e).with_context(|| format!("udp echo from {addr}")),
+        }
+    }
+    bail!("no udp echo from {addr} within {timeout:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    const T: Duration = Duration::from_secs(3);
+
+    fn start(name: &str) -> (SocketAddr, SocketAddr, SocketAddr) {
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let backend = Backend::bind(
+            name,
+            ip,
+            Ports {
+                http: 0,
+                tcp_echo: 0,
+                udp_echo: 0,
+            },
+        )
+        .unwrap();
+        let ports = backend.ports().unwrap();
+        backend.start();
+        (
+            SocketAddr::new(ip, ports.http),
+            SocketAddr::new(ip, ports.tcp_echo),
+            SocketAddr::new(ip, ports.udp_echo),
+        )
+    }
+
+    #[test]
+    fn http_answers_name_bytes_whoami_and_404() {
+        let (http, _, _) = start("b7");
+        assert_eq!(http_get(http, "/", T).unwrap(), b"b7\n");
+        let bytes = http_get(http, "/bytes/100000", T).unwrap();
+        assert_eq!(bytes.len(), 100_000);
+        assert!(bytes.iter().all(|&b| b == b'x'));
+        assert_eq!(http_get(http, "/bytes/0", T).unwrap(), b"");
+        let whoami = String::from_utf8(http_get(http, "/whoami", T).unwrap()).unwrap();
+        let seen: SocketAddr = whoami.trim().parse().unwrap();
+        assert_eq!(seen.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let err = http_get(http, "/nothing", T).unwrap_err().to_string();
+        assert!(err.contains("404"), "{err}");
+        assert!(
+            http_get(http, "/bytes/x", T)
+                .unwrap_err()
+                .to_string()
+                .contains("400")
+        );
+    }
+
+    #[test]
+    fn http_keeps_the_connection_alive() {
+        let (http, _, _) = start("b1");
+        let mut stream = connect(http, T).unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /bytes/3 HTTP/1.1\r\n\r\n")
+            .unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut all = String::new();
+        stream.read_to_string(&mut all).unwrap();
+        assert_eq!(all.matches("HTTP/1.1 200 OK").count(), 3, "{all}");
+        assert!(all.ends_with("Connection: close\r\n\r\nb1\n"), "{all}");
+        assert!(all.contains("\r\n\r\nxxx"), "{all}");
+    }
+
+    #[test]
+    fn tcp_and_udp_echo() {
+        let (_, echo, udp) = start("b2");
+        assert_eq!(tcp_echo(echo, b"hello", T).unwrap(), b"hello");
+        let big = vec![7u8; 300_000];
+        assert_eq!(tcp_echo(echo, &big, T).unwrap(), big);
+        assert_eq!(udp_echo(udp, b"ping", T).unwrap(), b"ping");
+    }
+
+    #[test]
+    fn dual_stack_socket_reports_ipv4_peers_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:198.18.1.10]:4000".parse().unwrap();
+        assert_eq!(
+            canonical(mapped),
+            "198.18.1.10:4000".parse::<SocketAddr>().unwrap()
+        );
+    }
+}

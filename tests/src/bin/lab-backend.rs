@@ -1,0 +1,61 @@
+//! `lab-backend`: the real server the lab runs in every backend namespace, and its clients.
+//!
+//! * `lab-backend serve --name b1` — HTTP on 8080, TCP echo on 9000, UDP echo on 5353, on `::`
+//!   (IPv4 and IPv6); prints `ready` on stdout once every socket is bound, logs each TCP
+//!   connection's peer to stderr.
+//! * `lab-backend http-get ADDR PATH` — prints the body of a 200 answer (fails otherwise).
+//! * `lab-backend tcp-echo ADDR MESSAGE`, `lab-backend udp-echo ADDR MESSAGE` — print the echo.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use tests::backend::{self, Backend};
+
+#[derive(Debug, Parser)]
+#[command(about = "The lab's backend server and its clients")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Client timeout in milliseconds.
+    #[arg(long, global = true, default_value_t = 3000)]
+    timeout_ms: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve HTTP (8080), TCP echo (9000) and UDP echo (5353) on all addresses.
+    Serve {
+        /// The name `GET /` answers with.
+        #[arg(long)]
+        name: String,
+    },
+    /// GET a path and print the body.
+    HttpGet { addr: SocketAddr, path: String },
+    /// Send a message to a TCP echo server and print the answer.
+    TcpEcho { addr: SocketAddr, message: String },
+    /// Send a message to a UDP echo server and print the answer.
+    UdpEcho { addr: SocketAddr, message: String },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let timeout = Duration::from_millis(cli.timeout_ms);
+    let output = match cli.command {
+        Command::Serve { name } => {
+            Backend::bind_default(&name)?.start();
+            println!("ready");
+            std::io::stdout().flush()?;
+            loop {
+                std::thread::park();
+            }
+        }
+        Command::HttpGet { addr, path } => backend::http_get(addr, &path, timeout)?,
+        Command::TcpEcho { addr, message } => backend::tcp_echo(addr, message.as_bytes(), timeout)?,
+        Command::UdpEcho { addr, message } => backend::udp_echo(addr, message.as_bytes(), timeout)?,
+    };
+    std::io::stdout().write_all(&output)?;
+    Ok(())
+}
