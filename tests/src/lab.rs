@@ -659,8 +659,12 @@ impl Lab {
 
     /// `GET path` from `addr`, run inside `role`'s namespace; the body of a 200 answer.
     pub fn http_get(&self, role: &str, addr: SocketAddr, path: &str) -> Result<String> {
-        let body = self.client_tool(role, &["http-get", &addr.to_string(), path])?;
-        String::from_utf8(body).context("HTTP body is not UTF-8")
+        String::from_utf8(self.http_get_bytes(role, addr, path)?).context("HTTP body is not UTF-8")
+    }
+
+    /// Like `http_get`, for bodies that are not text (`/bytes/N`).
+    pub fn http_get_bytes(&self, role: &str, addr: SocketAddr, path: &str) -> Result<Vec<u8>> {
+        self.client_tool(role, &["http-get", &addr.to_string(), path])
     }
 
     /// Sends `message` to a TCP echo server from `role`'s namespace; what came back.
