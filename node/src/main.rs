@@ -1,6 +1,8 @@
 //! The `lbcluster` binary. Until the node daemon lands it has one command, `replay`, which runs
 //! the Full-NAT engine over a built-in packet trace and prints what the engine did.
 
+#[path = "io/mod.rs"]
+mod packet_io; // `io` would clash with `use std::io`.
 mod render;
 mod replay;
 
