@@ -479,51 +479,68 @@ fn test_tcp_echo_1mb_through_tun_with_offloads() {
     dp.stop().unwrap();
 }
 
-/// Throughput of one TCP stream client → VIP → backend through the TUN (needs iperf3):
+/// Throughput of one TCP stream client → VIP → backend through the TUN (needs iperf3), with
+/// checksum offload off and on on the node's veths, one and two queues:
 /// `cargo test -p node --release -- --ignored --nocapture tcp_throughput`.
 #[test]
 #[ignore = "measurement, needs iperf3"]
 fn test_tcp_throughput_iperf3() {
     let t = topo();
-    let dp = start_in(&t.node, spec(0), engine()).unwrap();
-    let mut server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &t.backend,
-            "iperf3",
-            "-s",
-            "-1",
-            "-B",
-            "198.18.3.10",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let started = Instant::now();
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &t.client,
-            "iperf3",
-            "-c",
-            "198.18.100.1",
-            "-t",
-            "5",
-        ])
-        .output()
-        .unwrap();
-    let _ = server.wait();
-    println!("{}", String::from_utf8_lossy(&out.stdout));
-    let io = total(&dp.stats().workers);
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "{io:?}\n{:.0} reads/s, {:.0} bytes per read",
-        io.packets_read as f64 / secs,
-        io.bytes_read as f64 / io.packets_read.max(1) as f64
-    );
-    dp.stop().unwrap();
-    assert!(out.status.success());
+    for tx in ["off", "on"] {
+        for dev in ["c0", "b0"] {
+            let _ = Command::new("ip")
+                .args(["netns", "exec", &t.node, "ethtool", "-K", dev, "tx", tx])
+                .output();
+        }
+        for queues in [1, 2] {
+            let dp = start_in(&t.node, spec(queues), engine()).unwrap();
+            let mut server = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &t.backend,
+                    "iperf3",
+                    "-s",
+                    "-1",
+                    "-B",
+                    "198.18.3.10",
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            let started = Instant::now();
+            let out = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &t.client,
+                    "iperf3",
+                    "-c",
+                    "198.18.100.1",
+                    "-t",
+                    "4",
+                ])
+                .output()
+                .unwrap();
+            let _ = server.wait();
+            let secs = started.elapsed().as_secs_f64();
+            let io = total(&dp.stats().workers);
+            dp.stop().unwrap();
+            assert!(out.status.success());
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let receiver = stdout
+                .lines()
+                .find(|l| l.ends_with("receiver"))
+                .unwrap_or("");
+            println!(
+                "tx {tx}, {queues} queue(s): {receiver}\n  {:.0} reads/s, {:.0} bytes per read, \
+                 {} of {} reads GSO",
+                io.packets_read as f64 / secs,
+                io.bytes_read as f64 / io.packets_read.max(1) as f64,
+                io.gso_packets,
+                io.packets_read
+            );
+        }
+    }
 }
