@@ -544,3 +544,56 @@ fn test_tcp_throughput_iperf3() {
         }
     }
 }
+
+/// Drops CAP_NET_ADMIN from the calling thread's effective set (capabilities are per thread).
+fn drop_net_admin() {
+    const CAP_NET_ADMIN: u32 = 12;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // _LINUX_CAPABILITY_VERSION_3: two data words; pid 0 is the calling thread.
+    let mut hdr = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capget writes one header and two data structs of exactly these layouts.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut hdr as *mut Header, data.as_mut_ptr()) };
+    assert_eq!(r, 0, "capget");
+    data[0].effective &= !(1 << CAP_NET_ADMIN);
+    // SAFETY: capset reads one header and two data structs of exactly these layouts.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) };
+    assert_eq!(r, 0, "capset");
+}
+
+#[test]
+fn test_start_without_cap_net_admin_fails_clearly() {
+    let t = topo();
+    let ns = netns(&t.node);
+    let err = std::thread::spawn(move || {
+        ns.enter().unwrap();
+        drop_net_admin();
+        start(&spec(1), engine()).unwrap_err()
+    })
+    .join()
+    .unwrap();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.starts_with("creating TUN device lbc0 is not permitted: it needs CAP_NET_ADMIN"),
+        "{msg}"
+    );
+    assert!(!ip_shows(&t.node, "link show lbc0"));
+}
