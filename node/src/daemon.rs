@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::packet_io::{self, DataplaneSpec};
 use crate::source::{ConfigFileSource, Reloaded, ServiceSource};
 use crate::state::NodeState;
 use crate::{admin, clock, config, health, metrics};
@@ -78,6 +79,11 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
     )
     .context("starting the engine")?;
     let node_name = config.node.name.clone();
+    let dataplane_spec = DataplaneSpec {
+        tun_name: config.node.tun.clone(),
+        queues: config.node.workers,
+        routes: dataplane_routes(&config),
+    };
     let mut source = ConfigFileSource::new(config_path, config);
     let mut services = source.subscribe();
     let state = Arc::new(NodeState::new(
@@ -86,7 +92,10 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
         services.borrow_and_update().clone(),
     )?);
 
-    // Packet I/O starts here (crate::io), wired when the io module lands.
+    let dataplane =
+        tokio::task::block_in_place(|| packet_io::start(&dataplane_spec, state.engine().clone()))
+            .context("starting packet I/O")?;
+    state.set_dataplane(dataplane);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -134,6 +143,11 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
         }
     }
     stop_tx.send_replace(true);
+    if let Some(dataplane) = state.take_dataplane()
+        && let Err(e) = tokio::task::block_in_place(|| dataplane.stop())
+    {
+        error!("stopping packet I/O: {e:#}");
+    }
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while tasks.join_next().await.is_some() {}
     })
@@ -175,6 +189,17 @@ async fn supervise_health(
         }
     }
     checkers.shutdown().await;
+}
+
+/// Host routes into the TUN device: every LIP and every VIP of the configured services.
+// Services added by a SIGHUP reload get no route until restart; the replicated config (Raft
+// issue) applies routes with every change.
+fn dataplane_routes(config: &config::Config) -> Vec<std::net::IpAddr> {
+    let mut routes = config.node.local_addrs.clone();
+    routes.extend(config.services.services.iter().map(|s| s.config.vip.ip()));
+    routes.sort();
+    routes.dedup();
+    routes
 }
 
 /// A per-process random seed, from the standard library's randomly keyed hasher.

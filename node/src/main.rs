@@ -13,6 +13,7 @@ mod config;
 mod daemon;
 mod health;
 mod metrics;
+mod packet_io;
 mod render;
 mod replay;
 mod source;

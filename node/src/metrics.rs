@@ -19,7 +19,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
-use crate::api::{BackendStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus};
+use crate::api::{BackendStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, WorkerIo};
 use crate::state::NodeState;
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -238,6 +238,38 @@ fn families(s: &NodeStatus) -> Vec<Family> {
             samples: lip(|u| u.capacity),
         },
         Family {
+            name: "lbcluster_io_packets_total",
+            help: "Packets a packet worker read, wrote or saw the engine drop.",
+            kind: Kind::Counter,
+            samples: per_worker(&s.io, |w| {
+                vec![
+                    ("read", w.packets_read),
+                    ("written", w.packets_written),
+                    ("dropped", w.packets_dropped),
+                ]
+            }),
+        },
+        Family {
+            name: "lbcluster_io_read_bytes_total",
+            help: "IP bytes a packet worker read.",
+            kind: Kind::Counter,
+            samples: per_worker(&s.io, |w| vec![("read", w.bytes_read)]),
+        },
+        Family {
+            name: "lbcluster_io_gso_packets_total",
+            help: "Packets read as GSO super-packets (several segments in one read).",
+            kind: Kind::Counter,
+            samples: per_worker(&s.io, |w| vec![("read", w.gso_packets)]),
+        },
+        Family {
+            name: "lbcluster_io_errors_total",
+            help: "Read and write errors of a packet worker.",
+            kind: Kind::Counter,
+            samples: per_worker(&s.io, |w| {
+                vec![("read", w.read_errors), ("write", w.write_errors)]
+            }),
+        },
+        Family {
             name: "lbcluster_config_version",
             help: "Version of the service set the data plane runs.",
             kind: Kind::Gauge,
@@ -250,4 +282,15 @@ fn families(s: &NodeStatus) -> Vec<Family> {
             samples: vec![(vec![], s.uptime_secs)],
         },
     ]
+}
+
+/// One sample per worker and operation, labelled `worker` and `op`.
+fn per_worker(io: &[WorkerIo], f: impl Fn(&WorkerIo) -> Vec<(&'static str, u64)>) -> Vec<Sample> {
+    io.iter()
+        .enumerate()
+        .flat_map(|(i, w)| {
+            f(w).into_iter()
+                .map(move |(op, v)| (vec![("worker", i.to_string()), ("op", op.to_owned())], v))
+        })
+        .collect()
 }

@@ -10,8 +10,11 @@ use anyhow::{Context, Result};
 use dataplane::{Engine, ServiceConfig, ServiceKey, Snapshot};
 use parking_lot::Mutex;
 
-use crate::api::{BackendStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, SessionCounts};
+use crate::api::{
+    BackendStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, SessionCounts, WorkerIo,
+};
 use crate::config::ServiceSet;
+use crate::packet_io::DataplaneHandle;
 
 /// A backend of one service: the same address behind two services is checked twice.
 pub(crate) type BackendKey = (ServiceKey, SocketAddr);
@@ -22,6 +25,8 @@ pub(crate) struct NodeState {
     started: Instant,
     engine: Arc<Engine>,
     services: Mutex<Services>,
+    /// The packet workers, once started; the daemon takes them back to stop them.
+    dataplane: Mutex<Option<DataplaneHandle>>,
 }
 
 #[derive(Debug)]
@@ -49,6 +54,7 @@ impl NodeState {
                 set,
                 down: HashSet::new(),
             }),
+            dataplane: Mutex::new(None),
         };
         state.rebuild(&state.services.lock())?;
         Ok(state)
@@ -56,6 +62,16 @@ impl NodeState {
 
     pub(crate) fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// Hands the running packet workers to the state, so status and metrics can show them.
+    pub(crate) fn set_dataplane(&self, handle: DataplaneHandle) {
+        *self.dataplane.lock() = Some(handle);
+    }
+
+    /// Takes the packet workers back, to stop them.
+    pub(crate) fn take_dataplane(&self) -> Option<DataplaneHandle> {
+        self.dataplane.lock().take()
     }
 
     pub(crate) fn name(&self) -> &str {
@@ -192,6 +208,22 @@ impl NodeState {
                     capacity: u.capacity,
                 })
                 .collect(),
+            io: self.dataplane.lock().as_ref().map_or_else(Vec::new, |d| {
+                d.stats()
+                    .workers
+                    .into_iter()
+                    .map(|w| WorkerIo {
+                        packets_read: w.packets_read,
+                        bytes_read: w.bytes_read,
+                        gso_packets: w.gso_packets,
+                        packets_written: w.packets_written,
+                        packets_dropped: w.packets_dropped,
+                        read_errors: w.read_errors,
+                        write_errors: w.write_errors,
+                        events_drained: w.events_drained,
+                    })
+                    .collect()
+            }),
         }
     }
 }

@@ -1,10 +1,15 @@
-//! Runs the real `lbcluster` binary as a daemon (without packet I/O) and as the CLI that talks
-//! to it, and checks `config check` on good and bad files.
+//! Runs the real `lbcluster` binary as a daemon and as the CLI that talks to it, and checks
+//! `config check` on good and bad files. Each daemon runs in a network namespace of its own
+//! (its TUN device, routes and sysctls stay there); the test reaches its metrics and plays its
+//! backends from inside that namespace. Needs root.
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -102,15 +107,78 @@ fn test_config_check_explains_the_first_error() {
     }
 }
 
-/// A daemon started from a config in its own temp dir; killed when dropped.
+/// A network namespace of this test process, deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Netns {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "lbcd-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        for args in [
+            &["netns", "add", &name][..],
+            &["-n", &name, "link", "set", "lo", "up"],
+        ] {
+            let ok = Command::new("ip")
+                .args(args)
+                .status()
+                .expect("ip runs")
+                .success();
+            assert!(ok, "ip {args:?} failed (these tests need root)");
+        }
+        Netns(name)
+    }
+
+    /// Runs `f` on a thread that has entered the namespace; sockets it creates live there.
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let ns = File::open(format!("/var/run/netns/{}", self.0)).expect("namespace file");
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns on an open namespace fd; it switches only this thread,
+                    // which ends when `f` returns.
+                    let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+                    f()
+                })
+                .join()
+                .expect("thread in namespace")
+        })
+    }
+
+    /// `lbcluster ARGS…` inside the namespace.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.0, env!("CARGO_BIN_EXE_lbcluster")])
+            .args(args);
+        cmd
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A daemon started from a config in its own temp dir and namespace; killed when dropped.
 struct Daemon {
     child: Child,
     dir: tempfile::TempDir,
     metrics: SocketAddr,
+    // Dropped after the child is killed (fields drop in order): the namespace goes last.
+    netns: Netns,
 }
 
 impl Daemon {
     fn start(services: &str) -> Daemon {
+        Daemon::start_in(Netns::new(), services)
+    }
+
+    fn start_in(netns: Netns, services: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let body = format!(
@@ -118,8 +186,8 @@ impl Daemon {
             dir.path().join("lbc.sock").display()
         );
         let config = write_config(dir.path(), &body);
-        let child = Command::new(env!("CARGO_BIN_EXE_lbcluster"))
-            .args(["run", "--config", config.to_str().unwrap()])
+        let child = netns
+            .command(&["run", "--config", config.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -128,6 +196,7 @@ impl Daemon {
             child,
             dir,
             metrics,
+            netns,
         };
         d.wait_until(|| d.socket().exists(), "the admin socket appears");
         d
@@ -238,7 +307,7 @@ fn test_daemon_answers_status_sessions_and_metrics_then_stops_on_sigterm() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["sessions"], Value::Array(vec![]));
 
-    let metrics = http_get(d.metrics, "/metrics");
+    let metrics = d.netns.run(|| http_get(d.metrics, "/metrics"));
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     for needle in [
         "lbcluster_backend_up{vip=\"198.18.100.1\",port=\"80\",proto=\"tcp\",backend=\"198.18.3.10:8080\"} 1",
@@ -275,7 +344,11 @@ fn test_status_exits_3_without_a_daemon() {
 #[test]
 fn test_second_daemon_on_the_same_socket_is_refused() {
     let d = Daemon::start(SERVICE);
-    let out = lbcluster(&["run", "--config", d.config().to_str().unwrap()]);
+    let out = d
+        .netns
+        .command(&["run", "--config", d.config().to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains(&format!(
@@ -294,13 +367,17 @@ fn test_second_daemon_on_the_same_socket_is_refused() {
 
 #[test]
 fn test_status_shows_a_stopped_backend_down_and_exits_1() {
-    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let netns = Netns::new();
+    let backend = netns.run(|| TcpListener::bind("127.0.0.1:0").unwrap());
     let addr = backend.local_addr().unwrap();
-    let d = Daemon::start(&format!(
-        "[[service]]\nvip = \"198.18.100.1:80\"\nproto = \"tcp\"\n\
+    let d = Daemon::start_in(
+        netns,
+        &format!(
+            "[[service]]\nvip = \"198.18.100.1:80\"\nproto = \"tcp\"\n\
          health = {{ kind = \"tcp\", interval_ms = 50, timeout_ms = 40, rise = 1, fall = 2 }}\n\
          [[service.backend]]\naddr = \"{addr}\"\n"
-    ));
+        ),
+    );
     sleep(Duration::from_millis(200));
     assert_eq!(d.cli(&["status"]).status.code(), Some(0));
     drop(backend);

@@ -37,7 +37,10 @@ struct Site {
 
 impl Site {
     fn start(scheduler: &str) -> Result<Site> {
-        let lab = Lab::up(LabSpec { nodes: 1, backends: 2 })?;
+        let lab = Lab::up(LabSpec {
+            nodes: 1,
+            backends: 2,
+        })?;
         let socket = lab.dir().join("n1.sock");
         let (b1, b2) = (lab.backend_addr(1), lab.backend_addr(2));
         let (b1v6, b2v6) = (lab.backend_addr6(1), lab.backend_addr6(2));
@@ -85,10 +88,23 @@ addr = "[{b2v6}]:8080"
         let path = lab.dir().join("n1.toml");
         std::fs::write(&path, config)?;
         let bin = lbcluster_bin()?;
-        let node = lab.spawn("n1", &[&bin.to_string_lossy(), "run", "--config", &path.to_string_lossy()])?;
+        let node = lab.spawn(
+            "n1",
+            &[
+                &bin.to_string_lossy(),
+                "run",
+                "--config",
+                &path.to_string_lossy(),
+            ],
+        )?;
         let site = Site { lab, node, socket };
         site.wait_ready()?;
-        for addr in [IpAddr::V4(VIP), IpAddr::V6(VIP6), IpAddr::V4(LIP), IpAddr::V6(LIP6)] {
+        for addr in [
+            IpAddr::V4(VIP),
+            IpAddr::V6(VIP6),
+            IpAddr::V4(LIP),
+            IpAddr::V6(LIP6),
+        ] {
             site.lab.route_to_node(addr, 1)?;
         }
         Ok(site)
@@ -109,7 +125,10 @@ addr = "[{b2v6}]:8080"
             if !self.node.is_running() {
                 bail!("lbcluster exited:\n{}", self.node.log());
             }
-            if self.status(false).is_ok_and(|o| o.status.code().is_some_and(|c| c < 3)) {
+            if self
+                .status(false)
+                .is_ok_and(|o| o.status.code().is_some_and(|c| c < 3))
+            {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -140,11 +159,18 @@ fn http_round_robin_spreads_over_both_backends_and_they_see_the_lip() -> Result<
     for _ in 0..4 {
         seen6.push(site.get(VIP6.into(), "/")?.trim().to_string());
     }
-    assert!(seen6.contains(&"b1".to_string()) && seen6.contains(&"b2".to_string()), "{seen6:?}");
+    assert!(
+        seen6.contains(&"b1".to_string()) && seen6.contains(&"b2".to_string()),
+        "{seen6:?}"
+    );
     let peer6: SocketAddr = site.get(VIP6.into(), "/whoami")?.trim().parse()?;
     assert_eq!(peer6.ip(), IpAddr::V6(LIP6));
     let status = site.status(true)?;
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     Ok(())
 }
 
@@ -157,7 +183,10 @@ fn maglev_spreads_flows_over_both_backends() -> Result<()> {
             b1 += 1;
         }
     }
-    assert!((1..20).contains(&b1), "maglev used one backend only: {b1} of 20 on b1");
+    assert!(
+        (1..20).contains(&b1),
+        "maglev used one backend only: {b1} of 20 on b1"
+    );
     Ok(())
 }
 
@@ -166,11 +195,19 @@ fn a_100_mb_transfer_arrives_intact() -> Result<()> {
     let site = Site::start("rr")?;
     const SIZE: usize = 100 * 1024 * 1024;
     let path = format!("/bytes/{SIZE}");
-    let through_vip = site.lab.http_get_bytes("client", SocketAddr::new(VIP.into(), 80), &path)?;
-    let direct =
-        site.lab.http_get_bytes("n1", SocketAddr::new(site.lab.backend_addr(1).into(), 8080), &path)?;
+    let through_vip = site
+        .lab
+        .http_get_bytes("client", SocketAddr::new(VIP.into(), 80), &path)?;
+    let direct = site.lab.http_get_bytes(
+        "n1",
+        SocketAddr::new(site.lab.backend_addr(1).into(), 8080),
+        &path,
+    )?;
     assert_eq!(through_vip.len(), SIZE);
-    assert!(through_vip == direct, "the body through the VIP differs from the backend's own");
+    assert!(
+        through_vip == direct,
+        "the body through the VIP differs from the backend's own"
+    );
     Ok(())
 }
 
@@ -179,7 +216,11 @@ fn udp_request_and_response_through_the_vip() -> Result<()> {
     let site = Site::start("rr")?;
     for i in 0..4 {
         let msg = format!("ping {i}");
-        assert_eq!(site.lab.udp_echo("client", SocketAddr::new(VIP.into(), 53), &msg)?, msg);
+        assert_eq!(
+            site.lab
+                .udp_echo("client", SocketAddr::new(VIP.into(), 53), &msg)?,
+            msg
+        );
     }
     Ok(())
 }
@@ -204,8 +245,13 @@ fn a_stopped_backend_gets_no_new_flows_until_it_returns() -> Result<()> {
         assert!(Instant::now() < deadline, "b2 never came back");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let answers: Vec<String> = (0..4).map(|_| site.get(VIP.into(), "/").map(|s| s.trim().to_string())).collect::<Result<_>>()?;
-    assert!(answers.iter().any(|a| a == "b2"), "b2 receives flows again: {answers:?}");
+    let answers: Vec<String> = (0..4)
+        .map(|_| site.get(VIP.into(), "/").map(|s| s.trim().to_string()))
+        .collect::<Result<_>>()?;
+    assert!(
+        answers.iter().any(|a| a == "b2"),
+        "b2 receives flows again: {answers:?}"
+    );
     Ok(())
 }
 
@@ -213,19 +259,40 @@ fn a_stopped_backend_gets_no_new_flows_until_it_returns() -> Result<()> {
 fn sigterm_leaves_no_device_route_or_sysctl_behind() -> Result<()> {
     let site = Site::start("rr")?;
     let forwarding = |site: &Site| -> Result<String> {
-        let out = site.lab.exec("n1", &["sysctl", "-n", "net.ipv4.ip_forward"])?;
+        let out = site
+            .lab
+            .exec("n1", &["sysctl", "-n", "net.ipv4.ip_forward"])?;
         Ok(String::from_utf8(out.stdout)?.trim().to_string())
     };
-    assert!(site.lab.exec("n1", &["ip", "link", "show", "lbc0"]).is_ok(), "the TUN device exists while running");
+    assert!(
+        site.lab.exec("n1", &["ip", "link", "show", "lbc0"]).is_ok(),
+        "the TUN device exists while running"
+    );
     site.node.signal("TERM")?;
-    let status = site.node.wait_timeout(Duration::from_secs(5)).context("lbcluster did not exit on SIGTERM")?;
-    assert!(status.success(), "exit status {status:?}:\n{}", site.node.log());
-    assert!(site.lab.exec("n1", &["ip", "link", "show", "lbc0"]).is_err(), "TUN device left behind");
+    let status = site
+        .node
+        .wait_timeout(Duration::from_secs(5))
+        .context("lbcluster did not exit on SIGTERM")?;
+    assert!(
+        status.success(),
+        "exit status {status:?}:\n{}",
+        site.node.log()
+    );
+    assert!(
+        site.lab
+            .exec("n1", &["ip", "link", "show", "lbc0"])
+            .is_err(),
+        "TUN device left behind"
+    );
     let routes = String::from_utf8(site.lab.exec("n1", &["ip", "route", "show"])?.stdout)?;
     assert!(!routes.contains("lbc0"), "routes left behind: {routes}");
     let routes6 = String::from_utf8(site.lab.exec("n1", &["ip", "-6", "route", "show"])?.stdout)?;
     assert!(!routes6.contains("lbc0"), "routes left behind: {routes6}");
-    assert_eq!(forwarding(&site)?, "0", "ip_forward restored to the lab's value");
+    assert_eq!(
+        forwarding(&site)?,
+        "0",
+        "ip_forward restored to the lab's value"
+    );
     assert!(!site.socket.exists(), "admin socket removed");
     Ok(())
 }

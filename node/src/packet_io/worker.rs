@@ -1,0 +1,125 @@
+//! One packet worker: an OS thread that owns one queue of a [`PacketIo`] backend and one engine
+//! [`Worker`](dataplane::Worker), reads, processes and writes packets, and every
+//! [`HOUSEKEEPING`] expires sessions and drains session events.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dataplane::{Packet, Verdict};
+
+use super::{PacketIo, WorkerIoStats};
+use crate::clock::now;
+
+/// How often a worker expires sessions and drains events; also the longest it sleeps in poll,
+/// so a stop request is noticed within this time.
+pub(super) const HOUSEKEEPING: Duration = Duration::from_millis(10);
+/// Packets read and processed back to back before the worker looks at the clock again.
+const BATCH: usize = 64;
+/// Session slots examined per family and housekeeping round.
+const EXPIRE_BUDGET: usize = 1024;
+/// Pause after a read error so a persistently failing fd does not spin a core.
+const ERROR_BACKOFF: Duration = Duration::from_millis(1);
+
+/// A worker's counters, written by the worker only and read by anyone.
+#[derive(Debug, Default)]
+pub(super) struct WorkerCounters {
+    packets_read: AtomicU64,
+    bytes_read: AtomicU64,
+    gso_packets: AtomicU64,
+    packets_written: AtomicU64,
+    packets_dropped: AtomicU64,
+    read_errors: AtomicU64,
+    write_errors: AtomicU64,
+    events_drained: AtomicU64,
+    progress: AtomicU64,
+}
+
+impl WorkerCounters {
+    pub(super) fn snapshot(&self) -> WorkerIoStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        WorkerIoStats {
+            packets_read: get(&self.packets_read),
+            bytes_read: get(&self.bytes_read),
+            gso_packets: get(&self.gso_packets),
+            packets_written: get(&self.packets_written),
+            packets_dropped: get(&self.packets_dropped),
+            read_errors: get(&self.read_errors),
+            write_errors: get(&self.write_errors),
+            events_drained: get(&self.events_drained),
+            progress: get(&self.progress),
+        }
+    }
+}
+
+/// Only this worker writes its counters, so a load and a store (no locked RMW) suffice.
+fn bump(c: &AtomicU64, by: u64) {
+    c.store(
+        c.load(Ordering::Relaxed).wrapping_add(by),
+        Ordering::Relaxed,
+    );
+}
+
+/// The worker loop; returns when `stop` is set.
+pub(super) fn run<P: PacketIo>(
+    mut io: P,
+    mut worker: dataplane::Worker,
+    buf_len: usize,
+    stop: &AtomicBool,
+    counters: &Arc<WorkerCounters>,
+) {
+    let c = &**counters;
+    let mut buf = vec![0u8; buf_len];
+    let headroom = io.headroom();
+    let mut next_housekeeping = now();
+    while !stop.load(Ordering::Relaxed) {
+        let t = now();
+        if t >= next_housekeeping {
+            worker.expire(t, EXPIRE_BUDGET);
+            // Session sync consumes these later; for now they are counted and dropped.
+            let n = worker.drain_events().count();
+            bump(&c.events_drained, n as u64);
+            next_housekeeping = t.saturating_add(HOUSEKEEPING);
+        }
+        // Liveness: advances at least once per HOUSEKEEPING while the loop runs.
+        bump(&c.progress, 1);
+        match io.wait_readable(next_housekeeping.saturating_duration_since(t)) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(_) => {
+                bump(&c.read_errors, 1);
+                std::thread::sleep(ERROR_BACKOFF);
+                continue;
+            }
+        }
+        let t = now();
+        for _ in 0..BATCH {
+            let rx = match io.recv(&mut buf) {
+                Ok(Some(rx)) => rx,
+                Ok(None) => break,
+                Err(_) => {
+                    bump(&c.read_errors, 1);
+                    std::thread::sleep(ERROR_BACKOFF);
+                    break;
+                }
+            };
+            bump(&c.packets_read, 1);
+            bump(&c.bytes_read, rx.len as u64);
+            if rx.gso {
+                bump(&c.gso_packets, 1);
+            }
+            let mut pkt = Packet::new(&mut buf[headroom..], rx.len, rx.csum);
+            match worker.process(t, &mut pkt) {
+                Verdict::Forward(_) => {
+                    let len = pkt.len();
+                    match io.send(&mut buf, &rx, len) {
+                        Ok(()) => bump(&c.packets_written, 1),
+                        Err(_) => bump(&c.write_errors, 1),
+                    }
+                }
+                // The engine counts every drop under its reason.
+                Verdict::Drop(_) => bump(&c.packets_dropped, 1),
+            }
+        }
+    }
+}
