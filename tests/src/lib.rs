@@ -2,6 +2,7 @@
 //!
 //! * [`lab`] builds and removes the topology (client, router, N one-armed nodes, M backends
 //!   behind the router) and runs processes inside it.
+//! * [`site`] is the lab with a running lbcluster node in front of two backends.
 //! * [`backend`] is the real server the lab runs in every backend namespace (HTTP on 8080, TCP
 //!   echo on 9000, UDP echo on 5353) and the matching clients; the `lab-backend` binary wraps it.
 //!
@@ -13,3 +14,4 @@
 
 pub mod backend;
 pub mod lab;
+pub mod site;

@@ -4,13 +4,21 @@
 //!   backends, prints what it created, and leaves it running.
 //! * `lbcluster-lab status --prefix P` — the namespaces, their addresses and processes.
 //! * `lbcluster-lab down --prefix P` — kills the lab's processes and removes its namespaces.
+//! * `lbcluster-lab demo [--requests N]` — the README's main job: a lab with one lbcluster node
+//!   in front of two backends, real HTTP and UDP traffic from the client through the VIPs, then
+//!   `lbcluster status` and `lbcluster sessions`; everything is removed at the end.
 //!
 //! Needs root and the Debian packages `iproute2`, `ethtool` and `procps`; `lab-backend` must be
 //! built next to this binary (`cargo build -p tests --bins`).
 
-use anyhow::Result;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command as Process;
+
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tests::lab::{Lab, LabSpec, unique_prefix};
+use tests::site::{Site, VIP, VIP6, lbcluster_bin};
 
 #[derive(Debug, Parser)]
 #[command(about = "Build, show and remove lbcluster lab topologies (network namespaces)")]
@@ -40,6 +48,15 @@ enum Command {
     Status {
         #[arg(long)]
         prefix: String,
+    },
+    /// Run a node in a lab, send traffic through its VIPs, show `lbcluster status`, clean up.
+    Demo {
+        /// HTTP requests to send through each VIP.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        requests: u32,
+        /// Scheduler of the TCP services.
+        #[arg(long, default_value = "maglev")]
+        scheduler: String,
     },
 }
 
@@ -73,6 +90,49 @@ fn main() -> Result<()> {
             }
             print!("{status}");
         }
+        Command::Demo {
+            requests,
+            scheduler,
+        } => demo(requests, &scheduler)?,
     }
+    Ok(())
+}
+
+fn demo(requests: u32, scheduler: &str) -> Result<()> {
+    println!("== building the lab: client, router, node n1 running lbcluster, backends b1 and b2");
+    let site = Site::start(scheduler)?;
+    print!("{}", site.lab.describe());
+    for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
+        println!("\n== {requests} HTTP requests from the client to {vip}:80");
+        let mut answers: BTreeMap<String, u32> = BTreeMap::new();
+        for _ in 0..requests {
+            let who = site.get(vip, "/")?.trim().to_owned();
+            *answers.entry(who).or_default() += 1;
+        }
+        for (backend, n) in &answers {
+            println!("   {backend} answered {n}");
+        }
+        println!(
+            "   the backend saw the request from {}",
+            site.get(vip, "/whoami")?.trim()
+        );
+    }
+    println!("\n== UDP through {VIP}:53");
+    let echo = site
+        .lab
+        .udp_echo("client", SocketAddr::new(VIP.into(), 53), "hello")?;
+    println!("   sent hello, got {echo}");
+    for args in [&["status"][..], &["sessions"]] {
+        println!("\n== lbcluster {}", args.join(" "));
+        let out = Process::new(lbcluster_bin()?)
+            .args(args)
+            .arg("--socket")
+            .arg(&site.socket)
+            .output()
+            .context("running lbcluster")?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    println!("\n== removing the lab");
     Ok(())
 }

@@ -1,0 +1,149 @@
+//! A site: the lab with one lbcluster node in front of two backends, its VIPs and LIPs routed
+//! to the node by hand (until BGP exists). Used by the end-to-end tests and the demo.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::lab::{Lab, LabProcess, LabSpec};
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
+pub const LIP: Ipv4Addr = Ipv4Addr::new(198, 19, 200, 1);
+pub const LIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 1);
+
+/// The `lbcluster` binary: `$LBC_BIN`, else next to the running executable or one directory up.
+pub fn lbcluster_bin() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("LBC_BIN") {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe()?;
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("lbcluster"))
+        .find(|p| p.is_file())
+        .context("lbcluster binary not found (cargo build -p node, or set LBC_BIN)")
+}
+
+/// A lab with one lbcluster node in front of two backends.
+#[derive(Debug)]
+pub struct Site {
+    pub lab: Lab,
+    pub node: LabProcess,
+    pub socket: PathBuf,
+}
+
+impl Site {
+    /// Brings the lab up, starts `lbcluster run` in node 1 with TCP services on both VIPs (port
+    /// 80, scheduler `scheduler`, HTTP health checks on the IPv4 one) and a UDP service on
+    /// port 53, and routes the VIPs and LIPs to it.
+    pub fn start(scheduler: &str) -> Result<Site> {
+        let lab = Lab::up(LabSpec {
+            nodes: 1,
+            backends: 2,
+        })?;
+        let socket = lab.dir().join("n1.sock");
+        let (b1, b2) = (lab.backend_addr(1), lab.backend_addr(2));
+        let (b1v6, b2v6) = (lab.backend_addr6(1), lab.backend_addr6(2));
+        let health = r#"health = { kind = "http", path = "/", expect_status = 200, interval_ms = 300, timeout_ms = 200, rise = 1, fall = 2 }"#;
+        let config = format!(
+            r#"[node]
+name = "n1"
+tun = "lbc0"
+workers = 2
+local_addrs = ["{LIP}", "{LIP6}"]
+
+[admin]
+socket = "{socket}"
+
+[[service]]
+vip = "{VIP}:80"
+proto = "tcp"
+scheduler = "{scheduler}"
+{health}
+[[service.backend]]
+addr = "{b1}:8080"
+[[service.backend]]
+addr = "{b2}:8080"
+
+[[service]]
+vip = "{VIP}:53"
+proto = "udp"
+scheduler = "rr"
+[[service.backend]]
+addr = "{b1}:5353"
+[[service.backend]]
+addr = "{b2}:5353"
+
+[[service]]
+vip = "[{VIP6}]:80"
+proto = "tcp"
+scheduler = "{scheduler}"
+[[service.backend]]
+addr = "[{b1v6}]:8080"
+[[service.backend]]
+addr = "[{b2v6}]:8080"
+"#,
+            socket = socket.display(),
+        );
+        let path = lab.dir().join("n1.toml");
+        std::fs::write(&path, config)?;
+        let bin = lbcluster_bin()?;
+        let node = lab.spawn(
+            "n1",
+            &[
+                &bin.to_string_lossy(),
+                "run",
+                "--config",
+                &path.to_string_lossy(),
+            ],
+        )?;
+        let site = Site { lab, node, socket };
+        site.wait_ready()?;
+        for addr in [
+            IpAddr::V4(VIP),
+            IpAddr::V6(VIP6),
+            IpAddr::V4(LIP),
+            IpAddr::V6(LIP6),
+        ] {
+            site.lab.route_to_node(addr, 1)?;
+        }
+        Ok(site)
+    }
+
+    /// `lbcluster status` against the node.
+    pub fn status(&self, json: bool) -> Result<Output> {
+        let mut cmd = Command::new(lbcluster_bin()?);
+        cmd.args(["status", "--socket"]).arg(&self.socket);
+        if json {
+            cmd.args(["-o", "json"]);
+        }
+        Ok(cmd.output()?)
+    }
+
+    fn wait_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !self.node.is_running() {
+                bail!("lbcluster exited:\n{}", self.node.log());
+            }
+            if self
+                .status(false)
+                .is_ok_and(|o| o.status.code().is_some_and(|c| c < 3))
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("lbcluster did not come up:\n{}", self.node.log())
+    }
+
+    /// `GET path` on port 80 of a VIP, from the client namespace.
+    pub fn get(&self, vip: IpAddr, path: &str) -> Result<String> {
+        self.lab.http_get("client", SocketAddr::new(vip, 80), path)
+    }
+}
