@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use crate::counters::{CounterTotals, Counters, DropReason, Event};
 use crate::family::Family;
 use crate::laddr::{L4Proto, LocalAddr, LocalAddrError, LocalAddrPool};
-use crate::service::{Dest, Snapshot};
+use crate::service::{Dest, Snapshot, TrafficSlotId};
 use crate::session::{
     FlowKey, FlowState, InsertError, SessionData, SessionEvent, SessionRecord, SessionTable,
 };
@@ -190,10 +190,15 @@ impl Engine {
     /// A new packet worker with its own counters.
     pub fn worker(self: &Arc<Self>) -> Worker {
         let counters = Arc::new(Counters::default());
-        self.workers.lock().push(counters.clone());
+        let traffic_slot = {
+            let mut workers = self.workers.lock();
+            workers.push(counters.clone());
+            TrafficSlotId::for_worker(workers.len() - 1)
+        };
         Worker {
             engine: self.clone(),
             counters,
+            traffic_slot,
             events: Vec::with_capacity(self.event_capacity),
         }
     }
@@ -482,6 +487,8 @@ struct Rewrite<A> {
 pub struct Worker {
     engine: Arc<Engine>,
     counters: Arc<Counters>,
+    /// Where this worker counts per-real-server traffic.
+    traffic_slot: TrafficSlotId,
     events: Vec<SessionEvent>,
 }
 
@@ -637,7 +644,7 @@ impl Worker {
             proto: proto.number(),
         };
         let now_s = now.as_secs();
-        let rewrite = match self.established(now_s, &key, tcp, Lookup::Fast) {
+        let rewrite = match self.established(now_s, &key, pkt.len, tcp, Lookup::Fast) {
             Some(rw) => rw,
             None => self.new_flow(now_s, pkt, &l3, key, proto, tcp)?,
         };
@@ -659,6 +666,7 @@ impl Worker {
         &mut self,
         now_s: u64,
         key: &FlowKey<A>,
+        len: usize,
         tcp: Option<TcpInfo>,
         how: Lookup,
     ) -> Option<Rewrite<A>> {
@@ -667,6 +675,7 @@ impl Worker {
         let Worker {
             engine,
             counters,
+            traffic_slot,
             events,
         } = self;
         let table = A::table(&engine.table);
@@ -696,6 +705,7 @@ impl Worker {
             }
         }
         s.expires = deadline(now_s, timeout_secs(s.state, &s.dest.params.timeouts));
+        s.dest.stats.count(*traffic_slot, dir, len);
         let rewrite = if from_client {
             Rewrite {
                 src: s.lip,
@@ -743,7 +753,7 @@ impl Worker {
             && !(t.flags.syn && !t.flags.ack && !t.flags.rst && !t.flags.fin)
         {
             return self
-                .established(now_s, &key, tcp, Lookup::Stable)
+                .established(now_s, &key, pkt.len, tcp, Lookup::Stable)
                 .ok_or(DropReason::NoSession);
         }
         let snap = engine.snapshot.load();
@@ -755,7 +765,7 @@ impl Worker {
                 DropReason::NoService
             };
             return self
-                .established(now_s, &key, tcp, Lookup::Stable)
+                .established(now_s, &key, pkt.len, tcp, Lookup::Stable)
                 .ok_or(reason);
         };
         if pkt.csum == L4Checksum::Unverified && !l4_checksum_ok(pkt, l3, proto) {
@@ -814,6 +824,8 @@ impl Worker {
         dest.stats.opened(state.is_active());
         match A::table(&engine.table).insert(data) {
             Ok(_) => {
+                dest.stats
+                    .count(self.traffic_slot, Direction::Inbound, pkt.len);
                 self.counters.count(Event::SessionsCreated);
                 self.emit(SessionEvent::Created(record));
                 let toa = (proto == L4Proto::Tcp && svc.config.toa).then_some((key.src, key.sport));
@@ -834,7 +846,7 @@ impl Worker {
                     // Another worker opened the same flow a moment ago (a retransmitted SYN on
                     // another queue): carry on with its session.
                     InsertError::Exists(_) => self
-                        .established(now_s, &key, tcp, Lookup::Stable)
+                        .established(now_s, &key, pkt.len, tcp, Lookup::Stable)
                         .ok_or(DropReason::NoSession),
                 }
             }

@@ -13,7 +13,7 @@ use crate::laddr::L4Proto;
 use crate::sched::{
     BackendSpec, ConnCounts, MaglevParams, Scheduler, SchedulerError, SchedulerKind,
 };
-use crate::tcp_state::Timeouts;
+use crate::tcp_state::{Direction, Timeouts};
 
 /// A real server of a service, as configured.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,11 +38,74 @@ pub struct ServiceConfig {
 
 /// Connection counters of one real server; they outlive snapshots so that a config change does
 /// not reset them, and sessions keep them alive while they last.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DestStats {
     active: AtomicU32,
     inactive: AtomicU32,
     total: AtomicU64,
+    /// Packet and byte counters, one cache line per worker slot so that workers never write
+    /// the same line on the packet path.
+    traffic: Box<[TrafficSlot]>,
+}
+
+impl Default for DestStats {
+    fn default() -> Self {
+        DestStats {
+            active: AtomicU32::new(0),
+            inactive: AtomicU32::new(0),
+            total: AtomicU64::new(0),
+            traffic: (0..WORKER_SLOTS).map(|_| TrafficSlot::default()).collect(),
+        }
+    }
+}
+
+/// Worker slots of the per-real-server traffic counters. Workers past this many share slots
+/// and then count with atomic adds.
+pub(crate) const WORKER_SLOTS: usize = 16;
+
+/// Where a worker counts traffic.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TrafficSlotId {
+    index: usize,
+    /// The only worker writing this slot: a plain load and store is enough.
+    exclusive: bool,
+}
+
+impl TrafficSlotId {
+    pub(crate) fn for_worker(n: usize) -> Self {
+        TrafficSlotId {
+            index: n % WORKER_SLOTS,
+            exclusive: n < WORKER_SLOTS,
+        }
+    }
+}
+
+#[repr(align(64))]
+#[derive(Debug, Default)]
+struct TrafficSlot {
+    /// Inbound (client → real server), outbound (real server → client).
+    packets: [AtomicU64; 2],
+    bytes: [AtomicU64; 2],
+}
+
+/// Packets and bytes each way, as IPVS counts them per real server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// Client → real server.
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    /// Real server → client.
+    pub packets_out: u64,
+    pub bytes_out: u64,
+}
+
+impl std::ops::AddAssign for Traffic {
+    fn add_assign(&mut self, o: Traffic) {
+        self.packets_in += o.packets_in;
+        self.bytes_in += o.bytes_in;
+        self.packets_out += o.packets_out;
+        self.bytes_out += o.bytes_out;
+    }
 }
 
 impl DestStats {
@@ -57,6 +120,41 @@ impl DestStats {
     /// Connections ever scheduled to or installed for this real server.
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
+    }
+
+    /// Packets and bytes forwarded for this real server, both ways.
+    pub fn traffic(&self) -> Traffic {
+        let mut t = Traffic::default();
+        for slot in self.traffic.iter() {
+            let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            t += Traffic {
+                packets_in: get(&slot.packets[0]),
+                bytes_in: get(&slot.bytes[0]),
+                packets_out: get(&slot.packets[1]),
+                bytes_out: get(&slot.bytes[1]),
+            };
+        }
+        t
+    }
+
+    /// Counts one forwarded packet of `len` bytes.
+    pub(crate) fn count(&self, slot: TrafficSlotId, dir: Direction, len: usize) {
+        let Some(s) = self.traffic.get(slot.index) else {
+            return;
+        };
+        let i = match dir {
+            Direction::Inbound => 0,
+            Direction::Outbound => 1,
+        };
+        let add = |a: &AtomicU64, n: u64| {
+            if slot.exclusive {
+                a.store(a.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+            } else {
+                a.fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        add(&s.packets[i], 1);
+        add(&s.bytes[i], len as u64);
     }
 
     pub(crate) fn opened(&self, active: bool) {

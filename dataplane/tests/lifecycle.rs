@@ -182,3 +182,43 @@ fn test_traffic_refreshes_the_deadline() {
     assert_eq!(engine.sessions(later(400))[0].expires_in_secs, 100);
     assert_eq!(w.expire(later(501), 4096), 1);
 }
+
+#[test]
+fn test_traffic_counted_per_backend_both_ways_across_workers() {
+    let (engine, mut w1) = engine();
+    let mut w2 = engine.worker();
+    let syn = ip(CLIENT.into(), VIP.into(), &tcp(41000, 80, SYN, 10, 0, b""));
+    run(&mut w1, T0, &syn);
+    let lport = created(&mut w1).local.port();
+    let synack = ip(
+        RS1.into(),
+        LIP.into(),
+        &tcp(8080, lport, SYN | ACK, 99, 11, b""),
+    );
+    let data = ip(
+        CLIENT.into(),
+        VIP.into(),
+        &tcp(41000, 80, ACK, 11, 100, &[1; 300]),
+    );
+    // The two directions on different workers, as on two queues.
+    run(&mut w2, T0, &synack);
+    run(&mut w1, T0, &data);
+    run(&mut w2, T0, &data);
+    let key = dataplane::ServiceKey {
+        proto: L4Proto::Tcp,
+        vip: "198.18.100.1:80".parse().unwrap(),
+    };
+    let snap = engine.snapshot();
+    let t = snap.dests(&key).unwrap()[0].stats.traffic();
+    assert_eq!(t.packets_in, 3);
+    assert_eq!(t.bytes_in, (syn.len() + 2 * data.len()) as u64);
+    assert_eq!(t.packets_out, 1);
+    assert_eq!(t.bytes_out, synack.len() as u64);
+    // A dropped packet counts nowhere.
+    let stray = ip(CLIENT.into(), VIP.into(), &tcp(41001, 80, ACK, 1, 1, b""));
+    assert_eq!(
+        run(&mut w1, T0, &stray).0,
+        Verdict::Drop(DropReason::NoSession)
+    );
+    assert_eq!(snap.dests(&key).unwrap()[0].stats.traffic(), t);
+}

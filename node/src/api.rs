@@ -5,6 +5,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use dataplane::sched::SchedulerKind;
+use dataplane::service::Traffic;
 use dataplane::{L4Proto, SessionRecord};
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +106,8 @@ pub(crate) struct ServiceStatus {
     /// `none`, `tcp` or `http`.
     pub(crate) health_check: String,
     pub(crate) backends: Vec<BackendStatus>,
+    /// Packets and bytes of the whole service (its backends' sum).
+    pub(crate) traffic: Traffic,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,6 +122,8 @@ pub(crate) struct BackendStatus {
     pub(crate) inactive: u32,
     /// Connections ever scheduled to this backend by this node, or installed from a peer.
     pub(crate) total: u64,
+    /// Packets and bytes forwarded for this backend, each way.
+    pub(crate) traffic: Traffic,
 }
 
 /// The engine counts sessions of both families together.

@@ -19,6 +19,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+use dataplane::service::Traffic;
+
 use crate::api::{BackendStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, WorkerIo};
 use crate::state::NodeState;
 
@@ -124,6 +126,22 @@ fn families(s: &NodeStatus) -> Vec<Family> {
             })
             .collect::<Vec<_>>()
     };
+    let per_service = |f: fn(&Traffic) -> Vec<Sample>| {
+        s.services
+            .iter()
+            .flat_map(|svc| {
+                f(&svc.traffic).into_iter().map(move |(extra, v)| {
+                    let mut l = vec![
+                        ("vip", svc.vip.ip().to_string()),
+                        ("port", svc.vip.port().to_string()),
+                        ("proto", svc.proto.to_string().to_lowercase()),
+                    ];
+                    l.extend(extra);
+                    (l, v)
+                })
+            })
+            .collect::<Vec<_>>()
+    };
     let lip = |f: fn(&LipPorts) -> u32| {
         s.local_addrs
             .iter()
@@ -170,6 +188,30 @@ fn families(s: &NodeStatus) -> Vec<Family> {
             help: "Connections scheduled to or installed for a backend.",
             kind: Kind::Counter,
             samples: per_backend(|b| vec![(vec![], b.total)]),
+        },
+        Family {
+            name: "lbcluster_backend_packets_total",
+            help: "Packets forwarded for a backend: in = client to backend, out = back.",
+            kind: Kind::Counter,
+            samples: per_backend(|b| directions(b.traffic.packets_in, b.traffic.packets_out)),
+        },
+        Family {
+            name: "lbcluster_backend_bytes_total",
+            help: "IP bytes forwarded for a backend: in = client to backend, out = back.",
+            kind: Kind::Counter,
+            samples: per_backend(|b| directions(b.traffic.bytes_in, b.traffic.bytes_out)),
+        },
+        Family {
+            name: "lbcluster_service_packets_total",
+            help: "Packets forwarded for a virtual service (its backends' sum).",
+            kind: Kind::Counter,
+            samples: per_service(|t| directions(t.packets_in, t.packets_out)),
+        },
+        Family {
+            name: "lbcluster_service_bytes_total",
+            help: "IP bytes forwarded for a virtual service (its backends' sum).",
+            kind: Kind::Counter,
+            samples: per_service(|t| directions(t.bytes_in, t.bytes_out)),
         },
         Family {
             name: "lbcluster_backend_up",
@@ -293,4 +335,12 @@ fn per_worker(io: &[WorkerIo], f: impl Fn(&WorkerIo) -> Vec<(&'static str, u64)>
                 .map(move |(op, v)| (vec![("worker", i.to_string()), ("op", op.to_owned())], v))
         })
         .collect()
+}
+
+/// The two samples of a per-direction counter.
+fn directions(inbound: u64, outbound: u64) -> Vec<Sample> {
+    vec![
+        (vec![("direction", "in".to_owned())], inbound),
+        (vec![("direction", "out".to_owned())], outbound),
+    ]
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use dataplane::service::Traffic;
 use dataplane::{Engine, ServiceConfig, ServiceKey, Snapshot};
 use parking_lot::Mutex;
 
@@ -147,28 +148,35 @@ impl NodeState {
             .map(|svc| {
                 let key = service_key(&svc.config);
                 let dests = snapshot.dests(&key).unwrap_or_default();
+                let backends: Vec<BackendStatus> = svc
+                    .config
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let dest = dests.iter().find(|d| d.addr == b.addr);
+                        let conns = dest.map(|d| d.stats.conns()).unwrap_or_default();
+                        BackendStatus {
+                            addr: b.addr,
+                            weight: b.weight,
+                            healthy: !down.contains(&(key, b.addr)),
+                            active: conns.active,
+                            inactive: conns.inactive,
+                            total: dest.map_or(0, |d| d.stats.total()),
+                            traffic: dest.map(|d| d.stats.traffic()).unwrap_or_default(),
+                        }
+                    })
+                    .collect();
+                let mut traffic = Traffic::default();
+                for b in &backends {
+                    traffic += b.traffic;
+                }
                 ServiceStatus {
                     vip: svc.config.vip,
                     proto: svc.config.proto.into(),
                     scheduler: svc.config.scheduler,
                     health_check: svc.health.kind().to_owned(),
-                    backends: svc
-                        .config
-                        .backends
-                        .iter()
-                        .map(|b| {
-                            let dest = dests.iter().find(|d| d.addr == b.addr);
-                            let conns = dest.map(|d| d.stats.conns()).unwrap_or_default();
-                            BackendStatus {
-                                addr: b.addr,
-                                weight: b.weight,
-                                healthy: !down.contains(&(key, b.addr)),
-                                active: conns.active,
-                                inactive: conns.inactive,
-                                total: dest.map_or(0, |d| d.stats.total()),
-                            }
-                        })
-                        .collect(),
+                    backends,
+                    traffic,
                 }
             })
             .collect();

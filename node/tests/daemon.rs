@@ -315,6 +315,9 @@ fn test_daemon_answers_status_sessions_and_metrics_then_stops_on_sigterm() {
         "lbcluster_drops_total{reason=\"no_service\"} 0",
         "lbcluster_packets_forwarded_total{direction=\"inbound\"} 0",
         "lbcluster_local_ports_capacity{lip=\"198.19.200.1\",proto=\"tcp\"} 64512",
+        "lbcluster_backend_packets_total{vip=\"198.18.100.1\",port=\"80\",proto=\"tcp\",backend=\"198.18.3.10:8080\",direction=\"in\"} 0",
+        "lbcluster_service_bytes_total{vip=\"198.18.100.1\",port=\"80\",proto=\"tcp\",direction=\"out\"} 0",
+        "lbcluster_io_packets_total{worker=\"0\",op=\"read\"} ",
     ] {
         assert!(
             metrics.contains(needle),
@@ -395,5 +398,36 @@ fn test_status_shows_a_stopped_backend_down_and_exits_1() {
     assert!(
         text.trim_end().ends_with("DOWN") || text.contains(" DOWN\n"),
         "{text}"
+    );
+}
+
+#[test]
+fn test_second_daemon_on_the_same_tun_device_is_refused() {
+    let d = Daemon::start(SERVICE);
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{NODE}[admin]\nsocket = \"{}\"\n{SERVICE}",
+        dir.path().join("other.sock").display()
+    );
+    let config = write_config(dir.path(), &body);
+    let out = d
+        .netns
+        .command(&["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("TUN device lbc0 already exists (another lbcluster running?)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !dir.path().join("other.sock").exists(),
+        "the refused daemon removed its socket"
+    );
+    assert_eq!(
+        d.cli(&["status"]).status.code(),
+        Some(0),
+        "first daemon still answers"
     );
 }
