@@ -13,5 +13,6 @@
 //! the node uplinks), `procps` (sysctl, kill).
 
 pub mod backend;
+pub mod bench;
 pub mod lab;
 pub mod site;
