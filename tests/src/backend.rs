@@ -2,16 +2,21 @@
 //!
 //! The server answers, on one dual-stack socket per service:
 //! * HTTP/1.1 (keep-alive) on [`HTTP_PORT`]: `GET /` → the backend's name and a newline,
-//!   `GET /bytes/N` → N bytes, `GET /whoami` → the TCP peer address the server sees (under
-//!   Full-NAT a LIP and port), e.g. `198.19.200.1:40001`.
+//!   `GET /bytes/N` → N bytes, `GET /whoami` → two lines: the TCP peer address the server sees
+//!   (under Full-NAT a LIP and port), e.g. `198.19.200.1:40001`, then the client address the
+//!   connection's SYN carried in a TOA option (TCP option 254), e.g. `toa 198.18.1.10:51234`, or
+//!   `toa none`.
 //! * TCP echo on [`TCP_ECHO_PORT`] (echoes until the peer half-closes, then closes).
 //! * UDP echo on [`UDP_ECHO_PORT`].
 //!
-//! It logs every TCP connection's peer address to stderr. TOA is not parsed (that needs the raw
-//! SYN).
+//! It logs every TCP connection's peer address to stderr. The HTTP listener keeps every SYN
+//! (`TCP_SAVE_SYN`); the TOA option is read from it with `TCP_SAVED_SYN`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
+};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -55,9 +60,11 @@ pub struct Backend {
 impl Backend {
     /// Binds all three services on `ip` (`::` is dual-stack: IPv4 and IPv6 at once).
     pub fn bind(name: &str, ip: IpAddr, ports: Ports) -> io::Result<Self> {
+        let http = TcpListener::bind((ip, ports.http))?;
+        save_syn(&http)?;
         Ok(Self {
             name: name.into(),
-            http: TcpListener::bind((ip, ports.http))?,
+            http,
             tcp_echo: TcpListener::bind((ip, ports.tcp_echo))?,
             udp_echo: UdpSocket::bind((ip, ports.udp_echo))?,
         })
@@ -146,8 +153,138 @@ fn serve_udp_echo(socket: &UdpSocket, name: &str) {
     }
 }
 
+/// Makes the kernel keep the SYN of every connection `listener` accepts (`TCP_SAVE_SYN`).
+fn save_syn(listener: &TcpListener) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor, and a pointer to a c_int with its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_SAVE_SYN,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The IP and TCP headers of the SYN that opened `stream` (`TCP_SAVED_SYN`; the kernel hands
+/// them out once).
+fn saved_syn(stream: &TcpStream) -> io::Result<Vec<u8>> {
+    // IPv6 header (40) + extension headers + TCP header (at most 60).
+    let mut buf = vec![0u8; 512];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: a valid socket descriptor; `buf` is writable for `len` bytes and `len` is a
+    // writable socklen_t the kernel sets to the length it wrote.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_SAVED_SYN,
+            buf.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(len as usize);
+    Ok(buf)
+}
+
+/// TCP option kind of TOA (the client's address in the SYN, inserted by the load balancer).
+const TOA_KIND: u8 = 254;
+/// TOA length with an IPv4 address: kind, length, port (2), address (4).
+const TOA_LEN_V4: usize = 8;
+/// TOA length with an IPv6 address: kind, length, port (2), address (16).
+const TOA_LEN_V6: usize = 20;
+
+/// The client address in the TOA option of a saved SYN (its IPv4 or IPv6 header, then its TCP
+/// header); `None` when the SYN carries no TOA option. Errors describe malformed headers.
+fn parse_toa(syn: &[u8]) -> Result<Option<SocketAddr>, String> {
+    const IPPROTO_TCP: u8 = 6;
+    let version = syn.first().ok_or("empty SYN")? >> 4;
+    let (proto, tcp_start) = match version {
+        4 => {
+            let ihl = usize::from(syn[0] & 0x0f) * 4;
+            ensure_len(syn, ihl.max(20), "IPv4 header")?;
+            (syn[9], ihl)
+        }
+        6 => {
+            ensure_len(syn, 40, "IPv6 header")?;
+            (syn[6], 40)
+        }
+        v => return Err(format!("IP version {v}")),
+    };
+    if proto != IPPROTO_TCP {
+        return Err(format!("next header {proto}, not TCP"));
+    }
+    let tcp = &syn[tcp_start..];
+    ensure_len(tcp, 20, "TCP header")?;
+    let header_len = usize::from(tcp[12] >> 4) * 4;
+    ensure_len(tcp, header_len.max(20), "TCP options")?;
+    let mut options = &tcp[20..header_len];
+    while let Some(&kind) = options.first() {
+        match kind {
+            0 => break,
+            1 => options = &options[1..],
+            _ => {
+                let len = usize::from(*options.get(1).ok_or("option without a length")?);
+                if len < 2 || len > options.len() {
+                    return Err(format!("option {kind} of length {len}"));
+                }
+                let (option, rest) = options.split_at(len);
+                if kind == TOA_KIND {
+                    let port = u16::from_be_bytes([option[2], option[3]]);
+                    let ip = match len {
+                        TOA_LEN_V4 => {
+                            let mut octets = [0; 4];
+                            octets.copy_from_slice(&option[4..]);
+                            IpAddr::from(octets)
+                        }
+                        TOA_LEN_V6 => {
+                            let mut octets = [0; 16];
+                            octets.copy_from_slice(&option[4..]);
+                            IpAddr::from(octets)
+                        }
+                        _ => return Err(format!("TOA option of length {len}")),
+                    };
+                    return Ok(Some(SocketAddr::new(ip, port)));
+                }
+                options = rest;
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn ensure_len(bytes: &[u8], len: usize, what: &str) -> Result<(), String> {
+    if bytes.len() < len {
+        return Err(format!("{what} truncated: {} of {len} bytes", bytes.len()));
+    }
+    Ok(())
+}
+
+/// The `/whoami` line about TOA: `toa ADDR:PORT`, `toa none`, or why the SYN was unreadable.
+fn toa_line(stream: &TcpStream) -> String {
+    match saved_syn(stream)
+        .map_err(|e| e.to_string())
+        .and_then(|syn| parse_toa(&syn))
+    {
+        Ok(Some(client)) => format!("toa {client}"),
+        Ok(None) => "toa none".to_owned(),
+        Err(e) => format!("toa unreadable: {e}"),
+    }
+}
+
 fn serve_http(stream: TcpStream, name: &str) -> io::Result<()> {
     let peer = canonical(stream.peer_addr()?);
+    let toa = toa_line(&stream);
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
     loop {
@@ -177,7 +314,8 @@ fn serve_http(stream: TcpStream, name: &str) -> io::Result<()> {
         match (method, path) {
             ("GET", "/") => respond(&mut out, "200 OK", format!("{name}\n").as_bytes(), close)?,
             ("GET", "/whoami") => {
-                respond(&mut out, "200 OK", format!("{peer}\n").as_bytes(), close)?
+                let body = format!("{peer}\n{toa}\n");
+                respond(&mut out, "200 OK", body.as_bytes(), close)?
             }
             ("GET", p) if p.starts_with("/bytes/") => match p["/bytes/".len()..].parse::<u64>() {
                 Ok(n) => respond_bytes(&mut out, n, close)?,
@@ -272,13 +410,35 @@ pub fn tcp_echo(addr: SocketAddr, message: &[u8], timeout: Duration) -> Result<V
     answer.with_context(|| format!("tcp echo with {addr}"))
 }
 
+/// `n` bytes of a pattern that repeats only every 251 × 256 bytes (so that a lost, repeated or
+/// reordered segment shows).
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8 ^ (i / 251) as u8).collect()
+}
+
+/// Sends [`pattern`]`(n)` through the TCP echo server at `addr` and checks that exactly it came
+/// back.
+pub fn tcp_echo_check(addr: SocketAddr, n: usize, timeout: Duration) -> Result<()> {
+    let sent = pattern(n);
+    let echo = tcp_echo(addr, &sent, timeout)?;
+    if let Some(at) = sent.iter().zip(&echo).position(|(a, b)| a != b) {
+        bail!("echo from {addr} differs from what was sent at byte {at}");
+    }
+    ensure!(
+        echo.len() == n,
+        "echo from {addr}: {} bytes back of {n} sent",
+        echo.len()
+    );
+    Ok(())
+}
+
 /// Sends `message` to the UDP echo server at `addr`, again every 200 ms until an answer comes or
 /// `timeout` passes (a first datagram can be lost while neighbours are resolved), and returns
 /// the answer.
 pub fn udp_echo(addr: SocketAddr, message: &[u8], timeout: Duration) -> Result<Vec<u8>> {
     const RESEND: Duration = Duration::from_millis(200);
     let local: IpAddr = match addr {
-        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
         SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
     };
     let socket = UdpSocket::bind((local, 0))?;
@@ -304,7 +464,6 @@ pub fn udp_echo(addr: SocketAddr, message: &[u8], timeout: Duration) -> Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
 
     const T: Duration = Duration::from_secs(3);
 
@@ -338,8 +497,11 @@ mod tests {
         assert!(bytes.iter().all(|&b| b == b'x'));
         assert_eq!(http_get(http, "/bytes/0", T).unwrap(), b"");
         let whoami = String::from_utf8(http_get(http, "/whoami", T).unwrap()).unwrap();
-        let seen: SocketAddr = whoami.trim().parse().unwrap();
+        let (peer, toa) = whoami.trim().split_once('\n').unwrap();
+        let seen: SocketAddr = peer.parse().unwrap();
         assert_eq!(seen.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        // The SYN was saved and read: it has no TOA option.
+        assert_eq!(toa, "toa none");
         let err = http_get(http, "/nothing", T).unwrap_err().to_string();
         assert!(err.contains("404"), "{err}");
         assert!(
@@ -374,6 +536,118 @@ mod tests {
         let big = vec![7u8; 300_000];
         assert_eq!(tcp_echo(echo, &big, T).unwrap(), big);
         assert_eq!(udp_echo(udp, b"ping", T).unwrap(), b"ping");
+        tcp_echo_check(echo, 1_000_000, T).unwrap();
+    }
+
+    #[test]
+    fn the_pattern_does_not_repeat_within_a_segment() {
+        let p = pattern(64 * 1024);
+        assert_eq!(p.len(), 64 * 1024);
+        // Any window of one MSS shifted by less than 251 × 256 bytes differs.
+        for shift in [1, 2, 251, 1448, 65_000] {
+            assert_ne!(p[..256], p[shift..shift + 256], "shift {shift}");
+        }
+    }
+
+    /// A SYN's IPv4 header (no options) followed by a TCP header with `options`.
+    fn syn_v4(options: &[u8]) -> Vec<u8> {
+        let mut syn = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0];
+        syn.extend_from_slice(&[198, 19, 200, 1, 198, 18, 3, 10]);
+        syn.extend_from_slice(&tcp_header(options));
+        syn
+    }
+
+    /// A SYN's IPv6 header followed by a TCP header with `options`.
+    fn syn_v6(options: &[u8]) -> Vec<u8> {
+        let tcp = tcp_header(options);
+        let mut syn = vec![0x60, 0, 0, 0];
+        syn.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+        syn.extend_from_slice(&[6, 64]);
+        syn.extend_from_slice(&Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 1).octets());
+        syn.extend_from_slice(&Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 0x10).octets());
+        syn.extend_from_slice(&tcp);
+        syn
+    }
+
+    fn tcp_header(options: &[u8]) -> Vec<u8> {
+        assert_eq!(options.len() % 4, 0);
+        let mut tcp = vec![0x9c, 0x41, 0x1f, 0x90, 0, 0, 0, 1, 0, 0, 0, 0];
+        tcp.push((((20 + options.len()) / 4) << 4) as u8);
+        tcp.extend_from_slice(&[0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        tcp.extend_from_slice(options);
+        tcp
+    }
+
+    /// What Linux puts in a SYN: MSS, SACK permitted, timestamps, NOP, window scale.
+    const LINUX_OPTIONS: [u8; 20] = [
+        2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+    ];
+
+    #[test]
+    fn toa_is_read_from_an_ipv4_syn() {
+        let mut options = LINUX_OPTIONS.to_vec();
+        // TOA: port 51234, 198.18.1.10, after the kernel's options.
+        options.extend_from_slice(&[254, 8, 0xc8, 0x22, 198, 18, 1, 10]);
+        assert_eq!(
+            parse_toa(&syn_v4(&options)),
+            Ok(Some("198.18.1.10:51234".parse().unwrap()))
+        );
+        // NOPs and an unknown option before it are skipped.
+        let options = [1, 1, 30, 6, 9, 9, 9, 9, 254, 8, 0, 80, 10, 0, 0, 1];
+        assert_eq!(
+            parse_toa(&syn_v4(&options)),
+            Ok(Some("10.0.0.1:80".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn toa_is_read_from_an_ipv6_syn() {
+        let mut options = LINUX_OPTIONS.to_vec();
+        options.extend_from_slice(&[254, 20, 0xc8, 0x22]);
+        options.extend_from_slice(&Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10).octets());
+        assert_eq!(
+            parse_toa(&syn_v6(&options)),
+            Ok(Some("[2001:db8:1::10]:51234".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn no_toa_when_the_syn_has_none() {
+        assert_eq!(parse_toa(&syn_v4(&LINUX_OPTIONS)), Ok(None));
+        assert_eq!(parse_toa(&syn_v6(&LINUX_OPTIONS)), Ok(None));
+        assert_eq!(parse_toa(&syn_v4(&[])), Ok(None));
+        // End of options: what follows is padding, not an option.
+        assert_eq!(
+            parse_toa(&syn_v4(&[0, 0, 0, 0, 254, 8, 0, 80, 10, 0, 0, 1])),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn malformed_syns_are_errors_not_panics() {
+        let good = {
+            let mut options = LINUX_OPTIONS.to_vec();
+            options.extend_from_slice(&[254, 8, 0xc8, 0x22, 198, 18, 1, 10]);
+            syn_v4(&options)
+        };
+        for cut in 0..good.len() {
+            assert!(parse_toa(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        let bad_options: [&[u8]; 4] = [
+            &[254, 12, 0, 80, 10, 0, 0, 1, 0, 0, 0, 0], // TOA of a wrong length
+            &[2, 0, 0, 0],                              // length 0 would loop
+            &[2, 9, 0, 0],                              // runs past the header
+            &[1, 1, 1, 2],                              // no length byte
+        ];
+        for options in bad_options {
+            assert!(parse_toa(&syn_v4(options)).is_err(), "{options:?}");
+        }
+        let mut udp = syn_v4(&[]);
+        udp[9] = 17;
+        assert!(parse_toa(&udp).is_err());
+        let mut v5 = syn_v4(&[]);
+        v5[0] = 0x55;
+        assert!(parse_toa(&v5).is_err());
     }
 
     #[test]

@@ -643,6 +643,42 @@ impl Lab {
         Ok(())
     }
 
+    /// Makes the router forward packets of at most `mtu4` (IPv4) and `mtu6` (IPv6, at least
+    /// 1280) bytes towards the backends: larger ones with DF (all IPv6 ones) it answers with
+    /// ICMP fragmentation needed / packet too big, as a router before a smaller-MTU link would.
+    pub fn limit_backend_path_mtu(&self, mtu4: u32, mtu6: u32) -> Result<()> {
+        for j in 1..=self.spec.backends {
+            let (a4, a6) = (self.backend_addr(j), self.backend_addr6(j));
+            self.limit_path_mtu("backends", a4.into(), mtu4)?;
+            self.limit_path_mtu("backends", a6.into(), mtu6)?;
+        }
+        Ok(())
+    }
+
+    /// Like [`Lab::limit_backend_path_mtu`], towards the client.
+    pub fn limit_client_path_mtu(&self, mtu4: u32, mtu6: u32) -> Result<()> {
+        self.limit_path_mtu("client", self.client_addr().into(), mtu4)?;
+        self.limit_path_mtu("client", self.client_addr6().into(), mtu6)
+    }
+
+    /// A host route in the router to `addr` on `dev` with a locked MTU. A route MTU, not a device
+    /// MTU: a veth drops frames larger than its own MTU on receipt, so a lower MTU on the
+    /// router's end would black-hole the far end's full-size frames instead of testing PMTU
+    /// discovery; and the hosts must not learn the limit from their own link (their MSS would
+    /// avoid it). Forwarding honours a locked route MTU for IPv4 and IPv6 alike.
+    fn limit_path_mtu(&self, dev: &str, addr: IpAddr, mtu: u32) -> Result<()> {
+        ensure!(
+            mtu >= 576 && (addr.is_ipv4() || mtu >= 1280),
+            "MTU {mtu} is too small for {addr}"
+        );
+        let (family, dst) = host_route(addr);
+        self.ip(
+            "router",
+            &format!("{family} route replace {dst} dev {dev} mtu lock {mtu}"),
+        )?;
+        Ok(())
+    }
+
     /// The router's IPv4 or IPv6 routing table (`ip route show`).
     pub fn router_routes(&self, v6: bool) -> Result<String> {
         let out = self.ip("router", if v6 { "-6 route show" } else { "-4 route show" })?;
@@ -671,6 +707,16 @@ impl Lab {
     pub fn tcp_echo(&self, role: &str, addr: SocketAddr, message: &str) -> Result<String> {
         let echo = self.client_tool(role, &["tcp-echo", &addr.to_string(), message])?;
         String::from_utf8(echo).context("echo is not UTF-8")
+    }
+
+    /// Sends `bytes` bytes of [`crate::backend::pattern`] through a TCP echo server from `role`'s
+    /// namespace; fails unless exactly they came back.
+    pub fn tcp_echo_check(&self, role: &str, addr: SocketAddr, bytes: usize) -> Result<()> {
+        self.client_tool(
+            role,
+            &["tcp-echo-check", &addr.to_string(), &bytes.to_string()],
+        )?;
+        Ok(())
     }
 
     /// Sends `message` to a UDP echo server from `role`'s namespace; what came back.

@@ -7,7 +7,7 @@
 //!   echo on 9000, UDP echo on 5353) and the matching clients; the `lab-backend` binary wraps it.
 //!
 //! Binaries: `lbcluster-lab` (`up`, `down`, `status`) and `lab-backend` (`serve`, `http-get`,
-//! `tcp-echo`, `udp-echo`).
+//! `tcp-echo`, `tcp-echo-check`, `udp-echo`).
 //!
 //! Needs root and these Debian packages: `iproute2` (ip), `ethtool` (tx checksum offload off on
 //! the node uplinks), `procps` (sysctl, kill).

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::lab::{Lab, LabProcess, LabSpec};
 
@@ -29,6 +29,15 @@ pub fn lbcluster_bin() -> Result<PathBuf> {
         .context("lbcluster binary not found (cargo build -p node, or set LBC_BIN)")
 }
 
+/// How a [`Site`] is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiteOptions<'a> {
+    /// The scheduler of the TCP services (`rr`, `maglev`, …).
+    pub scheduler: &'a str,
+    /// Whether the TCP services insert the client's address into the SYN (TOA).
+    pub toa: bool,
+}
+
 /// A lab with one lbcluster node in front of two backends.
 #[derive(Debug)]
 pub struct Site {
@@ -38,10 +47,19 @@ pub struct Site {
 }
 
 impl Site {
-    /// Brings the lab up, starts `lbcluster run` in node 1 with TCP services on both VIPs (port
-    /// 80, scheduler `scheduler`, HTTP health checks on the IPv4 one) and a UDP service on
-    /// port 53, and routes the VIPs and LIPs to it.
+    /// [`Site::start_with`] without TOA.
     pub fn start(scheduler: &str) -> Result<Site> {
+        Self::start_with(SiteOptions {
+            scheduler,
+            toa: false,
+        })
+    }
+
+    /// Brings the lab up, starts `lbcluster run` in node 1 with TCP services on both VIPs (port
+    /// 80 to the backends' HTTP server, HTTP health checks on the IPv4 one; port 9000 to their
+    /// TCP echo server) and a UDP service on port 53, and routes the VIPs and LIPs to it.
+    pub fn start_with(options: SiteOptions<'_>) -> Result<Site> {
+        let SiteOptions { scheduler, toa } = options;
         let lab = Lab::up(LabSpec {
             nodes: 1,
             backends: 2,
@@ -64,11 +82,22 @@ socket = "{socket}"
 vip = "{VIP}:80"
 proto = "tcp"
 scheduler = "{scheduler}"
+toa = {toa}
 {health}
 [[service.backend]]
 addr = "{b1}:8080"
 [[service.backend]]
 addr = "{b2}:8080"
+
+[[service]]
+vip = "{VIP}:9000"
+proto = "tcp"
+scheduler = "{scheduler}"
+toa = {toa}
+[[service.backend]]
+addr = "{b1}:9000"
+[[service.backend]]
+addr = "{b2}:9000"
 
 [[service]]
 vip = "{VIP}:53"
@@ -83,10 +112,21 @@ addr = "{b2}:5353"
 vip = "[{VIP6}]:80"
 proto = "tcp"
 scheduler = "{scheduler}"
+toa = {toa}
 [[service.backend]]
 addr = "[{b1v6}]:8080"
 [[service.backend]]
 addr = "[{b2v6}]:8080"
+
+[[service]]
+vip = "[{VIP6}]:9000"
+proto = "tcp"
+scheduler = "{scheduler}"
+toa = {toa}
+[[service.backend]]
+addr = "[{b1v6}]:9000"
+[[service.backend]]
+addr = "[{b2v6}]:9000"
 "#,
             socket = socket.display(),
         );
@@ -123,6 +163,44 @@ addr = "[{b2v6}]:8080"
             cmd.args(["-o", "json"]);
         }
         Ok(cmd.output()?)
+    }
+
+    /// `lbcluster sessions` against the node (text, like `ipvsadm -Lnc`).
+    pub fn sessions(&self) -> Result<String> {
+        let out = Command::new(lbcluster_bin()?)
+            .args(["sessions", "--socket"])
+            .arg(&self.socket)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "lbcluster sessions: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// An engine event counter (`icmp_translated`, `toa_inserted`, …) from
+    /// `lbcluster status -o json`.
+    pub fn event(&self, name: &str) -> Result<u64> {
+        let out = self.status(true)?;
+        ensure!(
+            out.status.code().is_some_and(|c| c < 3),
+            "lbcluster status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: String = String::from_utf8(out.stdout)?.split_whitespace().collect();
+        // The events are an array of {"name": …, "count": …} objects; names have no spaces.
+        let key = format!(r#"{{"name":"{name}","count":"#);
+        let at = json
+            .find(&key)
+            .with_context(|| format!("no event {name} in the status"))?;
+        let digits: String = json[at + key.len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits
+            .parse()
+            .with_context(|| format!("event {name}: count {digits:?}"))
     }
 
     fn wait_ready(&self) -> Result<()> {

@@ -4,8 +4,22 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use tests::site::{LIP, LIP6, Site, VIP, VIP6};
+use anyhow::{Context, Result, bail, ensure};
+use tests::site::{LIP, LIP6, Site, SiteOptions, VIP, VIP6};
+
+/// `/whoami`'s two lines: the peer the backend sees, and the TOA client address (`None` for
+/// `toa none`).
+fn whoami(site: &Site, vip: IpAddr) -> Result<(SocketAddr, Option<SocketAddr>)> {
+    let answer = site.get(vip, "/whoami")?;
+    let mut lines = answer.lines();
+    let peer = lines.next().context("empty /whoami")?.parse()?;
+    let toa = match lines.next().and_then(|l| l.strip_prefix("toa ")) {
+        Some("none") => None,
+        Some(addr) => Some(addr.parse().with_context(|| format!("TOA in {answer:?}"))?),
+        None => bail!("no TOA line in {answer:?}"),
+    };
+    Ok((peer, toa))
+}
 
 #[test]
 fn http_round_robin_spreads_over_both_backends_and_they_see_the_lip() -> Result<()> {
@@ -17,9 +31,11 @@ fn http_round_robin_spreads_over_both_backends_and_they_see_the_lip() -> Result<
     let b1 = seen.iter().filter(|s| *s == "b1").count();
     let b2 = seen.iter().filter(|s| *s == "b2").count();
     assert_eq!((b1, b2), (5, 5), "rr alternates: {seen:?}");
-    // Full-NAT: the real server sees a local address of the node, not the client.
-    let peer: SocketAddr = site.get(VIP.into(), "/whoami")?.trim().parse()?;
+    // Full-NAT: the real server sees a local address of the node, not the client, and without
+    // TOA nothing in the SYN tells it the client's address.
+    let (peer, toa) = whoami(&site, VIP.into())?;
     assert_eq!(peer.ip(), IpAddr::V4(LIP));
+    assert_eq!(toa, None);
     // The IPv6 VIP, end to end.
     let mut seen6 = Vec::new();
     for _ in 0..4 {
@@ -29,8 +45,9 @@ fn http_round_robin_spreads_over_both_backends_and_they_see_the_lip() -> Result<
         seen6.contains(&"b1".to_string()) && seen6.contains(&"b2".to_string()),
         "{seen6:?}"
     );
-    let peer6: SocketAddr = site.get(VIP6.into(), "/whoami")?.trim().parse()?;
+    let (peer6, toa6) = whoami(&site, VIP6.into())?;
     assert_eq!(peer6.ip(), IpAddr::V6(LIP6));
+    assert_eq!(toa6, None);
     let status = site.status(true)?;
     assert!(
         status.status.success(),
@@ -160,5 +177,129 @@ fn sigterm_leaves_no_device_route_or_sysctl_behind() -> Result<()> {
         "ip_forward restored to the lab's value"
     );
     assert!(!site.socket.exists(), "admin socket removed");
+    Ok(())
+}
+
+#[test]
+fn toa_tells_the_backend_the_client_address_and_port() -> Result<()> {
+    let site = Site::start_with(SiteOptions {
+        scheduler: "rr",
+        toa: true,
+    })?;
+    let client4 = IpAddr::V4(site.lab.client_addr());
+    let client6 = IpAddr::V6(site.lab.client_addr6());
+    for (vip, lip, client) in [
+        (IpAddr::V4(VIP), IpAddr::V4(LIP), client4),
+        (IpAddr::V6(VIP6), IpAddr::V6(LIP6), client6),
+    ] {
+        let (peer, toa) = whoami(&site, vip)?;
+        assert_eq!(peer.ip(), lip, "the backend's peer is still the LIP");
+        let toa = toa.with_context(|| format!("no TOA through {vip}"))?;
+        assert_eq!(toa.ip(), client);
+        assert_ne!(toa.port(), 0);
+        // The port is the client's own: the node's session from it uses the peer's LIP port.
+        let sessions = site.sessions()?;
+        assert!(
+            sessions
+                .lines()
+                .any(|l| l.contains(&toa.to_string()) && l.contains(&peer.to_string())),
+            "no session {toa} → {peer}:\n{sessions}"
+        );
+    }
+    assert!(site.event("toa_inserted")? >= 2);
+    assert_eq!(site.event("toa_no_room")?, 0);
+    Ok(())
+}
+
+/// Transfers large enough that both directions send full-size segments for a while.
+const PMTU_BYTES: usize = 4 * 1024 * 1024;
+
+/// A few MB up and back through the echo service and down from `/bytes/N`, through `vip`;
+/// checks the data.
+fn large_transfers(site: &Site, vip: IpAddr) -> Result<()> {
+    site.lab
+        .tcp_echo_check("client", SocketAddr::new(vip, 9000), PMTU_BYTES)
+        .with_context(|| format!("echo of {PMTU_BYTES} bytes through {vip}"))?;
+    let body = site
+        .lab
+        .http_get_bytes(
+            "client",
+            SocketAddr::new(vip, 80),
+            &format!("/bytes/{PMTU_BYTES}"),
+        )
+        .with_context(|| format!("GET of {PMTU_BYTES} bytes through {vip}"))?;
+    ensure!(
+        body.len() == PMTU_BYTES,
+        "{} bytes through {vip}",
+        body.len()
+    );
+    ensure!(
+        body.iter().all(|&b| b == b'x'),
+        "the body through {vip} is corrupt"
+    );
+    Ok(())
+}
+
+/// The path MTU `role`'s kernel learned towards `dst` (from an ICMP error), if any.
+fn learned_mtu(site: &Site, role: &str, dst: IpAddr) -> Result<Option<u32>> {
+    let family = if dst.is_ipv4() { "-4" } else { "-6" };
+    let out = site
+        .lab
+        .exec(role, &["ip", family, "route", "get", &dst.to_string()])?;
+    let text = String::from_utf8(out.stdout)?;
+    let mut words = text.split_whitespace();
+    Ok(words
+        .by_ref()
+        .find(|&w| w == "mtu")
+        .and_then(|_| words.next())
+        .and_then(|m| m.parse().ok()))
+}
+
+/// The MTUs of the narrow link: IPv4 well below IPv6's minimum, so the two cannot be confused.
+const MTU4: u32 = 1000;
+const MTU6: u32 = 1280;
+
+#[test]
+fn path_mtu_discovery_through_the_vip_with_a_narrow_link_to_the_backends() -> Result<()> {
+    let site = Site::start("rr")?;
+    site.lab.limit_backend_path_mtu(MTU4, MTU6)?;
+    for (vip, mtu) in [(IpAddr::V4(VIP), MTU4), (IpAddr::V6(VIP6), MTU6)] {
+        let before = site.event("icmp_translated")?;
+        large_transfers(&site, vip)?;
+        let translated = site.event("icmp_translated")? - before;
+        assert!(translated > 0, "no ICMP error translated for {vip}");
+        // The router's error about LIP → backend reached the client as VIP → client.
+        assert_eq!(
+            learned_mtu(&site, "client", vip)?,
+            Some(mtu),
+            "client to {vip}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn path_mtu_discovery_through_the_vip_with_a_narrow_link_to_the_client() -> Result<()> {
+    let site = Site::start("rr")?;
+    site.lab.limit_client_path_mtu(MTU4, MTU6)?;
+    for (vip, lip, mtu) in [
+        (IpAddr::V4(VIP), IpAddr::V4(LIP), MTU4),
+        (IpAddr::V6(VIP6), IpAddr::V6(LIP6), MTU6),
+    ] {
+        let before = site.event("icmp_translated")?;
+        large_transfers(&site, vip)?;
+        let translated = site.event("icmp_translated")? - before;
+        assert!(translated > 0, "no ICMP error translated for {vip}");
+        // The router's error about VIP → client reached the backend that sent the data as
+        // LIP → backend (with rr each service's first flow went to b1; b2 may have had none).
+        let learned = [
+            learned_mtu(&site, "b1", lip)?,
+            learned_mtu(&site, "b2", lip)?,
+        ];
+        assert!(
+            learned.contains(&Some(mtu)) && learned.iter().all(|m| [None, Some(mtu)].contains(m)),
+            "MTUs the backends learned towards {lip}: {learned:?}"
+        );
+    }
     Ok(())
 }

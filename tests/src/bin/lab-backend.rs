@@ -5,6 +5,8 @@
 //!   connection's peer to stderr.
 //! * `lab-backend http-get ADDR PATH` — prints the body of a 200 answer (fails otherwise).
 //! * `lab-backend tcp-echo ADDR MESSAGE`, `lab-backend udp-echo ADDR MESSAGE` — print the echo.
+//! * `lab-backend tcp-echo-check ADDR BYTES` — sends BYTES bytes of a pattern through a TCP echo
+//!   server, fails unless exactly they come back.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -36,6 +38,8 @@ enum Command {
     HttpGet { addr: SocketAddr, path: String },
     /// Send a message to a TCP echo server and print the answer.
     TcpEcho { addr: SocketAddr, message: String },
+    /// Send BYTES bytes of a pattern through a TCP echo server; fail unless they come back.
+    TcpEchoCheck { addr: SocketAddr, bytes: usize },
     /// Send a message to a UDP echo server and print the answer.
     UdpEcho { addr: SocketAddr, message: String },
 }
@@ -54,6 +58,10 @@ fn main() -> Result<()> {
         }
         Command::HttpGet { addr, path } => backend::http_get(addr, &path, timeout)?,
         Command::TcpEcho { addr, message } => backend::tcp_echo(addr, message.as_bytes(), timeout)?,
+        Command::TcpEchoCheck { addr, bytes } => {
+            backend::tcp_echo_check(addr, bytes, timeout)?;
+            format!("{bytes} bytes echoed intact\n").into_bytes()
+        }
         Command::UdpEcho { addr, message } => backend::udp_echo(addr, message.as_bytes(), timeout)?,
     };
     std::io::stdout().write_all(&output)?;

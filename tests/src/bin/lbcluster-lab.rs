@@ -114,7 +114,7 @@ fn demo(requests: u32, scheduler: &str) -> Result<()> {
         }
         println!(
             "   the backend saw the request from {}",
-            site.get(vip, "/whoami")?.trim()
+            site.get(vip, "/whoami")?.trim().replace('\n', ", ")
         );
     }
     println!("\n== UDP through {VIP}:53");
