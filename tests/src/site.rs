@@ -188,19 +188,14 @@ addr = "[{b2v6}]:9000"
             "lbcluster status: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let json: String = String::from_utf8(out.stdout)?.split_whitespace().collect();
-        // The events are an array of {"name": …, "count": …} objects; names have no spaces.
-        let key = format!(r#"{{"name":"{name}","count":"#);
-        let at = json
-            .find(&key)
-            .with_context(|| format!("no event {name} in the status"))?;
-        let digits: String = json[at + key.len()..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits
-            .parse()
-            .with_context(|| format!("event {name}: count {digits:?}"))
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        status["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["count"].as_u64())
+            .with_context(|| format!("no event {name} in the status"))
     }
 
     fn wait_ready(&self) -> Result<()> {
