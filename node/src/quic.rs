@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +30,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::tls;
@@ -38,6 +39,8 @@ use crate::tls;
 pub(crate) const ALPN_RAFT: &[u8] = b"lbc-raft/1";
 /// The ALPN of session sync.
 pub(crate) const ALPN_SYNC: &[u8] = b"lbc-sync/1";
+/// Every protocol a node serves.
+pub(crate) const ALPNS: &[&[u8]] = &[ALPN_RAFT, ALPN_SYNC];
 
 /// Application close code: the peer's node name is not a current member.
 pub(crate) const CLOSE_NOT_MEMBER: VarInt = VarInt::from_u32(0x100);
@@ -52,6 +55,8 @@ pub(crate) const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0);
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// ... and a connection that hears nothing for this long is dead.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// `self_check` gives up after this long.
+const SELF_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// "Is this node name a current member?" — asked after every handshake, in both directions.
 pub(crate) type Membership = Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -107,6 +112,11 @@ impl NodeTls {
             key,
             roots: Arc::new(roots),
         })
+    }
+
+    /// The node name in the certificate.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
     }
 }
 
@@ -178,7 +188,6 @@ impl Endpoint {
     /// Binds the endpoint to `listen`, serving (and dialling) the protocols in `alpns` with the
     /// node's certificate, trusting only the cluster CA, and admitting only peers `membership`
     /// approves. Must be called inside a tokio runtime.
-    #[allow(dead_code)] // Wired into the daemon by the Raft issue.
     pub(crate) fn bind(
         listen: SocketAddr,
         tls: &NodeTls,
@@ -262,7 +271,6 @@ impl Endpoint {
 
     /// Dials node `peer` at `addr` for protocol `alpn`. The peer's certificate must chain to the
     /// cluster CA and name `peer`, and `peer` must be a current member.
-    #[allow(dead_code)] // Wired into the daemon by the Raft issue.
     pub(crate) async fn connect(
         &self,
         addr: SocketAddr,
@@ -292,7 +300,6 @@ impl Endpoint {
 
     /// Accepts connections until the endpoint is closed, handing each to the handler of its
     /// ALPN. Handshakes run concurrently, one task each.
-    #[allow(dead_code)] // Wired into the daemon by the Raft issue.
     pub(crate) async fn serve(&self, handlers: HashMap<Vec<u8>, Handler>) {
         let handlers = Arc::new(handlers);
         while let Some(incoming) = self.endpoint.accept().await {
@@ -318,7 +325,6 @@ impl Endpoint {
     }
 
     /// Closes every connection and stops `serve`.
-    #[allow(dead_code)] // Wired into the daemon by the Raft issue.
     pub(crate) fn close(&self) {
         self.endpoint.close(CLOSE_SHUTDOWN, b"node shutting down");
     }
@@ -480,6 +486,65 @@ impl ServerCertVerifier for CountingServerVerifier {
     }
 }
 
+/// Proves that a node's TLS files work for the cluster's mutual TLS (`lbcluster tls cert
+/// check`): binds an endpoint on loopback with them and connects it to itself on every ALPN in
+/// `ALPNS`, both ends checking the other exactly as between two nodes; each end must see the
+/// node's own name.
+pub(crate) async fn self_check(tls: &NodeTls) -> Result<()> {
+    let name = tls.name.clone();
+    let me = name.clone();
+    let endpoint = Arc::new(Endpoint::bind(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        tls,
+        ALPNS,
+        Arc::new(move |peer| peer == me),
+    )?);
+    let (tx, mut served) = mpsc::unbounded_channel();
+    let handler: Handler = Arc::new(move |conn: PeerConnection| {
+        // The receiver outlives every connection of the check.
+        let _ = tx.send((conn.alpn, conn.peer));
+    });
+    let handlers = ALPNS
+        .iter()
+        .map(|a| (a.to_vec(), handler.clone()))
+        .collect();
+    let serving = endpoint.clone();
+    let server = tokio::spawn(async move { serving.serve(handlers).await });
+    let addr = endpoint.local_addr()?;
+    let checks = async {
+        for alpn in ALPNS {
+            let conn = endpoint.connect(addr, &name, alpn).await?;
+            let (server_alpn, client) =
+                served.recv().await.context("the accept loop ended early")?;
+            if conn.peer != name || client != name || server_alpn != *alpn {
+                bail!(
+                    "the ends saw {:?} and {client:?} on {:?}, not {name:?} on {:?}",
+                    conn.peer,
+                    String::from_utf8_lossy(&server_alpn),
+                    String::from_utf8_lossy(alpn)
+                );
+            }
+            conn.connection.close(CLOSE_SHUTDOWN, b"check done");
+        }
+        Ok(())
+    };
+    let result = tokio::time::timeout(SELF_CHECK_TIMEOUT, checks)
+        .await
+        .unwrap_or_else(|_| Err(anyhow!("the handshake did not finish in time")));
+    endpoint.close();
+    server.await.context("the accept loop panicked")?;
+    result?;
+    let counters = endpoint.counters();
+    let expected = CounterValues {
+        accepted: 2 * ALPNS.len() as u64,
+        ..CounterValues::default()
+    };
+    if counters != expected {
+        bail!("unexpected connection counters {counters:?}");
+    }
+    Ok(())
+}
+
 fn refused_cert(counters: &Counters, role: &str, e: &rustls::Error) {
     counters
         .refused_untrusted_ca
@@ -489,10 +554,9 @@ fn refused_cert(counters: &Counters, role: &str, e: &rustls::Error) {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
+    use std::net::IpAddr;
 
     use quinn::{ConnectionError, RecvStream, SendStream};
-    use tokio::sync::mpsc;
 
     use super::*;
 
@@ -531,13 +595,7 @@ mod tests {
     /// "PEER:REQUEST" back, PEER being the name the node sees.
     fn start(tls: NodeTls, membership: Membership) -> Node {
         let endpoint = Arc::new(
-            Endpoint::bind(
-                SocketAddr::new(LOCALHOST, 0),
-                &tls,
-                &[ALPN_RAFT, ALPN_SYNC],
-                membership,
-            )
-            .unwrap(),
+            Endpoint::bind(SocketAddr::new(LOCALHOST, 0), &tls, ALPNS, membership).unwrap(),
         );
         let addr = endpoint.local_addr().unwrap();
         let (tx, seen) = mpsc::unbounded_channel();
