@@ -1,6 +1,6 @@
 //! The `lbcluster` binary: the node daemon (`run`), the operator commands that talk to it over
-//! its admin API (`status`, `sessions`), `config check`, and `replay`, which runs the Full-NAT
-//! engine over a built-in packet trace.
+//! its admin API (`status`, `sessions`), `config check`, `tls` (the cluster CA and node
+//! certificates), and `replay`, which runs the Full-NAT engine over a built-in packet trace.
 //!
 //! Exit codes: 0 success; 1 failure (for `status`: a backend is down); 2 usage error; 3 the node
 //! cannot be reached or did not answer.
@@ -14,13 +14,15 @@ mod daemon;
 mod health;
 mod metrics;
 mod packet_io;
+mod quic;
 mod render;
 mod replay;
 mod source;
 mod state;
+mod tls;
 
 use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -61,6 +63,91 @@ enum Command {
     /// Replay a generated packet trace through the Full-NAT engine and print its counters,
     /// per-backend connections, local port usage and sessions.
     Replay(ReplayArgs),
+    /// Create the cluster CA and node certificates for the nodes' mutual-TLS QUIC endpoint.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCommand {
+    /// The cluster certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Node certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a cluster CA: DIR/ca.pem and DIR/ca.key (mode 0600).
+    Create(CaCreateArgs),
+}
+
+#[derive(Debug, Args)]
+struct CaCreateArgs {
+    /// The directory for ca.pem and ca.key (created with mode 0700 if missing).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// The CA's common name.
+    #[arg(long, default_value = "lbcluster cluster CA")]
+    name: String,
+    /// Validity in days.
+    #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    days: u32,
+    /// Replace existing ca.pem and ca.key (every node certificate signed by the old CA stops
+    /// being trusted).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Create a node certificate signed by the cluster CA: NAME.pem and NAME.key (mode 0600),
+    /// for both ends of mutual TLS, naming the node (DNS SAN and CN) and its addresses (IP SANs).
+    Create(CertCreateArgs),
+    /// Check a node's certificate and key against the cluster CA: load them as the daemon does
+    /// and complete a mutual-TLS QUIC handshake with itself on loopback on every protocol.
+    Check(CertCheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct CertCheckArgs {
+    /// The directory holding the cluster CA certificate (ca.pem).
+    #[arg(long, value_name = "DIR")]
+    ca_dir: PathBuf,
+    /// The node whose NAME.pem and NAME.key to check.
+    #[arg(long, value_name = "NAME", value_parser = parse_node_name)]
+    node: String,
+    /// The directory holding NAME.pem and NAME.key [default: the CA directory].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct CertCreateArgs {
+    /// The directory holding the cluster CA (ca.pem, ca.key).
+    #[arg(long, value_name = "DIR")]
+    ca_dir: PathBuf,
+    /// The node's name, its identity in the cluster (a lowercase DNS name).
+    #[arg(long, value_name = "NAME", value_parser = parse_node_name)]
+    node: String,
+    /// The node's IP addresses (one or more; repeat --ip or list them after it).
+    #[arg(long = "ip", value_name = "ADDR", required = true, num_args = 1..)]
+    ips: Vec<IpAddr>,
+    /// Where to write NAME.pem and NAME.key [default: the CA directory].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Validity in days (never past the CA's own expiry).
+    #[arg(long, default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    days: u32,
+    /// Replace existing NAME.pem and NAME.key.
+    #[arg(long)]
+    force: bool,
+}
+
+fn parse_node_name(s: &str) -> Result<String, String> {
+    tls::validate_node_name(s).map(|()| s.to_owned())
 }
 
 #[derive(Debug, Args)]
@@ -198,6 +285,72 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Output::Json => render::json(&report)?,
             };
             write_stdout(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tls(TlsCommand::Ca(CaCommand::Create(args))) => {
+            let written = tls::create_ca(&args.dir, &args.name, args.days, args.force)?;
+            write_stdout(&format!(
+                "created cluster CA {:?}: {} (key {}), valid until {}\n",
+                args.name,
+                written.cert.display(),
+                written.key.display(),
+                written.not_after.date()
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tls(TlsCommand::Cert(CertCommand::Create(args))) => {
+            let out = args.out.as_deref().unwrap_or(&args.ca_dir);
+            let written = tls::create_node_cert(
+                &args.ca_dir,
+                &args.node,
+                &args.ips,
+                out,
+                args.days,
+                args.force,
+            )?;
+            let ips: Vec<String> = args.ips.iter().map(ToString::to_string).collect();
+            write_stdout(&format!(
+                "created certificate for node {} ({}): {} (key {}), valid until {}\n",
+                args.node,
+                ips.join(", "),
+                written.cert.display(),
+                written.key.display(),
+                written.not_after.date()
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tls(TlsCommand::Cert(CertCommand::Check(args))) => {
+            let dir = args.dir.as_deref().unwrap_or(&args.ca_dir);
+            let cert = dir.join(format!("{}.pem", args.node));
+            let identity = quic::NodeTls::load(
+                &args.ca_dir.join(tls::CA_CERT_FILE),
+                &cert,
+                &dir.join(format!("{}.key", args.node)),
+            )?;
+            if identity.name() != args.node {
+                anyhow::bail!(
+                    "{} is a certificate for node {}, not {}",
+                    cert.display(),
+                    identity.name(),
+                    args.node
+                );
+            }
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(quic::self_check(&identity))
+                .with_context(|| format!("{} fails the mutual-TLS check", cert.display()))?;
+            let alpns: Vec<_> = quic::ALPNS
+                .iter()
+                .map(|a| String::from_utf8_lossy(a))
+                .collect();
+            write_stdout(&format!(
+                "{}: ok: node {}, signed by the cluster CA, completes a mutual-TLS QUIC handshake ({})\n",
+                cert.display(),
+                args.node,
+                alpns.join(", ")
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
     }
