@@ -511,3 +511,500 @@ fn is_prime(n: u32) -> bool {
     let n = u64::from(n);
     (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: NodeId, name: &str, lips: &[&str]) -> Node {
+        Node {
+            id,
+            name: name.to_owned(),
+            quic_addr: SocketAddr::from(([10, 0, 0, id as u8], 7000)),
+            lips: lips.iter().map(|l| l.parse().unwrap()).collect(),
+            bgp: None,
+        }
+    }
+
+    fn key(vip: &str, proto: Proto) -> ServiceKey {
+        ServiceKey {
+            vip: vip.parse().unwrap(),
+            proto,
+        }
+    }
+
+    fn backend(addr: &str, weight: u32) -> Backend {
+        Backend {
+            addr: addr.parse().unwrap(),
+            weight,
+        }
+    }
+
+    fn settings() -> ServiceSettings {
+        ServiceSettings {
+            scheduler: Scheduler::Maglev,
+            timeouts: Timeouts::default(),
+            toa: false,
+            health: HealthCheck::Tcp(Probe {
+                interval_ms: 2000,
+                timeout_ms: 1000,
+                rise: 2,
+                fall: 3,
+            }),
+        }
+    }
+
+    fn new_service(vip: &str, backends: &[Backend]) -> Service {
+        Service {
+            key: key(vip, Proto::Tcp),
+            settings: settings(),
+            backends: backends.to_vec(),
+        }
+    }
+
+    const WEB: &str = "198.18.0.1:80";
+
+    /// Two nodes and one TCP service with one backend, version 3.
+    fn base() -> ClusterConfig {
+        let mut config = ClusterConfig::default();
+        for command in [
+            Command::AddNode(node(1, "n1", &["198.19.0.1", "198.19.0.2"])),
+            Command::AddNode(node(2, "n2", &["198.19.0.3"])),
+            Command::AddService(new_service(WEB, &[backend("10.1.0.1:8080", 1)])),
+        ] {
+            config.apply(&command).unwrap();
+        }
+        assert_eq!(config.version, 3);
+        config
+    }
+
+    /// Applies a command that must be rejected and checks that nothing changed.
+    fn rejected(command: Command) -> ConfigError {
+        let mut config = base();
+        let before = config.clone();
+        let err = config.apply(&command).unwrap_err();
+        assert_eq!(config, before, "a rejected command changed the config");
+        assert_eq!(config.validate(&command), Err(err.clone()));
+        err
+    }
+
+    fn accepted(config: &mut ClusterConfig, command: Command) {
+        let version = config.version;
+        config.apply(&command).unwrap();
+        assert_eq!(config.version, version + 1);
+    }
+
+    #[test]
+    fn test_version_increases_by_one_per_command() {
+        let mut config = base();
+        accepted(
+            &mut config,
+            Command::AddNode(node(3, "n3", &["198.19.0.4"])),
+        );
+        accepted(&mut config, Command::RemoveNode { id: 3 });
+        assert_eq!(config.version, 5);
+        assert!(config.node(3).is_err());
+    }
+
+    #[test]
+    fn test_add_node_duplicate_id() {
+        let err = rejected(Command::AddNode(node(1, "other", &[])));
+        assert_eq!(
+            err,
+            ConfigError::DuplicateNodeId {
+                id: 1,
+                name: "n1".into()
+            }
+        );
+        assert_eq!(err.to_string(), "node id 1 is already taken by node \"n1\"");
+    }
+
+    #[test]
+    fn test_add_node_duplicate_name() {
+        let err = rejected(Command::AddNode(node(3, "n2", &[])));
+        assert_eq!(
+            err,
+            ConfigError::DuplicateNodeName {
+                name: "n2".into(),
+                id: 2
+            }
+        );
+    }
+
+    #[test]
+    fn test_add_node_empty_name() {
+        assert_eq!(
+            rejected(Command::AddNode(node(3, "", &[]))),
+            ConfigError::EmptyNodeName
+        );
+    }
+
+    #[test]
+    fn test_remove_unknown_node() {
+        let err = rejected(Command::RemoveNode { id: 9 });
+        assert_eq!(err, ConfigError::UnknownNode { id: 9 });
+        assert_eq!(err.to_string(), "no node with id 9");
+    }
+
+    #[test]
+    fn test_lip_listed_twice_in_one_node() {
+        let err = rejected(Command::AddNode(node(
+            3,
+            "n3",
+            &["198.19.0.9", "198.19.0.9"],
+        )));
+        assert_eq!(
+            err,
+            ConfigError::DuplicateLip {
+                lip: "198.19.0.9".parse().unwrap(),
+                id: 3
+            }
+        );
+    }
+
+    #[test]
+    fn test_lips_overlap_between_nodes() {
+        let err = rejected(Command::AddNode(node(
+            3,
+            "n3",
+            &["198.19.0.9", "198.19.0.2"],
+        )));
+        assert_eq!(
+            err,
+            ConfigError::LipOverlap {
+                lip: "198.19.0.2".parse().unwrap(),
+                owner: 1
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "local address 198.19.0.2 already belongs to node 1"
+        );
+    }
+
+    #[test]
+    fn test_lip_in_use_by_service_vip() {
+        let err = rejected(Command::AddNode(node(3, "n3", &["198.18.0.1"])));
+        assert_eq!(
+            err,
+            ConfigError::LipIsVip {
+                lip: "198.18.0.1".parse().unwrap(),
+                service: key(WEB, Proto::Tcp)
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "local address 198.18.0.1 is the VIP of service 198.18.0.1:80/tcp"
+        );
+    }
+
+    #[test]
+    fn test_service_vip_is_a_lip() {
+        let err = rejected(Command::AddService(new_service("198.19.0.3:443", &[])));
+        assert_eq!(
+            err,
+            ConfigError::VipIsLip {
+                service: key("198.19.0.3:443", Proto::Tcp),
+                owner: 2
+            }
+        );
+    }
+
+    #[test]
+    fn test_service_defined_twice() {
+        let err = rejected(Command::AddService(new_service(WEB, &[])));
+        assert_eq!(
+            err,
+            ConfigError::DuplicateService {
+                key: key(WEB, Proto::Tcp)
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "service 198.18.0.1:80/tcp is already defined"
+        );
+    }
+
+    #[test]
+    fn test_same_vip_port_other_proto_is_another_service() {
+        let mut config = base();
+        let mut udp = new_service(WEB, &[]);
+        udp.key.proto = Proto::Udp;
+        accepted(&mut config, Command::AddService(udp));
+        assert_eq!(config.services.len(), 2);
+    }
+
+    #[test]
+    fn test_unknown_service() {
+        let other = key("198.18.0.2:80", Proto::Tcp);
+        let unknown = ConfigError::UnknownService { key: other };
+        assert_eq!(rejected(Command::DelService { key: other }), unknown);
+        let edit = Command::EditService {
+            key: other,
+            settings: settings(),
+        };
+        assert_eq!(rejected(edit), unknown);
+        let add = Command::AddBackend {
+            service: other,
+            backend: backend("10.1.0.2:80", 1),
+        };
+        assert_eq!(rejected(add), unknown);
+        // Same address and port, other protocol: still unknown.
+        let udp = key(WEB, Proto::Udp);
+        assert_eq!(
+            rejected(Command::DelService { key: udp }),
+            ConfigError::UnknownService { key: udp }
+        );
+    }
+
+    #[test]
+    fn test_unknown_backend() {
+        let service = key(WEB, Proto::Tcp);
+        let addr = "10.1.0.9:8080".parse().unwrap();
+        let unknown = ConfigError::UnknownBackend { service, addr };
+        assert_eq!(rejected(Command::DelBackend { service, addr }), unknown);
+        let edit = Command::EditBackend {
+            service,
+            backend: backend("10.1.0.9:8080", 5),
+        };
+        assert_eq!(rejected(edit), unknown);
+        assert_eq!(
+            unknown.to_string(),
+            "service 198.18.0.1:80/tcp has no backend 10.1.0.9:8080"
+        );
+    }
+
+    #[test]
+    fn test_backend_added_twice() {
+        let service = key(WEB, Proto::Tcp);
+        let add = Command::AddBackend {
+            service,
+            backend: backend("10.1.0.1:8080", 7),
+        };
+        let twice = ConfigError::DuplicateBackend {
+            service,
+            addr: "10.1.0.1:8080".parse().unwrap(),
+        };
+        assert_eq!(rejected(add), twice);
+        let b = backend("10.2.0.1:80", 1);
+        let new = new_service("198.18.0.5:80", &[b, b]);
+        assert_eq!(
+            rejected(Command::AddService(new)),
+            ConfigError::DuplicateBackend {
+                service: key("198.18.0.5:80", Proto::Tcp),
+                addr: b.addr
+            }
+        );
+    }
+
+    #[test]
+    fn test_weight_above_65535() {
+        let service = key(WEB, Proto::Tcp);
+        let heavy = backend("10.1.0.2:8080", MAX_WEIGHT + 1);
+        let too_large = ConfigError::WeightTooLarge {
+            service,
+            addr: heavy.addr,
+            weight: 65536,
+        };
+        let add = Command::AddBackend {
+            service,
+            backend: heavy,
+        };
+        assert_eq!(rejected(add), too_large);
+        assert_eq!(
+            too_large.to_string(),
+            "backend 10.1.0.2:8080 of service 198.18.0.1:80/tcp: weight 65536 is above 65535"
+        );
+        let edit = Command::EditBackend {
+            service,
+            backend: backend("10.1.0.1:8080", 70000),
+        };
+        assert!(matches!(rejected(edit), ConfigError::WeightTooLarge { .. }));
+        let new = new_service("198.18.0.5:80", &[backend("10.2.0.1:80", 100_000)]);
+        assert!(matches!(
+            rejected(Command::AddService(new)),
+            ConfigError::WeightTooLarge { .. }
+        ));
+
+        let mut config = base();
+        let max = Command::EditBackend {
+            service,
+            backend: backend("10.1.0.1:8080", MAX_WEIGHT),
+        };
+        accepted(&mut config, max);
+        assert_eq!(
+            config.service(&service).unwrap().backends[0].weight,
+            MAX_WEIGHT
+        );
+    }
+
+    #[test]
+    fn test_timeout_zero() {
+        let service = key(WEB, Proto::Tcp);
+        let mut zero = settings();
+        zero.timeouts.fin_wait = 0;
+        let edit = Command::EditService {
+            key: service,
+            settings: zero.clone(),
+        };
+        let err = rejected(edit);
+        assert_eq!(
+            err,
+            ConfigError::ZeroTimeout {
+                service,
+                which: "fin_wait".into()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "service 198.18.0.1:80/tcp: timeout fin_wait must be at least 1"
+        );
+        let mut new = new_service("198.18.0.5:53", &[]);
+        new.settings.timeouts.udp = 0;
+        assert!(matches!(
+            rejected(Command::AddService(new)),
+            ConfigError::ZeroTimeout { .. }
+        ));
+    }
+
+    #[test]
+    fn test_health_check_timeout_zero() {
+        let service = key(WEB, Proto::Tcp);
+        let mut zero = settings();
+        zero.health = HealthCheck::Http {
+            probe: Probe {
+                interval_ms: 1000,
+                timeout_ms: 0,
+                rise: 1,
+                fall: 1,
+            },
+            path: "/".into(),
+            expect_status: 200,
+        };
+        let edit = Command::EditService {
+            key: service,
+            settings: zero,
+        };
+        assert_eq!(
+            rejected(edit),
+            ConfigError::ZeroTimeout {
+                service,
+                which: "health timeout".into()
+            }
+        );
+    }
+
+    #[test]
+    fn test_maglev_table_size_not_prime() {
+        let set = |size| {
+            Command::SetSettings(Settings {
+                maglev_seed: 1,
+                maglev_table_size: size,
+            })
+        };
+        assert_eq!(
+            rejected(set(65536)),
+            ConfigError::BadMaglevTableSize { size: 65536 }
+        );
+        assert_eq!(
+            rejected(set(9)),
+            ConfigError::BadMaglevTableSize { size: 9 }
+        );
+        assert_eq!(
+            ConfigError::BadMaglevTableSize { size: 9 }.to_string(),
+            "maglev table size 9 must be a prime of at least 7"
+        );
+    }
+
+    #[test]
+    fn test_maglev_table_size_below_7() {
+        for size in [0, 1, 2, 3, 5] {
+            assert_eq!(
+                rejected(Command::SetSettings(Settings {
+                    maglev_seed: 0,
+                    maglev_table_size: size
+                })),
+                ConfigError::BadMaglevTableSize { size }
+            );
+        }
+        let mut config = base();
+        for size in [7, 251, 65537] {
+            let settings = Settings {
+                maglev_seed: 42,
+                maglev_table_size: size,
+            };
+            accepted(&mut config, Command::SetSettings(settings));
+            assert_eq!(config.settings, settings);
+        }
+    }
+
+    #[test]
+    fn test_backend_of_other_address_family() {
+        let service = key(WEB, Proto::Tcp);
+        let v6 = backend("[2001:db8::1]:8080", 1);
+        let mismatch = ConfigError::AddressFamilyMismatch {
+            service,
+            addr: v6.addr,
+        };
+        let add = Command::AddBackend {
+            service,
+            backend: v6,
+        };
+        assert_eq!(rejected(add), mismatch);
+        let v6_service = new_service("[2001:db8:100::1]:443", &[backend("10.1.0.1:443", 1)]);
+        assert!(matches!(
+            rejected(Command::AddService(v6_service)),
+            ConfigError::AddressFamilyMismatch { .. }
+        ));
+        let mut config = base();
+        let v6_service = new_service("[2001:db8:100::1]:443", &[backend("[2001:db8::1]:443", 1)]);
+        accepted(&mut config, Command::AddService(v6_service));
+    }
+
+    #[test]
+    fn test_service_and_backend_lifecycle() {
+        let mut config = base();
+        let web = key(WEB, Proto::Tcp);
+        let b2 = backend("10.1.0.2:8080", 3);
+        accepted(
+            &mut config,
+            Command::AddBackend {
+                service: web,
+                backend: b2,
+            },
+        );
+        let mut edited = settings();
+        edited.scheduler = Scheduler::Wrr;
+        edited.toa = true;
+        accepted(
+            &mut config,
+            Command::EditService {
+                key: web,
+                settings: edited.clone(),
+            },
+        );
+        let s = config.service(&web).unwrap();
+        assert_eq!(s.settings, edited);
+        assert_eq!(s.backends.len(), 2, "editing a service keeps its backends");
+        accepted(
+            &mut config,
+            Command::DelBackend {
+                service: web,
+                addr: "10.1.0.1:8080".parse().unwrap(),
+            },
+        );
+        assert_eq!(config.service(&web).unwrap().backends, vec![b2]);
+        accepted(&mut config, Command::DelService { key: web });
+        assert!(config.services.is_empty());
+        assert_eq!(config.version, 7);
+    }
+
+    #[test]
+    fn test_is_prime() {
+        let primes: Vec<u32> = (0..30).filter(|&n| is_prime(n)).collect();
+        assert_eq!(primes, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+        assert!(is_prime(65537));
+        assert!(is_prime(4_294_967_291));
+        assert!(!is_prime(65535));
+    }
+}
