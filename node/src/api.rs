@@ -6,6 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use dataplane::sched::SchedulerKind;
 use dataplane::service::Traffic;
+
+pub(crate) use crate::packet_io::WorkerIoStats;
 use dataplane::{L4Proto, SessionRecord};
 use serde::{Deserialize, Serialize};
 
@@ -67,20 +69,7 @@ pub(crate) struct NodeStatus {
     pub(crate) local_addrs: Vec<LipPorts>,
     /// Packet I/O per worker (empty before the data plane runs).
     #[serde(default)]
-    pub(crate) io: Vec<WorkerIo>,
-}
-
-/// What one packet worker moved.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct WorkerIo {
-    pub(crate) packets_read: u64,
-    pub(crate) bytes_read: u64,
-    pub(crate) gso_packets: u64,
-    pub(crate) packets_written: u64,
-    pub(crate) packets_dropped: u64,
-    pub(crate) read_errors: u64,
-    pub(crate) write_errors: u64,
-    pub(crate) events_drained: u64,
+    pub(crate) io: Vec<WorkerIoStats>,
 }
 
 impl NodeStatus {

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 
 use dataplane::service::Traffic;
 
-use crate::api::{BackendStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, WorkerIo};
+use crate::api::{BackendStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, WorkerIoStats};
 use crate::state::NodeState;
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -327,7 +327,10 @@ fn families(s: &NodeStatus) -> Vec<Family> {
 }
 
 /// One sample per worker and operation, labelled `worker` and `op`.
-fn per_worker(io: &[WorkerIo], f: impl Fn(&WorkerIo) -> Vec<(&'static str, u64)>) -> Vec<Sample> {
+fn per_worker(
+    io: &[WorkerIoStats],
+    f: impl Fn(&WorkerIoStats) -> Vec<(&'static str, u64)>,
+) -> Vec<Sample> {
     io.iter()
         .enumerate()
         .flat_map(|(i, w)| {

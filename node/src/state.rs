@@ -11,9 +11,7 @@ use dataplane::service::Traffic;
 use dataplane::{Engine, ServiceConfig, ServiceKey, Snapshot};
 use parking_lot::Mutex;
 
-use crate::api::{
-    BackendStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, SessionCounts, WorkerIo,
-};
+use crate::api::{BackendStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, SessionCounts};
 use crate::config::ServiceSet;
 use crate::packet_io::DataplaneHandle;
 
@@ -216,22 +214,11 @@ impl NodeState {
                     capacity: u.capacity,
                 })
                 .collect(),
-            io: self.dataplane.lock().as_ref().map_or_else(Vec::new, |d| {
-                d.stats()
-                    .workers
-                    .into_iter()
-                    .map(|w| WorkerIo {
-                        packets_read: w.packets_read,
-                        bytes_read: w.bytes_read,
-                        gso_packets: w.gso_packets,
-                        packets_written: w.packets_written,
-                        packets_dropped: w.packets_dropped,
-                        read_errors: w.read_errors,
-                        write_errors: w.write_errors,
-                        events_drained: w.events_drained,
-                    })
-                    .collect()
-            }),
+            io: self
+                .dataplane
+                .lock()
+                .as_ref()
+                .map_or_else(Vec::new, |d| d.stats().workers),
         }
     }
 }

@@ -206,19 +206,28 @@ fn ip(args: &str) -> Result<Output> {
 /// The `lab-backend` binary: `$LBC_LAB_BACKEND`, else next to the running executable or one
 /// directory up (integration tests run from `target/<profile>/deps`).
 fn backend_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("LBC_LAB_BACKEND") {
+    find_binary(
+        "lab-backend",
+        "LBC_LAB_BACKEND",
+        "cargo build -p tests --bins",
+    )
+}
+
+/// A binary of this workspace: `$env_var`, else next to the running executable or one directory
+/// up (integration tests run from `target/<profile>/deps`).
+pub fn find_binary(name: &str, env_var: &str, build_hint: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env_var) {
         return Ok(path.into());
     }
     let exe = std::env::current_exe()?;
     exe.ancestors()
         .skip(1)
         .take(2)
-        .map(|dir| dir.join("lab-backend"))
+        .map(|dir| dir.join(name))
         .find(|p| p.is_file())
         .with_context(|| {
             format!(
-                "lab-backend not found next to {} (build it: cargo build -p tests --bins, \
-                 or set LBC_LAB_BACKEND)",
+                "{name} not found next to {} (build it: {build_hint}, or set {env_var})",
                 exe.display()
             )
         })

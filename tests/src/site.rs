@@ -17,16 +17,7 @@ pub const LIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 1);
 
 /// The `lbcluster` binary: `$LBC_BIN`, else next to the running executable or one directory up.
 pub fn lbcluster_bin() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("LBC_BIN") {
-        return Ok(path.into());
-    }
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join("lbcluster"))
-        .find(|p| p.is_file())
-        .context("lbcluster binary not found (cargo build -p node, or set LBC_BIN)")
+    crate::lab::find_binary("lbcluster", "LBC_BIN", "cargo build -p node")
 }
 
 /// How a [`Site`] is configured.

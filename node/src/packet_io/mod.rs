@@ -69,8 +69,8 @@ pub(crate) struct DataplaneSpec {
     pub(crate) routes: Vec<IpAddr>,
 }
 
-/// Counters of one packet worker.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Counters of one packet worker, as `lbcluster status` shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct WorkerIoStats {
     pub(crate) packets_read: u64,
     /// IP bytes read (without the backend's header).
