@@ -62,6 +62,8 @@ const REDIAL_AFTER_TIMEOUTS: u32 = 3;
 const STREAM_MALFORMED: VarInt = VarInt::from_u32(1);
 /// Stream reset / stop code: the frame is over its length cap.
 const STREAM_TOO_LARGE: VarInt = VarInt::from_u32(2);
+/// Stream reset / stop code: the request ended early, or the stream failed.
+const STREAM_INCOMPLETE: VarInt = VarInt::from_u32(3);
 /// Connection close code: the peer stopped answering, a new connection replaces this one.
 const CLOSE_UNRESPONSIVE: VarInt = VarInt::from_u32(0x200);
 
@@ -555,23 +557,21 @@ async fn answer(
         }
         Err(FrameError::Stream(e)) => {
             debug!(error = %e, "raft request stream abandoned");
-            (&counters.abandoned, None)
+            (&counters.abandoned, STREAM_INCOMPLETE)
         }
         Err(e @ FrameError::TooLarge { .. }) => {
             warn!(error = %e, "closing a raft request stream");
-            (&counters.oversized, Some(STREAM_TOO_LARGE))
+            (&counters.oversized, STREAM_TOO_LARGE)
         }
         Err(e @ (FrameError::UnknownKind(_) | FrameError::Decode(_) | FrameError::Encode(_))) => {
             warn!(error = %e, "closing a raft request stream");
-            (&counters.malformed, Some(STREAM_MALFORMED))
+            (&counters.malformed, STREAM_MALFORMED)
         }
     };
     counter.fetch_add(1, Ordering::Relaxed);
-    if let Some(code) = code {
-        // Either may already be closed by the peer; then there is nothing left to close.
-        let _ = recv.stop(code);
-        let _ = send.reset(code);
-    }
+    // Either side may already be closed; then there is nothing left to close.
+    let _ = recv.stop(code);
+    let _ = send.reset(code);
 }
 
 /// What went wrong with one frame.
