@@ -9,18 +9,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use consensus::config::{
-    Backend, HealthCheck, Proto, Scheduler, Service, ServiceKey, ServiceSettings, Settings,
+    self, Backend, HealthCheck, Proto, Scheduler, Service, ServiceKey, ServiceSettings, Settings,
     Timeouts,
 };
 use consensus::transport::{MAX_RPC_FRAME, RpcKind, ServeCounterValues};
 use consensus::{
-    ClusterConfig, Command, Dialer, Member, NodeId, QuicNetwork, Raft, ServeCounters,
+    ClusterConfig, Command, Dialer, Member, NodeId, QuicNetwork, Raft, ServeCounters, TypeConfig,
     serve_connection,
 };
 use openraft::error::{Fatal, RPCError, RaftError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::VoteRequest;
-use openraft::{Config, Vote};
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::{CommittedLeaderId, Config, Entry, EntryPayload, LogId, Vote};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint};
 use rcgen::{
@@ -305,7 +305,32 @@ fn vote_request() -> VoteRequest<NodeId> {
     VoteRequest::new(Vote::new(1, 9), None)
 }
 
+/// An append-entries request with an entry of about each of `sizes` bytes.
+fn entries_of(sizes: &[usize]) -> AppendEntriesRequest<TypeConfig> {
+    let entries = sizes
+        .iter()
+        .zip(1..)
+        .map(|(&size, index)| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 9), index),
+            payload: EntryPayload::Normal(Command::AddNode(config::Node {
+                id: index,
+                name: "x".repeat(size),
+                quic_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 7000)),
+                lips: Vec::new(),
+                bgp: None,
+            })),
+        })
+        .collect();
+    AppendEntriesRequest {
+        vote: Vote::new_committed(1, 9),
+        prev_log_id: None,
+        leader_commit: None,
+        entries,
+    }
+}
+
 const RPC: Duration = Duration::from_millis(400);
+const MIB: usize = 1 << 20;
 
 /// A single node and a client-only endpoint with its own certificate.
 async fn node_and_client(ca: &Ca) -> (Node, QuicNetwork<TestDialer>, TestDialer) {
@@ -383,6 +408,25 @@ async fn test_rpc_errors_map_to_what_openraft_expects() {
         .await
         .unwrap_err();
     assert!(matches!(err, RPCError::Unreachable(_)), "{err}");
+
+    // A batch of entries over the frame cap is refused before any dial: openraft is asked for
+    // half as many; a single entry over the cap cannot be split, so it is unreachable.
+    let dials = dialer.dials.load(Ordering::Relaxed);
+    let mut peer = network.new_client(1, &node.member).await;
+    let err = peer
+        .append_entries(entries_of(&[MIB * 9, MIB * 9]), RPCOption::new(RPC))
+        .await
+        .unwrap_err();
+    match err {
+        RPCError::PayloadTooLarge(too_large) => assert_eq!(too_large.entries_hint(), 1),
+        other => panic!("unexpected error {other}"),
+    }
+    let err = peer
+        .append_entries(entries_of(&[MIB * 17]), RPCOption::new(RPC))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RPCError::Unreachable(_)), "{err}");
+    assert_eq!(dialer.dials.load(Ordering::Relaxed), dials);
 
     // The wrong name for the node at that address: TLS refuses it, the peer is unreachable.
     let impostor = Member {
