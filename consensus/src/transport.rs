@@ -228,7 +228,8 @@ impl Link {
                 LinkState::Up(_) | LinkState::Idle => {
                     let (tx, rx) = watch::channel(None);
                     *state = LinkState::Dialing(rx.clone());
-                    tokio::spawn(self.clone().dial(dialer.clone(), tx));
+                    let span = debug_span!("raft_dial", peer = %self.member);
+                    tokio::spawn(self.clone().dial(dialer.clone(), tx).instrument(span));
                     rx
                 }
             }
@@ -501,7 +502,8 @@ impl ServeCounters {
 /// each stream in its own task, until the connection closes.
 ///
 /// A malformed or oversized request closes its stream (nothing else) and is counted in
-/// `counters`. Concurrency per connection is bounded by QUIC's stream limit.
+/// `counters`. Concurrency per connection is bounded by QUIC's stream limit. The node stops it
+/// by closing the connection (or its endpoint).
 pub async fn serve_connection(raft: Raft, connection: Connection, counters: Arc<ServeCounters>) {
     let span = debug_span!("raft_serve", remote = %connection.remote_address());
     async move {
