@@ -1,5 +1,6 @@
 //! Replicated cluster configuration: the openraft type declaration, the configuration model that
-//! is the Raft state machine, and its durable storage. Depends on no other workspace crate.
+//! is the Raft state machine, its durable storage, and the Raft transport over QUIC connections
+//! the node provides. Depends on no other workspace crate.
 //!
 //! Guarantees:
 //! * [`LogStore::save_vote`](openraft::storage::RaftLogStorage::save_vote) and `append` are on
@@ -9,6 +10,7 @@
 
 pub mod config;
 mod store;
+pub mod transport;
 
 use std::fmt;
 use std::io::Cursor;
@@ -21,6 +23,7 @@ use tokio::sync::watch;
 
 pub use config::{ClusterConfig, Command, ConfigError, NodeId};
 pub use store::{ConfigStateMachine, LogReader, LogStore, SnapshotBuilder, StoreError};
+pub use transport::{Dialer, QuicNetwork, ServeCounters, serve_connection};
 
 openraft::declare_raft_types!(
     /// The openraft types of the configuration cluster.

@@ -1,0 +1,671 @@
+//! Raft RPCs over QUIC (DESIGN §4): the client side is a [`RaftNetworkFactory`] whose per-peer
+//! clients dial through a caller-provided [`Dialer`]; the server side is [`serve_connection`].
+//!
+//! The node owns the QUIC endpoint and its mutual TLS (ALPN `lbc-raft/1`); this module only sees
+//! `quinn::Connection`s that already passed the node's peer checks.
+//!
+//! # Wire format
+//! Every RPC has its own bidirectional stream:
+//! * request: `kind: u8` ([`RpcKind`]), `len: u32` big-endian, then `len` bytes of MessagePack
+//!   (`rmp_serde`, named fields) of the openraft request;
+//! * response: `len: u32` big-endian, then the MessagePack of
+//!   `Result<openraft response, RaftError>` as the remote `Raft` returned it.
+//!
+//! A length is checked against its cap ([`MAX_SNAPSHOT_FRAME`] for snapshot chunks,
+//! [`MAX_RPC_FRAME`] for everything else) before any buffer is allocated.
+//!
+//! # Errors, as openraft sees them
+//! * cannot dial, the dial did not finish before the RPC's deadline, or the stream failed:
+//!   `Unreachable`, so openraft backs off before it retries;
+//! * the connection is up but no answer came before the deadline (`RPCOption::soft_ttl`):
+//!   `Timeout`. After three timeouts in a row the cached connection is
+//!   dropped, so a peer that restarted (and lost the old connection's state) is dialled afresh
+//!   instead of waiting for QUIC's idle timeout;
+//! * too many log entries for one frame: `PayloadTooLarge`, so openraft sends fewer;
+//! * the remote `Raft` refused: `RemoteError` carrying its error.
+
+use std::collections::HashMap;
+use std::error::Error;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
+use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use parking_lot::Mutex;
+use quinn::{ClosedStream, Connection, ConnectionError, ReadExactError, VarInt, WriteError};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, debug_span, warn};
+
+use crate::{Member, NodeId, Raft, TypeConfig};
+
+/// The cap of a request carrying a snapshot chunk (openraft's default chunk is 3 MiB).
+pub const MAX_SNAPSHOT_FRAME: u32 = 64 << 20;
+/// The cap of every other request and of every response.
+pub const MAX_RPC_FRAME: u32 = 16 << 20;
+/// This many timeouts in a row on one connection make the client dial a new one.
+const REDIAL_AFTER_TIMEOUTS: u32 = 3;
+
+/// Stream reset / stop code: the request frame is malformed.
+const STREAM_MALFORMED: VarInt = VarInt::from_u32(1);
+/// Stream reset / stop code: the frame is over its length cap.
+const STREAM_TOO_LARGE: VarInt = VarInt::from_u32(2);
+/// Stream reset / stop code: the request ended early, or the stream failed.
+const STREAM_INCOMPLETE: VarInt = VarInt::from_u32(3);
+/// Connection close code: the peer stopped answering, a new connection replaces this one.
+const CLOSE_UNRESPONSIVE: VarInt = VarInt::from_u32(0x200);
+
+/// The first byte of a request stream: which RPC it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RpcKind {
+    AppendEntries = 1,
+    Vote = 2,
+    InstallSnapshot = 3,
+}
+
+impl RpcKind {
+    fn from_u8(byte: u8) -> Option<Self> {
+        match byte {
+            1 => Some(Self::AppendEntries),
+            2 => Some(Self::Vote),
+            3 => Some(Self::InstallSnapshot),
+            _ => None,
+        }
+    }
+
+    /// The length cap of this RPC's request frame.
+    pub fn request_cap(self) -> u32 {
+        match self {
+            Self::InstallSnapshot => MAX_SNAPSHOT_FRAME,
+            Self::AppendEntries | Self::Vote => MAX_RPC_FRAME,
+        }
+    }
+
+    fn rpc_type(self) -> RPCTypes {
+        match self {
+            Self::AppendEntries => RPCTypes::AppendEntries,
+            Self::Vote => RPCTypes::Vote,
+            Self::InstallSnapshot => RPCTypes::InstallSnapshot,
+        }
+    }
+}
+
+impl fmt::Display for RpcKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.rpc_type(), f)
+    }
+}
+
+/// Opens QUIC connections to Raft peers. The node implements it with its endpoint and ALPN
+/// `lbc-raft/1`; the connection it returns must be to the node named `peer_name` (the node's
+/// mutual TLS checks that).
+pub trait Dialer: Send + Sync + 'static {
+    type Error: Into<Box<dyn Error + Send + Sync>>;
+
+    fn connect(
+        &self,
+        addr: SocketAddr,
+        peer_name: &str,
+    ) -> impl Future<Output = Result<Connection, Self::Error>> + Send;
+}
+
+/// The client side: a [`RaftNetworkFactory`] that keeps one QUIC connection per peer, shared by
+/// every client openraft creates for that peer (replication, snapshots, each election).
+pub struct QuicNetwork<D> {
+    id: NodeId,
+    dialer: Arc<D>,
+    links: Arc<Mutex<HashMap<NodeId, Arc<Link>>>>,
+}
+
+impl<D> QuicNetwork<D> {
+    /// The network of node `id`, dialling with `dialer`.
+    pub fn new(id: NodeId, dialer: D) -> Self {
+        Self {
+            id,
+            dialer: Arc::new(dialer),
+            links: Arc::default(),
+        }
+    }
+}
+
+impl<D> Clone for QuicNetwork<D> {
+    fn clone(&self) -> Self {
+        Self {
+            id: self.id,
+            dialer: self.dialer.clone(),
+            links: self.links.clone(),
+        }
+    }
+}
+
+impl<D> fmt::Debug for QuicNetwork<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuicNetwork")
+            .field("id", &self.id)
+            .field("peers", &self.links.lock().keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: Dialer> RaftNetworkFactory<TypeConfig> for QuicNetwork<D> {
+    type Network = QuicPeer<D>;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> QuicPeer<D> {
+        let link = {
+            let mut links = self.links.lock();
+            match links.get(&target) {
+                Some(link) if link.member == *node => link.clone(),
+                // A new peer, or one whose name or address changed: the old connection goes
+                // when its last client does.
+                _ => {
+                    let link = Arc::new(Link::new(node.clone()));
+                    links.insert(target, link.clone());
+                    link
+                }
+            }
+        };
+        QuicPeer {
+            id: self.id,
+            target,
+            link,
+            dialer: self.dialer.clone(),
+        }
+    }
+}
+
+/// The connection to one peer, shared by all its clients.
+#[derive(Debug)]
+struct Link {
+    member: Member,
+    state: Mutex<LinkState>,
+    /// Timeouts in a row on the current connection.
+    timeouts: AtomicU32,
+}
+
+type DialOutcome = Option<Result<Connection, Arc<dyn Error + Send + Sync>>>;
+
+#[derive(Debug)]
+enum LinkState {
+    Idle,
+    /// A dial runs in its own task, so an RPC that gives up waiting does not cancel it; every
+    /// RPC in the meantime waits for the same dial.
+    Dialing(watch::Receiver<DialOutcome>),
+    Up(Connection),
+}
+
+impl Link {
+    fn new(member: Member) -> Self {
+        Self {
+            member,
+            state: Mutex::new(LinkState::Idle),
+            timeouts: AtomicU32::new(0),
+        }
+    }
+
+    /// The cached connection if it is open, else the outcome of a (new or running) dial.
+    async fn connection<D: Dialer>(
+        self: &Arc<Self>,
+        dialer: &Arc<D>,
+    ) -> Result<Connection, TransportError> {
+        let mut dial = {
+            let mut state = self.state.lock();
+            match &*state {
+                LinkState::Up(c) if c.close_reason().is_none() => return Ok(c.clone()),
+                LinkState::Dialing(dial) => dial.clone(),
+                LinkState::Up(_) | LinkState::Idle => {
+                    let (tx, rx) = watch::channel(None);
+                    *state = LinkState::Dialing(rx.clone());
+                    let span = debug_span!("raft_dial", peer = %self.member);
+                    tokio::spawn(self.clone().dial(dialer.clone(), tx).instrument(span));
+                    rx
+                }
+            }
+        };
+        let outcome =
+            dial.wait_for(Option::is_some)
+                .await
+                .map_err(|_| TransportError::DialAbandoned {
+                    peer: self.member.clone(),
+                })?;
+        match outcome.as_ref() {
+            Some(Ok(c)) => Ok(c.clone()),
+            Some(Err(source)) => Err(TransportError::Connect {
+                peer: self.member.clone(),
+                source: source.clone(),
+            }),
+            // `wait_for` returns only a finished dial.
+            None => Err(TransportError::DialAbandoned {
+                peer: self.member.clone(),
+            }),
+        }
+    }
+
+    async fn dial<D: Dialer>(self: Arc<Self>, dialer: Arc<D>, done: watch::Sender<DialOutcome>) {
+        let Member { name, quic_addr } = &self.member;
+        let result = dialer
+            .connect(*quic_addr, name)
+            .await
+            .map_err(|e| Arc::from(e.into()));
+        *self.state.lock() = match &result {
+            Ok(c) => {
+                debug!(peer = %self.member, "raft connection established");
+                self.timeouts.store(0, Ordering::Relaxed);
+                LinkState::Up(c.clone())
+            }
+            Err(e) => {
+                debug!(peer = %self.member, error = %e, "cannot connect to raft peer");
+                LinkState::Idle
+            }
+        };
+        // Nobody may be waiting any more; the state above keeps the connection.
+        let _ = done.send(Some(result));
+    }
+
+    fn answered(&self) {
+        self.timeouts.store(0, Ordering::Relaxed);
+    }
+
+    /// After `REDIAL_AFTER_TIMEOUTS` in a row, forgets `connection` (if it is still the current
+    /// one) so the next RPC dials.
+    fn timed_out(&self, connection: &Connection) {
+        if self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 < REDIAL_AFTER_TIMEOUTS {
+            return;
+        }
+        let mut state = self.state.lock();
+        if let LinkState::Up(c) = &*state
+            && c.stable_id() == connection.stable_id()
+        {
+            warn!(peer = %self.member, "raft peer stopped answering; dropping the connection");
+            c.close(CLOSE_UNRESPONSIVE, b"no answer; redialling");
+            *state = LinkState::Idle;
+            self.timeouts.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The client of one peer, as openraft uses it.
+pub struct QuicPeer<D> {
+    id: NodeId,
+    target: NodeId,
+    link: Arc<Link>,
+    dialer: Arc<D>,
+}
+
+impl<D> fmt::Debug for QuicPeer<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuicPeer")
+            .field("id", &self.id)
+            .field("target", &self.target)
+            .field("peer", &self.link.member)
+            .finish_non_exhaustive()
+    }
+}
+
+type RpcResult<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, Member, E>>;
+
+/// Why an RPC got no answer from the remote `Raft`.
+enum CallError {
+    Unreachable(TransportError),
+    Timeout(Duration),
+    TooLarge(TransportError),
+}
+
+impl<D: Dialer> QuicPeer<D> {
+    /// Sends one request; returns what the remote `Raft` answered.
+    async fn call<Req, Resp, E>(
+        &self,
+        kind: RpcKind,
+        request: &Req,
+        option: &RPCOption,
+    ) -> Result<Result<Resp, RaftError<NodeId, E>>, CallError>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: Error + DeserializeOwned,
+    {
+        let frame = encode_request(kind, request).map_err(|source| {
+            let too_large = matches!(source, FrameError::TooLarge { .. });
+            let e = TransportError::Frame {
+                peer: self.link.member.clone(),
+                source,
+            };
+            if too_large {
+                CallError::TooLarge(e)
+            } else {
+                CallError::Unreachable(e)
+            }
+        })?;
+        self.exchange(kind, &frame, option.soft_ttl()).await
+    }
+
+    async fn exchange<T: DeserializeOwned>(
+        &self,
+        kind: RpcKind,
+        frame: &[u8],
+        ttl: Duration,
+    ) -> Result<T, CallError> {
+        let deadline = Instant::now() + ttl;
+        let connection = tokio::time::timeout_at(deadline, self.link.connection(&self.dialer))
+            .await
+            .map_err(|_| {
+                CallError::Unreachable(TransportError::ConnectTimeout {
+                    peer: self.link.member.clone(),
+                    timeout: ttl,
+                })
+            })?
+            .map_err(CallError::Unreachable)?;
+        let exchange = async {
+            let (mut send, mut recv) = connection.open_bi().await.map_err(StreamError::from)?;
+            send.write_all(frame).await.map_err(StreamError::from)?;
+            send.finish().map_err(StreamError::from)?;
+            read_frame(&mut recv, MAX_RPC_FRAME).await
+        };
+        let answer = match tokio::time::timeout_at(deadline, exchange).await {
+            Err(_) => {
+                self.link.timed_out(&connection);
+                return Err(CallError::Timeout(ttl));
+            }
+            Ok(answer) => answer.map_err(|source| {
+                CallError::Unreachable(TransportError::Frame {
+                    peer: self.link.member.clone(),
+                    source,
+                })
+            })?,
+        };
+        self.link.answered();
+        debug!(peer = %self.link.member, %kind, bytes = answer.len(), "raft rpc answered");
+        rmp_serde::from_slice(&answer).map_err(|e| {
+            CallError::Unreachable(TransportError::Frame {
+                peer: self.link.member.clone(),
+                source: FrameError::Decode(e),
+            })
+        })
+    }
+
+    /// The error openraft expects for `result`.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the error type is the one openraft's `RaftNetwork` returns"
+    )]
+    fn finish<Resp, E: Error>(
+        &self,
+        kind: RpcKind,
+        result: Result<Result<Resp, RaftError<NodeId, E>>, CallError>,
+    ) -> RpcResult<Resp, RaftError<NodeId, E>> {
+        match result {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.link.member.clone(),
+                e,
+            ))),
+            Err(CallError::Unreachable(e) | CallError::TooLarge(e)) => {
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+            Err(CallError::Timeout(timeout)) => Err(RPCError::Timeout(Timeout {
+                action: kind.rpc_type(),
+                id: self.id,
+                target: self.target,
+                timeout,
+            })),
+        }
+    }
+}
+
+impl<D: Dialer> RaftNetwork<TypeConfig> for QuicPeer<D> {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let kind = RpcKind::AppendEntries;
+        let entries = rpc.entries.len() as u64;
+        let result = self.call(kind, &rpc, &option).await;
+        // Halving the batch helps only while there is more than one entry to split; a single
+        // entry over the cap stays `Unreachable`, so openraft backs off instead of spinning.
+        if let Err(CallError::TooLarge(e)) = &result
+            && entries > 1
+        {
+            let hint = PayloadTooLarge::new_entries_hint(entries / 2).with_source_error(e);
+            return Err(RPCError::PayloadTooLarge(hint));
+        }
+        self.finish(kind, result)
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        let result = self.call(RpcKind::InstallSnapshot, &rpc, &option).await;
+        self.finish(RpcKind::InstallSnapshot, result)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
+        let result = self.call(RpcKind::Vote, &rpc, &option).await;
+        self.finish(RpcKind::Vote, result)
+    }
+}
+
+/// Counts what [`serve_connection`] did with the request streams it accepted.
+#[derive(Debug, Default)]
+pub struct ServeCounters {
+    answered: AtomicU64,
+    malformed: AtomicU64,
+    oversized: AtomicU64,
+    abandoned: AtomicU64,
+}
+
+/// A copy of [`ServeCounters`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServeCounterValues {
+    /// Requests answered (the remote `Raft`'s errors included).
+    pub answered: u64,
+    /// Streams closed because the request had an unknown kind or did not decode.
+    pub malformed: u64,
+    /// Streams closed because a request announced a length over its cap.
+    pub oversized: u64,
+    /// Streams the peer gave up on: ended or reset before the request was complete, or the
+    /// answer could not be sent.
+    pub abandoned: u64,
+}
+
+impl ServeCounters {
+    pub fn values(&self) -> ServeCounterValues {
+        ServeCounterValues {
+            answered: self.answered.load(Ordering::Relaxed),
+            malformed: self.malformed.load(Ordering::Relaxed),
+            oversized: self.oversized.load(Ordering::Relaxed),
+            abandoned: self.abandoned.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The server side: answers every RPC that arrives on `connection` by calling the local `raft`,
+/// each stream in its own task, until the connection closes.
+///
+/// A malformed or oversized request closes its stream (nothing else) and is counted in
+/// `counters`. Concurrency per connection is bounded by QUIC's stream limit. The node stops it
+/// by closing the connection (or its endpoint).
+pub async fn serve_connection(raft: Raft, connection: Connection, counters: Arc<ServeCounters>) {
+    let span = debug_span!("raft_serve", remote = %connection.remote_address());
+    async move {
+        loop {
+            match connection.accept_bi().await {
+                Ok((send, recv)) => {
+                    let answer = answer(raft.clone(), send, recv, counters.clone());
+                    tokio::spawn(answer.in_current_span());
+                }
+                Err(e) => {
+                    debug!(error = %e, "raft connection closed");
+                    return;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Reads one request, asks `raft`, writes the answer.
+async fn answer(
+    raft: Raft,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    counters: Arc<ServeCounters>,
+) {
+    let outcome = async {
+        let mut kind = [0u8];
+        recv.read_exact(&mut kind)
+            .await
+            .map_err(StreamError::from)?;
+        let kind = RpcKind::from_u8(kind[0]).ok_or(FrameError::UnknownKind(kind[0]))?;
+        let payload = read_frame(&mut recv, kind.request_cap()).await?;
+        let response = match kind {
+            RpcKind::AppendEntries => {
+                encode_response(&raft.append_entries(decode(&payload)?).await)
+            }
+            RpcKind::Vote => encode_response(&raft.vote(decode(&payload)?).await),
+            RpcKind::InstallSnapshot => {
+                encode_response(&raft.install_snapshot(decode(&payload)?).await)
+            }
+        }?;
+        send.write_all(&response).await.map_err(StreamError::from)?;
+        send.finish().map_err(StreamError::from)?;
+        Ok::<_, FrameError>(())
+    }
+    .await;
+    let (counter, code) = match outcome {
+        Ok(()) => {
+            counters.answered.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Err(FrameError::Stream(e)) => {
+            debug!(error = %e, "raft request stream abandoned");
+            (&counters.abandoned, STREAM_INCOMPLETE)
+        }
+        Err(e @ FrameError::TooLarge { .. }) => {
+            warn!(error = %e, "closing a raft request stream");
+            (&counters.oversized, STREAM_TOO_LARGE)
+        }
+        Err(e @ (FrameError::UnknownKind(_) | FrameError::Decode(_) | FrameError::Encode(_))) => {
+            warn!(error = %e, "closing a raft request stream");
+            (&counters.malformed, STREAM_MALFORMED)
+        }
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    // Either side may already be closed; then there is nothing left to close.
+    let _ = recv.stop(code);
+    let _ = send.reset(code);
+}
+
+/// What went wrong with one frame.
+#[derive(Debug, thiserror::Error)]
+enum FrameError {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("a frame of {len} bytes is over the cap of {cap}")]
+    TooLarge { len: u64, cap: u32 },
+    #[error("unknown RPC kind {0}")]
+    UnknownKind(u8),
+    #[error("cannot decode the frame: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    #[error("cannot encode the frame: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("cannot open a stream: {0}")]
+    Open(#[from] ConnectionError),
+    #[error("cannot write: {0}")]
+    Write(#[from] WriteError),
+    #[error("cannot finish the stream: {0}")]
+    Finish(#[from] ClosedStream),
+    #[error("cannot read: {0}")]
+    Read(#[from] ReadExactError),
+}
+
+/// Why a peer could not be asked; reported to openraft inside `Unreachable`.
+#[derive(Debug, thiserror::Error)]
+enum TransportError {
+    #[error("cannot connect to raft peer {peer}: {source}")]
+    Connect {
+        peer: Member,
+        source: Arc<dyn Error + Send + Sync>,
+    },
+    #[error("connecting to raft peer {peer} did not finish within {timeout:?}")]
+    ConnectTimeout { peer: Member, timeout: Duration },
+    #[error("the dial of raft peer {peer} was dropped")]
+    DialAbandoned { peer: Member },
+    #[error("raft RPC to {peer}: {source}")]
+    Frame { peer: Member, source: FrameError },
+}
+
+/// `kind`, then the frame of `request` under `kind`'s cap.
+fn encode_request<T: Serialize>(kind: RpcKind, request: &T) -> Result<Vec<u8>, FrameError> {
+    let mut frame = vec![kind as u8];
+    encode_into(&mut frame, request, kind.request_cap())?;
+    Ok(frame)
+}
+
+/// The frame of a response.
+fn encode_response<T: Serialize>(response: &T) -> Result<Vec<u8>, FrameError> {
+    let mut frame = Vec::new();
+    encode_into(&mut frame, response, MAX_RPC_FRAME)?;
+    Ok(frame)
+}
+
+/// Appends the length and the MessagePack of `value` to `frame`, refused if over `cap`.
+fn encode_into<T: Serialize>(frame: &mut Vec<u8>, value: &T, cap: u32) -> Result<(), FrameError> {
+    let start = frame.len();
+    frame.extend_from_slice(&[0; 4]);
+    rmp_serde::encode::write_named(frame, value)?;
+    let len = (frame.len() - start - 4) as u64;
+    match u32::try_from(len) {
+        Ok(len) if len <= cap => {
+            frame[start..start + 4].copy_from_slice(&len.to_be_bytes());
+            Ok(())
+        }
+        _ => Err(FrameError::TooLarge { len, cap }),
+    }
+}
+
+fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    Ok(rmp_serde::from_slice(payload)?)
+}
+
+/// Reads a length and that many bytes; the length is checked against `cap` before allocating.
+async fn read_frame(recv: &mut quinn::RecvStream, cap: u32) -> Result<Vec<u8>, FrameError> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.map_err(StreamError::from)?;
+    let len = u32::from_be_bytes(len);
+    if len > cap {
+        return Err(FrameError::TooLarge {
+            len: len.into(),
+            cap,
+        });
+    }
+    let mut payload = vec![0; len as usize];
+    recv.read_exact(&mut payload)
+        .await
+        .map_err(StreamError::from)?;
+    Ok(payload)
+}
