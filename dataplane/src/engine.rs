@@ -128,6 +128,15 @@ impl Default for EngineConfig {
     }
 }
 
+/// Sessions per address family, with each table's capacity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionCounts {
+    pub v4: usize,
+    pub v6: usize,
+    pub v4_capacity: usize,
+    pub v6_capacity: usize,
+}
+
 /// Why a session record from a peer was not installed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum InstallError {
@@ -224,6 +233,16 @@ impl Engine {
     /// Session capacity, IPv4 and IPv6.
     pub fn session_capacity(&self) -> usize {
         self.table.v4.capacity() + self.table.v6.capacity()
+    }
+
+    /// Sessions held and the table's capacity, per address family.
+    pub fn session_counts(&self) -> SessionCounts {
+        SessionCounts {
+            v4: self.table.v4.len(),
+            v6: self.table.v6.len(),
+            v4_capacity: self.table.v4.capacity(),
+            v6_capacity: self.table.v6.capacity(),
+        }
     }
 
     /// Bytes the session tables take (IPv4, IPv6), allocated up front for their maximum.

@@ -115,11 +115,12 @@ pub(crate) struct BackendStatus {
     pub(crate) traffic: Traffic,
 }
 
-/// The engine counts sessions of both families together.
+/// Sessions of both families together, and per family.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct SessionCounts {
     pub(crate) count: usize,
     pub(crate) capacity: usize,
+    pub(crate) by_family: dataplane::SessionCounts,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -257,15 +257,18 @@ fn families(s: &NodeStatus) -> Vec<Family> {
         },
         Family {
             name: "lbcluster_sessions",
-            help: "Sessions in the table, IPv4 and IPv6 together.",
+            help: "Sessions in the table, by address family.",
             kind: Kind::Gauge,
-            samples: vec![(vec![], s.sessions.count as u64)],
+            samples: per_family(s.sessions.by_family.v4, s.sessions.by_family.v6),
         },
         Family {
             name: "lbcluster_sessions_capacity",
-            help: "Sessions the table can hold, IPv4 and IPv6 together.",
+            help: "Sessions the table can hold, by address family.",
             kind: Kind::Gauge,
-            samples: vec![(vec![], s.sessions.capacity as u64)],
+            samples: per_family(
+                s.sessions.by_family.v4_capacity,
+                s.sessions.by_family.v6_capacity,
+            ),
         },
         Family {
             name: "lbcluster_local_ports_in_use",
@@ -345,5 +348,13 @@ fn directions(inbound: u64, outbound: u64) -> Vec<Sample> {
     vec![
         (vec![("direction", "in".to_owned())], inbound),
         (vec![("direction", "out".to_owned())], outbound),
+    ]
+}
+
+/// The two samples of a per-family gauge.
+fn per_family(v4: usize, v6: usize) -> Vec<Sample> {
+    vec![
+        (vec![("family", "ipv4".to_owned())], v4 as u64),
+        (vec![("family", "ipv6".to_owned())], v6 as u64),
     ]
 }

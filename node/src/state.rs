@@ -187,6 +187,7 @@ impl NodeState {
             sessions: SessionCounts {
                 count: self.engine.session_count(),
                 capacity: self.engine.session_capacity(),
+                by_family: self.engine.session_counts(),
             },
             drops: dataplane::DropReason::ALL
                 .iter()

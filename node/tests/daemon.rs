@@ -318,6 +318,8 @@ fn test_daemon_answers_status_sessions_and_metrics_then_stops_on_sigterm() {
         "lbcluster_backend_packets_total{vip=\"198.18.100.1\",port=\"80\",proto=\"tcp\",backend=\"198.18.3.10:8080\",direction=\"in\"} 0",
         "lbcluster_service_bytes_total{vip=\"198.18.100.1\",port=\"80\",proto=\"tcp\",direction=\"out\"} 0",
         "lbcluster_io_packets_total{worker=\"0\",op=\"read\"} ",
+        "lbcluster_sessions{family=\"ipv4\"} 0",
+        "lbcluster_sessions_capacity{family=\"ipv6\"} 262144",
     ] {
         assert!(
             metrics.contains(needle),
