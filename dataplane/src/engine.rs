@@ -574,11 +574,11 @@ impl Worker {
 
     fn expired<A: Family>(&mut self, engine: &Engine, data: &SessionData<A>, now_s: u64) {
         engine.release(data);
-        self.emit(SessionEvent::Closed(data.record(now_s)));
-    }
-
-    fn emit(&mut self, event: SessionEvent) {
-        emit(&mut self.events, &self.counters, event);
+        emit(
+            &mut self.events,
+            &self.counters,
+            SessionEvent::Closed(data.record(now_s)),
+        );
     }
 
     fn ipv4(&mut self, now: Instant, pkt: &mut Packet<'_>) -> Result<Direction, DropReason> {
@@ -665,7 +665,16 @@ impl Worker {
         let now_s = now.as_secs();
         let rewrite = match self.established(now_s, &key, pkt.len, tcp, Lookup::Fast) {
             Some(rw) => rw,
-            None => self.new_flow(now_s, pkt, &l3, key, proto, tcp)?,
+            None => match self.new_flow(now_s, pkt, &l3, key, proto, tcp) {
+                Ok(rw) => rw,
+                // The fast lookup may have missed a session a writer was moving: before a
+                // packet is refused for having none, look again under the index lock. (A packet
+                // that opens a flow needs no second look: its insert finds an existing session.)
+                Err(reason @ (DropReason::NoSession | DropReason::NoService)) => self
+                    .established(now_s, &key, pkt.len, tcp, Lookup::Stable)
+                    .ok_or(reason)?,
+                Err(reason) => return Err(reason),
+            },
         };
         rewrite_addrs(pkt.buf, &l3, rewrite.src, rewrite.dst);
         rewrite_l4(pkt, &l3, proto, &rewrite);
@@ -765,27 +774,19 @@ impl Worker {
         tcp: Option<TcpInfo>,
     ) -> Result<Rewrite<A>, DropReason> {
         let engine = self.engine.clone();
-        // The fast lookup may have missed a session a writer was moving: before a packet is
-        // refused for having none, look again under the index lock. (A packet that opens a flow
-        // needs no second look: its insert finds an existing session.)
         if let Some(t) = tcp
             && !(t.flags.syn && !t.flags.ack && !t.flags.rst && !t.flags.fin)
         {
-            return self
-                .established(now_s, &key, pkt.len, tcp, Lookup::Stable)
-                .ok_or(DropReason::NoSession);
+            return Err(DropReason::NoSession);
         }
         let snap = engine.snapshot.load();
         let vip = SocketAddr::new(l3.dst.to_ip(), key.dport);
         let Some(svc) = snap.service(proto, vip) else {
-            let reason = if engine.laddr.is_local(vip.ip()) {
+            return Err(if engine.laddr.is_local(vip.ip()) {
                 DropReason::NoSession
             } else {
                 DropReason::NoService
-            };
-            return self
-                .established(now_s, &key, pkt.len, tcp, Lookup::Stable)
-                .ok_or(reason);
+            });
         };
         if pkt.csum == L4Checksum::Unverified && !l4_checksum_ok(pkt, l3, proto) {
             return Err(DropReason::BadChecksum);
@@ -846,7 +847,11 @@ impl Worker {
                 dest.stats
                     .count(self.traffic_slot, Direction::Inbound, pkt.len);
                 self.counters.count(Event::SessionsCreated);
-                self.emit(SessionEvent::Created(record));
+                emit(
+                    &mut self.events,
+                    &self.counters,
+                    SessionEvent::Created(record),
+                );
                 let toa = (proto == L4Proto::Tcp && svc.config.toa).then_some((key.src, key.sport));
                 Ok(Rewrite {
                     src: lip,
@@ -953,37 +958,15 @@ impl Worker {
         let quoted = &mut pkt.buf[quoted_start..l3.l4_end];
         let (q_src, q_sport, q_dst, q_dport) = inner;
         rewrite_header_addrs(quoted, quote.key.src, q_src, quote.key.dst, q_dst);
-        let l4 = &mut quoted[quote.l4_off..];
-        let csum_off = if quote.key.proto == L4Proto::Tcp.number() {
-            16
-        } else {
-            6
-        };
-        // The quote may end before the L4 checksum; ports are always there (8 bytes at least).
-        if let Some(field) = l4.get(csum_off..csum_off + 2) {
-            let old = u16::from_be_bytes([field[0], field[1]]);
-            let udp_none = csum_off == 6 && old == 0;
-            if !udp_none {
-                let mut c = checksum::update_bytes(
-                    old,
-                    quote.key.src.octets_of().as_ref(),
-                    q_src.octets_of().as_ref(),
-                );
-                c = checksum::update_bytes(
-                    c,
-                    quote.key.dst.octets_of().as_ref(),
-                    q_dst.octets_of().as_ref(),
-                );
-                c = checksum::update_word(c, quote.key.sport, q_sport);
-                c = checksum::update_word(c, quote.key.dport, q_dport);
-                if csum_off == 6 && c == 0 {
-                    c = 0xffff;
-                }
-                l4[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
-            }
-        }
-        l4[0..2].copy_from_slice(&q_sport.to_be_bytes());
-        l4[2..4].copy_from_slice(&q_dport.to_be_bytes());
+        // Quoted packets were complete on the wire: their checksum is a full one, and the quote
+        // may end before it (ports are always there: 8 bytes at least).
+        rewrite_ports_and_checksum(
+            &mut quoted[quote.l4_off..],
+            quote.key.proto == L4Proto::Udp.number(),
+            L4Checksum::Verified,
+            (quote.key.src, quote.key.dst),
+            (q_src, q_sport, q_dst, q_dport),
+        );
         rewrite_addrs(pkt.buf, l3, outer.0, outer.1);
         self.counters.count(Event::IcmpTranslated);
         Ok(dir)
@@ -1058,37 +1041,52 @@ fn rewrite_header_addrs<A: Family>(hdr: &mut [u8], old_src: A, src: A, old_dst: 
 /// Rewrites the ports and fixes the L4 checksum for the new addresses and ports.
 fn rewrite_l4<A: Family>(pkt: &mut Packet<'_>, l3: &L3<A>, proto: L4Proto, rw: &Rewrite<A>) {
     let csum = pkt.csum;
-    let l4 = &mut pkt.buf[l3.l4_start..l3.l4_end];
-    let csum_off = match proto {
-        L4Proto::Tcp => 16,
-        L4Proto::Udp => 6,
-    };
+    rewrite_ports_and_checksum(
+        &mut pkt.buf[l3.l4_start..l3.l4_end],
+        proto == L4Proto::Udp,
+        csum,
+        (l3.src, l3.dst),
+        (rw.src, rw.sport, rw.dst, rw.dport),
+    );
+}
+
+/// Writes new ports into a TCP or UDP header and updates its checksum for the new addresses
+/// (already written into the IP header) and ports. A checksum field past the end of `l4` (a
+/// truncated quote) is left out; a UDP checksum of 0 (IPv4 "none") stays 0 and a computed 0 is
+/// sent as 0xFFFF. A partial sum (offload pending) only follows the addresses: the ports are
+/// summed later from `csum_start`.
+fn rewrite_ports_and_checksum<A: Family>(
+    l4: &mut [u8],
+    udp: bool,
+    csum: L4Checksum,
+    (old_src, old_dst): (A, A),
+    (src, sport, dst, dport): (A, u16, A, u16),
+) {
+    let csum_off = if udp { 6 } else { 16 };
     let old_sport = u16::from_be_bytes([l4[0], l4[1]]);
     let old_dport = u16::from_be_bytes([l4[2], l4[3]]);
-    let old = u16::from_be_bytes([l4[csum_off], l4[csum_off + 1]]);
-    // IPv4 UDP without checksum stays without (IPv6 zero checksums were dropped earlier).
-    if !(proto == L4Proto::Udp && old == 0) {
-        let (os, ns) = (l3.src.octets_of(), rw.src.octets_of());
-        let (od, nd) = (l3.dst.octets_of(), rw.dst.octets_of());
-        let c = if csum == L4Checksum::Partial {
-            // The field holds the pseudo-header sum; ports are summed later from csum_start.
-            let c = checksum::update_partial(old, os.as_ref(), ns.as_ref());
-            checksum::update_partial(c, od.as_ref(), nd.as_ref())
-        } else {
-            let c = checksum::update_bytes(old, os.as_ref(), ns.as_ref());
-            let c = checksum::update_bytes(c, od.as_ref(), nd.as_ref());
-            let c = checksum::update_word(c, old_sport, rw.sport);
-            let c = checksum::update_word(c, old_dport, rw.dport);
-            if proto == L4Proto::Udp && c == 0 {
-                0xffff
+    if let Some(field) = l4.get(csum_off..csum_off + 2) {
+        let old = u16::from_be_bytes([field[0], field[1]]);
+        if !(udp && old == 0) {
+            let (os, ns) = (old_src.octets_of(), src.octets_of());
+            let (od, nd) = (old_dst.octets_of(), dst.octets_of());
+            let c = if csum == L4Checksum::Partial {
+                let c = checksum::update_partial(old, os.as_ref(), ns.as_ref());
+                checksum::update_partial(c, od.as_ref(), nd.as_ref())
             } else {
-                c
-            }
-        };
-        l4[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
+                let c = checksum::update_bytes(old, os.as_ref(), ns.as_ref());
+                let c = checksum::update_bytes(c, od.as_ref(), nd.as_ref());
+                let c = checksum::update_word(c, old_sport, sport);
+                match checksum::update_word(c, old_dport, dport) {
+                    0 if udp => 0xffff,
+                    c => c,
+                }
+            };
+            l4[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
+        }
     }
-    l4[0..2].copy_from_slice(&rw.sport.to_be_bytes());
-    l4[2..4].copy_from_slice(&rw.dport.to_be_bytes());
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
 }
 
 fn l4_checksum_ok<A: Family>(pkt: &Packet<'_>, l3: &L3<A>, proto: L4Proto) -> bool {
