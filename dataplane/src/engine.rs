@@ -137,6 +137,18 @@ pub struct SessionCounts {
     pub v6_capacity: usize,
 }
 
+impl SessionCounts {
+    /// Sessions of both families.
+    pub fn total(&self) -> usize {
+        self.v4 + self.v6
+    }
+
+    /// Capacity of both tables.
+    pub fn capacity(&self) -> usize {
+        self.v4_capacity + self.v6_capacity
+    }
+}
+
 /// Why a session record from a peer was not installed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum InstallError {
@@ -227,12 +239,7 @@ impl Engine {
 
     /// Sessions held now, IPv4 and IPv6.
     pub fn session_count(&self) -> usize {
-        self.table.v4.len() + self.table.v6.len()
-    }
-
-    /// Session capacity, IPv4 and IPv6.
-    pub fn session_capacity(&self) -> usize {
-        self.table.v4.capacity() + self.table.v6.capacity()
+        self.session_counts().total()
     }
 
     /// Sessions held and the table's capacity, per address family.

@@ -184,10 +184,13 @@ impl NodeState {
             config_version: set.version,
             uptime_secs: self.started.elapsed().as_secs(),
             services,
-            sessions: SessionCounts {
-                count: self.engine.session_count(),
-                capacity: self.engine.session_capacity(),
-                by_family: self.engine.session_counts(),
+            sessions: {
+                let by_family = self.engine.session_counts();
+                SessionCounts {
+                    count: by_family.total(),
+                    capacity: by_family.capacity(),
+                    by_family,
+                }
             },
             drops: dataplane::DropReason::ALL
                 .iter()
