@@ -284,14 +284,10 @@ fn families(s: &NodeStatus) -> Vec<Family> {
         },
         Family {
             name: "lbcluster_io_packets_total",
-            help: "Packets a packet worker read, wrote or saw the engine drop.",
+            help: "Packets a packet worker read or wrote (drops: lbcluster_drops_total).",
             kind: Kind::Counter,
             samples: per_worker(&s.io, |w| {
-                vec![
-                    ("read", w.packets_read),
-                    ("written", w.packets_written),
-                    ("dropped", w.packets_dropped),
-                ]
+                vec![("read", w.packets_read), ("written", w.packets_written)]
             }),
         },
         Family {

@@ -78,8 +78,6 @@ pub(crate) struct WorkerIoStats {
     /// Packets read that were GSO super-packets.
     pub(crate) gso_packets: u64,
     pub(crate) packets_written: u64,
-    /// Packets the engine dropped (it counts them by reason).
-    pub(crate) packets_dropped: u64,
     pub(crate) read_errors: u64,
     pub(crate) write_errors: u64,
     /// Session events drained from the engine (dropped until session sync consumes them).

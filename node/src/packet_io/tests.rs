@@ -255,7 +255,6 @@ fn total(stats: &[WorkerIoStats]) -> WorkerIoStats {
             bytes_read: a.bytes_read + w.bytes_read,
             gso_packets: a.gso_packets + w.gso_packets,
             packets_written: a.packets_written + w.packets_written,
-            packets_dropped: a.packets_dropped + w.packets_dropped,
             read_errors: a.read_errors + w.read_errors,
             write_errors: a.write_errors + w.write_errors,
             events_drained: a.events_drained + w.events_drained,

@@ -28,7 +28,6 @@ pub(super) struct WorkerCounters {
     bytes_read: AtomicU64,
     gso_packets: AtomicU64,
     packets_written: AtomicU64,
-    packets_dropped: AtomicU64,
     read_errors: AtomicU64,
     write_errors: AtomicU64,
     events_drained: AtomicU64,
@@ -43,7 +42,6 @@ impl WorkerCounters {
             bytes_read: get(&self.bytes_read),
             gso_packets: get(&self.gso_packets),
             packets_written: get(&self.packets_written),
-            packets_dropped: get(&self.packets_dropped),
             read_errors: get(&self.read_errors),
             write_errors: get(&self.write_errors),
             events_drained: get(&self.events_drained),
@@ -109,16 +107,13 @@ pub(super) fn run<P: PacketIo>(
                 bump(&c.gso_packets, 1);
             }
             let mut pkt = Packet::new(&mut buf[headroom..], rx.len, rx.csum);
-            match worker.process(t, &mut pkt) {
-                Verdict::Forward(_) => {
-                    let len = pkt.len();
-                    match io.send(&mut buf, &rx, len) {
-                        Ok(()) => bump(&c.packets_written, 1),
-                        Err(_) => bump(&c.write_errors, 1),
-                    }
+            // A dropped packet is counted by the engine under its reason.
+            if let Verdict::Forward(_) = worker.process(t, &mut pkt) {
+                let len = pkt.len();
+                match io.send(&mut buf, &rx, len) {
+                    Ok(()) => bump(&c.packets_written, 1),
+                    Err(_) => bump(&c.write_errors, 1),
                 }
-                // The engine counts every drop under its reason.
-                Verdict::Drop(_) => bump(&c.packets_dropped, 1),
             }
         }
     }
