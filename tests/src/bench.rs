@@ -20,7 +20,6 @@ use std::fmt::Write as _;
 use std::io::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,7 +27,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
 use crate::lab::{Lab, LabProcess, LabSpec, NODE_UPLINK_IF};
-use crate::site::{LIP, VIP, lbcluster_bin};
+use crate::site::{LIP, VIP, run_node};
 
 /// The TCP service port (iperf3's default).
 pub const IPERF_PORT: u16 = 5201;
@@ -853,17 +852,7 @@ impl Bench {
         );
         let file = self.lab.dir().join("bench-n1.toml");
         std::fs::write(&file, config)?;
-        let bin = lbcluster_bin()?;
-        let node = self.lab.spawn(
-            "n1",
-            &[
-                &bin.to_string_lossy(),
-                "run",
-                "--config",
-                &file.to_string_lossy(),
-            ],
-        )?;
-        wait_ready(&node, &bin, &socket)?;
+        let node = run_node(&self.lab, "n1", &file, &socket)?;
         self.lab.route_to_node(VIP.into(), 1)?;
         self.lab.route_to_node(LIP.into(), 1)?;
         let tun = self
@@ -905,25 +894,6 @@ impl Bench {
 fn failed_both<A, B>(e: &anyhow::Error) -> (Figure<A>, Figure<B>) {
     let why = format!("{e:#}");
     (Figure::Failed(why.clone()), Figure::Failed(why))
-}
-
-/// Waits until `lbcluster status` answers (exit code 0–2: the daemon is up).
-fn wait_ready(node: &LabProcess, bin: &Path, socket: &Path) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        ensure!(node.is_running(), "lbcluster exited:\n{}", node.log());
-        let status = Command::new(bin)
-            .arg("status")
-            .arg("--socket")
-            .arg(socket)
-            .stdin(Stdio::null())
-            .output();
-        if status.is_ok_and(|o| o.status.code().is_some_and(|c| c < 3)) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("lbcluster did not come up:\n{}", node.log())
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! to the node by hand (until BGP exists). Used by the end-to-end tests and the demo.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -18,6 +18,36 @@ pub const LIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 1);
 /// The `lbcluster` binary: `$LBC_BIN`, else next to the running executable or one directory up.
 pub fn lbcluster_bin() -> Result<PathBuf> {
     crate::lab::find_binary("lbcluster", "LBC_BIN", "cargo build -p node")
+}
+
+/// Starts `lbcluster run --config CONFIG` in a lab namespace and waits until it answers on its
+/// admin socket (`status` exits 0–2), or fails with the daemon's log.
+pub fn run_node(lab: &Lab, role: &str, config: &Path, socket: &Path) -> Result<LabProcess> {
+    let bin = lbcluster_bin()?;
+    let node = lab.spawn(
+        role,
+        &[
+            &bin.to_string_lossy(),
+            "run",
+            "--config",
+            &config.to_string_lossy(),
+        ],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        ensure!(node.is_running(), "lbcluster exited:\n{}", node.log());
+        let status = Command::new(&bin)
+            .arg("status")
+            .arg("--socket")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .output();
+        if status.is_ok_and(|o| o.status.code().is_some_and(|c| c < 3)) {
+            return Ok(node);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("lbcluster did not come up:\n{}", node.log())
 }
 
 /// How a [`Site`] is configured.
@@ -123,18 +153,8 @@ addr = "[{b2v6}]:9000"
         );
         let path = lab.dir().join("n1.toml");
         std::fs::write(&path, config)?;
-        let bin = lbcluster_bin()?;
-        let node = lab.spawn(
-            "n1",
-            &[
-                &bin.to_string_lossy(),
-                "run",
-                "--config",
-                &path.to_string_lossy(),
-            ],
-        )?;
+        let node = run_node(&lab, "n1", &path, &socket)?;
         let site = Site { lab, node, socket };
-        site.wait_ready()?;
         for addr in [
             IpAddr::V4(VIP),
             IpAddr::V6(VIP6),
@@ -187,23 +207,6 @@ addr = "[{b2v6}]:9000"
             .find(|e| e["name"] == name)
             .and_then(|e| e["count"].as_u64())
             .with_context(|| format!("no event {name} in the status"))
-    }
-
-    fn wait_ready(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if !self.node.is_running() {
-                bail!("lbcluster exited:\n{}", self.node.log());
-            }
-            if self
-                .status(false)
-                .is_ok_and(|o| o.status.code().is_some_and(|c| c < 3))
-            {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!("lbcluster did not come up:\n{}", self.node.log())
     }
 
     /// `GET path` on port 80 of a VIP, from the client namespace.
