@@ -13,12 +13,11 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::process::Command as Process;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tests::lab::{Lab, LabSpec, unique_prefix};
-use tests::site::{Site, VIP, VIP6, lbcluster_bin};
+use tests::site::{Site, VIP, VIP6};
 
 #[derive(Debug, Parser)]
 #[command(about = "Build, show and remove lbcluster lab topologies (network namespaces)")]
@@ -122,17 +121,12 @@ fn demo(requests: u32, scheduler: &str) -> Result<()> {
         .lab
         .udp_echo("client", SocketAddr::new(VIP.into(), 53), "hello")?;
     println!("   sent hello, got {echo}");
-    for args in [&["status"][..], &["sessions"]] {
-        println!("\n== lbcluster {}", args.join(" "));
-        let out = Process::new(lbcluster_bin()?)
-            .args(args)
-            .arg("--socket")
-            .arg(&site.socket)
-            .output()
-            .context("running lbcluster")?;
-        print!("{}", String::from_utf8_lossy(&out.stdout));
-        eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    }
+    println!("\n== lbcluster status");
+    let status = site.status(false)?;
+    print!("{}", String::from_utf8_lossy(&status.stdout));
+    eprint!("{}", String::from_utf8_lossy(&status.stderr));
+    println!("\n== lbcluster sessions");
+    print!("{}", site.sessions()?);
     println!("\n== removing the lab");
     Ok(())
 }
