@@ -139,6 +139,44 @@ fn a_stopped_backend_gets_no_new_flows_until_it_returns() -> Result<()> {
 }
 
 #[test]
+fn a_killed_backend_gets_no_new_flows_within_fall_times_interval_and_again_after_restart()
+-> Result<()> {
+    let site = Site::start("rr")?;
+    site.lab.backend_processes()[1].signal("KILL")?;
+    let killed = Instant::now();
+    // The site checks every 300 ms, fall = 2, timeout 200 ms: down after at most two failed
+    // checks; the margin covers a check already under way and a loaded CI machine.
+    let bound = Duration::from_millis(2 * 300 + 200) + Duration::from_secs(2);
+    while site.status(false)?.status.code() != Some(1) {
+        assert!(
+            killed.elapsed() < bound,
+            "b2 not taken out within {bound:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..6 {
+        assert_eq!(site.get(VIP.into(), "/")?.trim(), "b1");
+    }
+    let bin = tests::lab::find_binary("lab-backend", "LBC_LAB_BACKEND", "cargo build -p tests")?;
+    let _b2 = site
+        .lab
+        .spawn("b2", &[&bin.to_string_lossy(), "serve", "--name", "b2"])?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while site.status(false)?.status.code() != Some(0) {
+        assert!(Instant::now() < deadline, "b2 never came back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let answers: Vec<String> = (0..4)
+        .map(|_| site.get(VIP.into(), "/").map(|s| s.trim().to_string()))
+        .collect::<Result<_>>()?;
+    assert!(
+        answers.iter().any(|a| a == "b2"),
+        "b2 receives flows again: {answers:?}"
+    );
+    Ok(())
+}
+
+#[test]
 fn sigterm_leaves_no_device_route_or_sysctl_behind() -> Result<()> {
     let site = Site::start("rr")?;
     let forwarding = |site: &Site| -> Result<String> {
