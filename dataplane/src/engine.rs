@@ -108,7 +108,8 @@ pub struct EngineConfig {
     /// Seed of the session-table hash. Pick it at random per node: flows cannot then be crafted
     /// to collide.
     pub table_seed: u64,
-    /// This node's local addresses; ports are allocated on these only.
+    /// This node's local addresses at start; ports are allocated on these only. At least one;
+    /// [`Engine::set_local_addrs`] changes them later.
     pub local_addrs: Vec<IpAddr>,
     pub local_ports: RangeInclusive<u16>,
     /// Session events a worker buffers between two drains.
@@ -177,7 +178,8 @@ pub enum Installed {
 #[derive(Debug)]
 pub struct Engine {
     table: SessionTable,
-    laddr: LocalAddrPool,
+    /// Replaced whole when the node's LIPs change; kept LIPs share their port bitmaps.
+    laddr: ArcSwap<LocalAddrPool>,
     snapshot: ArcSwap<Snapshot>,
     workers: Mutex<Vec<Arc<Counters>>>,
     event_capacity: usize,
@@ -192,7 +194,7 @@ impl Engine {
                 config.max_sessions_v6,
                 config.table_seed,
             ),
-            laddr,
+            laddr: ArcSwap::from_pointee(laddr),
             snapshot: ArcSwap::from_pointee(snapshot),
             workers: Mutex::new(Vec::new()),
             event_capacity: config.event_capacity,
@@ -233,8 +235,28 @@ impl Engine {
         total
     }
 
-    pub fn local_addrs(&self) -> &LocalAddrPool {
-        &self.laddr
+    /// The local addresses as they are now.
+    pub fn local_addrs(&self) -> Arc<LocalAddrPool> {
+        self.laddr.load_full()
+    }
+
+    /// Replaces the node's local addresses (LIPs), same port range. A LIP kept keeps its ports
+    /// in use; the sessions of a LIP removed go on until they end and then free their port
+    /// harmlessly; a LIP added starts with every port free (see [`LocalAddrPool::with_lips`]).
+    /// An empty list is accepted, for a node the cluster has not given LIPs (yet): new flows
+    /// then drop as [`DropReason::NoLocalPort`]. On error nothing changes.
+    pub fn set_local_addrs(&self, lips: &[IpAddr]) -> Result<(), LocalAddrError> {
+        let mut current = self.laddr.load_full();
+        loop {
+            let next = Arc::new(current.with_lips(lips)?);
+            // Built from `current`: a concurrent change in between would have its retired LIPs
+            // lost, so build again from whatever won.
+            let seen = self.laddr.compare_and_swap(&current, next);
+            if Arc::ptr_eq(&seen, &current) {
+                return Ok(());
+            }
+            current = arc_swap::Guard::into_inner(seen);
+        }
     }
 
     /// Sessions held now, IPv4 and IPv6.
@@ -344,8 +366,9 @@ impl Engine {
             ip: rec.local.ip(),
             port: rec.local.port(),
         };
-        let ours = self.laddr.is_local(local.ip);
-        if ours && !self.laddr.reserve(rec.proto, local) {
+        let laddr = self.laddr.load();
+        let ours = laddr.is_local(local.ip);
+        if ours && !laddr.reserve(rec.proto, local) {
             return Err(InstallError::LocalPortInUse(rec.local));
         }
         let data = SessionData {
@@ -370,7 +393,7 @@ impl Engine {
             Err(e) => {
                 dest.stats.closed(rec.state.is_active());
                 if ours {
-                    self.laddr.release(rec.proto, local);
+                    laddr.release(rec.proto, local);
                 }
                 Err(match e {
                     InsertError::Full => InstallError::TableFull,
@@ -405,7 +428,7 @@ impl Engine {
     /// Returns what a removed session held: its local port and its place in the counters.
     fn release<A: Family>(&self, data: &SessionData<A>) {
         data.dest.stats.closed(data.state.is_active());
-        self.laddr.release(
+        self.laddr.load().release(
             data.proto(),
             LocalAddr {
                 ip: data.lip.to_ip(),
@@ -787,9 +810,10 @@ impl Worker {
             return Err(DropReason::NoSession);
         }
         let snap = engine.snapshot.load();
+        let laddr = engine.laddr.load();
         let vip = SocketAddr::new(l3.dst.to_ip(), key.dport);
         let Some(svc) = snap.service(proto, vip) else {
-            return Err(if engine.laddr.is_local(vip.ip()) {
+            return Err(if laddr.is_local(vip.ip()) {
                 DropReason::NoSession
             } else {
                 DropReason::NoService
@@ -815,12 +839,11 @@ impl Worker {
         let (Some(rs), rport) = (A::from_ip(dest.addr.ip()), dest.addr.port()) else {
             return Err(DropReason::NoBackend);
         };
-        let local = engine
-            .laddr
+        let local = laddr
             .allocate(proto, A::IS_V6, flow_hash)
             .ok_or(DropReason::NoLocalPort)?;
         let Some(lip) = A::from_ip(local.ip) else {
-            engine.laddr.release(proto, local);
+            laddr.release(proto, local);
             return Err(DropReason::NoLocalPort);
         };
         let mut window = TcpWindow::new();
@@ -871,7 +894,7 @@ impl Worker {
             }
             Err(e) => {
                 dest.stats.closed(state.is_active());
-                engine.laddr.release(proto, local);
+                laddr.release(proto, local);
                 match e {
                     InsertError::Full => Err(DropReason::TableFull),
                     // Another worker opened the same flow a moment ago (a retransmitted SYN on

@@ -25,6 +25,15 @@
 //! * **Accounting.** [`LocalAddrPool::usage`] is exact whenever no call is in flight, and
 //!   otherwise off by at most the number of calls in flight.
 //! * **No panics**, on any input.
+//! * **Changing LIPs.** [`LocalAddrPool::with_lips`] builds the pool for a new set of LIPs. A LIP
+//!   kept shares its port spaces with the old pool (behind an `Arc`), so a worker still using the
+//!   old pool claims and frees ports in the very same bitmaps. A LIP removed while some of its
+//!   ports are held stays *retired*: its ports can still be released but are no longer handed
+//!   out or reserved, and if it comes back it comes back with them. A retired LIP with no port
+//!   held is forgotten at the next change. One race remains: a worker still on the pool before a
+//!   change may take a port on a LIP that the change found idle and forgot; if that LIP is added
+//!   back while the flow lives, its port may be handed out twice (only a flow to the same
+//!   backend port would then collide, and its session insert fails).
 //!
 //! # Design
 //!
@@ -37,6 +46,7 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Transport protocols that own separate port spaces.
@@ -236,6 +246,21 @@ struct Lip {
 }
 
 impl Lip {
+    fn new(ip: IpAddr, capacity: u32) -> Self {
+        Self {
+            ip,
+            tcp: PortSpace::new(capacity),
+            udp: PortSpace::new(capacity),
+        }
+    }
+
+    /// Whether any port of either protocol is held (or being claimed).
+    fn is_held(&self) -> bool {
+        L4Proto::ALL
+            .iter()
+            .any(|&proto| self.space(proto).in_use.load(Ordering::Relaxed) > 0)
+    }
+
     fn space(&self, proto: L4Proto) -> &PortSpace {
         match proto {
             L4Proto::Tcp => &self.tcp,
@@ -249,7 +274,9 @@ impl Lip {
 /// `Send + Sync`, shared by all packet workers behind an `Arc`; every method takes `&self`.
 pub struct LocalAddrPool {
     /// Sorted by address, which puts every IPv4 LIP before every IPv6 one.
-    lips: Box<[Lip]>,
+    lips: Box<[Arc<Lip>]>,
+    /// LIPs removed while some of their ports were held: [`Self::release`] still frees those.
+    retired: Box<[Arc<Lip>]>,
     /// Index of the first IPv6 LIP in `lips`.
     v6_start: usize,
     first_port: u16,
@@ -291,30 +318,52 @@ impl LocalAddrPool {
         if lips.is_empty() {
             return Err(LocalAddrError::NoLocalAddress);
         }
-        for &ip in lips {
-            check_lip(ip)?;
-        }
-        let mut sorted = lips.to_vec();
-        sorted.sort_unstable();
-        if let Some(pair) = sorted.windows(2).find(|pair| pair[0] == pair[1]) {
-            return Err(LocalAddrError::DuplicateLip(pair[0]));
-        }
+        let sorted = checked_lips(lips)?;
         let capacity = u32::from(last_port - first_port) + 1;
         let v6_start = sorted.partition_point(IpAddr::is_ipv4);
-        let lips = sorted
-            .into_iter()
-            .map(|ip| Lip {
-                ip,
-                tcp: PortSpace::new(capacity),
-                udp: PortSpace::new(capacity),
-            })
-            .collect();
         Ok(Self {
-            lips,
+            lips: sorted
+                .into_iter()
+                .map(|ip| Arc::new(Lip::new(ip, capacity)))
+                .collect(),
+            retired: Box::default(),
             v6_start,
             first_port,
             last_port,
             capacity,
+        })
+    }
+
+    /// The pool for a new set of LIPs, over the same port range, for a change of the node's
+    /// LIPs at run time (see the module doc: kept LIPs keep their held ports, removed ones retire,
+    /// new ones start with every port free). The LIPs are checked as [`Self::new`] checks them,
+    /// but an empty list is accepted: a node whose LIPs were all taken away must stop using them,
+    /// and with none left every allocation returns `None`.
+    pub fn with_lips(&self, lips: &[IpAddr]) -> Result<Self, LocalAddrError> {
+        let sorted = checked_lips(lips)?;
+        let known = |ip: IpAddr| {
+            self.lip(ip)
+                .or_else(|| self.retired.iter().find(|lip| lip.ip == ip))
+                .cloned()
+        };
+        let retired = self
+            .lips
+            .iter()
+            .chain(self.retired.iter())
+            .filter(|lip| sorted.binary_search(&lip.ip).is_err() && lip.is_held())
+            .cloned()
+            .collect();
+        let v6_start = sorted.partition_point(IpAddr::is_ipv4);
+        Ok(Self {
+            lips: sorted
+                .into_iter()
+                .map(|ip| known(ip).unwrap_or_else(|| Arc::new(Lip::new(ip, self.capacity))))
+                .collect(),
+            retired,
+            v6_start,
+            first_port: self.first_port,
+            last_port: self.last_port,
+            capacity: self.capacity,
         })
     }
 
@@ -358,11 +407,15 @@ impl LocalAddrPool {
             .is_some_and(|(lip, idx)| lip.space(proto).claim(idx))
     }
 
-    /// Frees a port. Releasing an address that is not ours or not in use is a no-op returning
-    /// false.
+    /// Frees a port, also on a retired LIP. Releasing an address that is not ours or not in use
+    /// is a no-op returning false.
     pub fn release(&self, proto: L4Proto, addr: LocalAddr) -> bool {
-        self.locate(addr)
-            .is_some_and(|(lip, idx)| lip.space(proto).unclaim(idx))
+        let Some(idx) = self.index_of(addr.port) else {
+            return false;
+        };
+        self.lip(addr.ip)
+            .or_else(|| self.retired.iter().find(|lip| lip.ip == addr.ip))
+            .is_some_and(|lip| lip.space(proto).unclaim(idx))
     }
 
     /// Whether `ip` is one of the pool's LIPs.
@@ -395,17 +448,21 @@ impl LocalAddrPool {
             .collect()
     }
 
-    fn lip(&self, ip: IpAddr) -> Option<&Lip> {
+    fn lip(&self, ip: IpAddr) -> Option<&Arc<Lip>> {
         let at = self.lips.binary_search_by(|lip| lip.ip.cmp(&ip)).ok()?;
         self.lips.get(at)
     }
 
+    /// The bit index of `port`, if it is in the range.
+    fn index_of(&self, port: u16) -> Option<u32> {
+        self.port_range()
+            .contains(&port)
+            .then(|| u32::from(port - self.first_port))
+    }
+
     /// The LIP and bit index of `addr`, if both are ours.
     fn locate(&self, addr: LocalAddr) -> Option<(&Lip, u32)> {
-        if !self.port_range().contains(&addr.port) {
-            return None;
-        }
-        Some((self.lip(addr.ip)?, u32::from(addr.port - self.first_port)))
+        Some((self.lip(addr.ip)?, self.index_of(addr.port)?))
     }
 
     fn port_of(&self, idx: u32) -> Option<u16> {
@@ -413,6 +470,19 @@ impl LocalAddrPool {
             .ok()
             .filter(|&port| port <= self.last_port)
     }
+}
+
+/// `lips` sorted, once each checked as a source address, without duplicates.
+fn checked_lips(lips: &[IpAddr]) -> Result<Vec<IpAddr>, LocalAddrError> {
+    for &ip in lips {
+        check_lip(ip)?;
+    }
+    let mut sorted = lips.to_vec();
+    sorted.sort_unstable();
+    if let Some(pair) = sorted.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(LocalAddrError::DuplicateLip(pair[0]));
+    }
+    Ok(sorted)
 }
 
 fn check_lip(ip: IpAddr) -> Result<(), LocalAddrError> {
@@ -654,6 +724,68 @@ mod tests {
         );
         assert!(mixed.is_local(v6(2)) && mixed.is_local(v4(1)));
         assert!(!mixed.is_local(v4(3)) && !mixed.is_local(v6(3)));
+    }
+
+    #[test]
+    fn with_lips_keeps_kept_lips_and_retires_removed_ones() {
+        let at = |ip, port| LocalAddr { ip, port };
+        let old = LocalAddrPool::new(&[v4(1), v4(2)], 4000..=4000).unwrap();
+        assert_eq!(old.allocate(L4Proto::Tcp, false, 0), Some(at(v4(1), 4000)));
+
+        // v4(1) is kept with its held port, v4(3) is new and empty, v4(2) (idle) is dropped.
+        let new = old.with_lips(&[v4(3), v4(1)]).unwrap();
+        assert_eq!(new.port_range(), 4000..=4000);
+        assert_eq!(new.lips().collect::<Vec<_>>(), vec![v4(1), v4(3)]);
+        assert!(!new.reserve(L4Proto::Tcp, at(v4(1), 4000)), "still held");
+        assert!(new.reserve(L4Proto::Tcp, at(v4(3), 4000)));
+        assert_eq!(new.allocate(L4Proto::Tcp, false, 0), None);
+        // Both pools share the kept LIP's bitmap: a release through the old one frees it here.
+        assert!(old.release(L4Proto::Tcp, at(v4(1), 4000)));
+        assert_eq!(new.allocate(L4Proto::Tcp, false, 0), Some(at(v4(1), 4000)));
+        assert!(!new.is_local(v4(2)) && !new.release(L4Proto::Tcp, at(v4(2), 4000)));
+
+        // v4(1) leaves with a port held: it retires, no longer offered but still releasable.
+        let only3 = new.with_lips(&[v4(3)]).unwrap();
+        assert!(!only3.is_local(v4(1)));
+        assert!(!only3.reserve(L4Proto::Udp, at(v4(1), 4000)));
+        assert_eq!(only3.usage().len(), 2, "{:?}", only3.usage());
+        // Back again before its flow ended: the port is still held, not handed out twice.
+        let back = only3.with_lips(&[v4(1), v4(3)]).unwrap();
+        assert!(!back.reserve(L4Proto::Tcp, at(v4(1), 4000)));
+        assert!(only3.release(L4Proto::Tcp, at(v4(1), 4000)));
+        assert!(
+            !only3.release(L4Proto::Tcp, at(v4(1), 4000)),
+            "double release"
+        );
+        assert!(back.reserve(L4Proto::Tcp, at(v4(1), 4000)));
+        assert!(back.release(L4Proto::Tcp, at(v4(1), 4000)));
+
+        // A retired LIP whose last port is back is forgotten at the next change.
+        let idle = only3.with_lips(&[v4(3)]).unwrap();
+        let none = idle.with_lips(&[]).unwrap();
+        assert!(none.retired.iter().all(|lip| lip.ip != v4(1)));
+        assert_eq!(none.lips().count(), 0);
+        assert_eq!(none.allocate(L4Proto::Tcp, false, 0), None);
+        assert_eq!(none.allocate(L4Proto::Udp, true, 0), None);
+        assert!(
+            none.release(L4Proto::Tcp, at(v4(3), 4000)),
+            "v4(3) retired while held"
+        );
+    }
+
+    #[test]
+    fn with_lips_rejects_what_new_rejects_but_an_empty_list() {
+        let pool = LocalAddrPool::new(&[v4(1)], 1024..=1030).unwrap();
+        assert_eq!(
+            pool.with_lips(&[v4(2), v4(2)]).unwrap_err(),
+            LocalAddrError::DuplicateLip(v4(2))
+        );
+        assert_eq!(
+            pool.with_lips(&[v4(2), IpAddr::V4(Ipv4Addr::BROADCAST)])
+                .unwrap_err(),
+            LocalAddrError::BroadcastLip(IpAddr::V4(Ipv4Addr::BROADCAST))
+        );
+        assert!(pool.with_lips(&[]).is_ok());
     }
 
     #[test]

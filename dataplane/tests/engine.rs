@@ -905,3 +905,165 @@ fn test_no_backend() {
         Verdict::Drop(DropReason::NoBackend)
     );
 }
+
+const LIP_B: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 19, 200, 2);
+
+/// Ports held per IPv4 LIP for TCP, as the engine reports them now.
+fn tcp_ports_in_use(engine: &dataplane::Engine) -> Vec<(IpAddr, u32)> {
+    engine
+        .local_addrs()
+        .usage()
+        .into_iter()
+        .filter(|u| u.proto == L4Proto::Tcp && u.ip.is_ipv4())
+        .map(|u| (u.ip, u.in_use))
+        .collect()
+}
+
+/// One data segment each way of the flow `establish` opened: both are still translated.
+fn assert_flow_carries_on(w: &mut dataplane::Worker, lport: u16) {
+    let (v, out) = run(
+        w,
+        T0,
+        &ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, ACK, 1001, 5001, b"q")),
+    );
+    assert_eq!(v, Verdict::Forward(Direction::Inbound));
+    assert_eq!(
+        out,
+        ip(v4(LIP), v4(RS1), &tcp(lport, 8080, ACK, 1001, 5001, b"q"))
+    );
+    let (v, out) = run(
+        w,
+        T0,
+        &ip(v4(RS1), v4(LIP), &tcp(8080, lport, ACK, 5001, 1002, b"r")),
+    );
+    assert_eq!(v, Verdict::Forward(Direction::Outbound));
+    assert_eq!(
+        out,
+        ip(v4(VIP), v4(CLIENT), &tcp(80, 40000, ACK, 5001, 1002, b"r"))
+    );
+}
+
+#[test]
+fn test_flow_outlives_the_removal_of_its_lip() {
+    let (engine, mut w) = engine();
+    let lport = establish(&mut w);
+
+    engine.set_local_addrs(&[v4(LIP), v4(LIP_B)]).unwrap();
+    assert_flow_carries_on(&mut w, lport);
+    assert_eq!(tcp_ports_in_use(&engine), [(v4(LIP), 1), (v4(LIP_B), 0)]);
+
+    engine.set_local_addrs(&[v4(LIP_B)]).unwrap();
+    assert_eq!(engine.local_addrs().lips().collect::<Vec<_>>(), [v4(LIP_B)]);
+    assert_flow_carries_on(&mut w, lport);
+    w.drain_events().for_each(drop);
+    // New flows only get the remaining LIP, IPv6 ones none at all.
+    for cport in 41000..41020 {
+        let syn = ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b""));
+        let (v, out) = run(&mut w, T0, &syn);
+        assert_eq!(v, Verdict::Forward(Direction::Inbound));
+        assert_eq!(out[12..16], LIP_B.octets());
+        assert_eq!(created(&mut w).local.ip(), v4(LIP_B));
+    }
+    let syn6 = ip(v6(CLIENT6), v6(VIP6), &tcp(41000, 80, SYN, 1, 0, b""));
+    assert_eq!(
+        run(&mut w, T0, &syn6).0,
+        Verdict::Drop(DropReason::NoLocalPort)
+    );
+    assert_eq!(tcp_ports_in_use(&engine), [(v4(LIP_B), 20)]);
+
+    // The old flow closes; its port goes back to the retired LIP, none of B's is touched.
+    let (v, _) = run(
+        &mut w,
+        T0,
+        &ip(v4(RS1), v4(LIP), &tcp(8080, lport, RST, 5001, 0, b"")),
+    );
+    assert_eq!(v, Verdict::Forward(Direction::Outbound));
+    let later = T0.saturating_add(std::time::Duration::from_secs(11));
+    assert_eq!(w.expire(later, 1024), 1);
+    assert!(
+        w.drain_events()
+            .any(|e| matches!(e, SessionEvent::Closed(r) if r.local.ip() == v4(LIP)))
+    );
+    assert_eq!(engine.session_count(), 20);
+    assert_eq!(tcp_ports_in_use(&engine), [(v4(LIP_B), 20)]);
+    // Back again, the old LIP has every port free.
+    engine.set_local_addrs(&[v4(LIP), v4(LIP_B)]).unwrap();
+    assert_eq!(tcp_ports_in_use(&engine), [(v4(LIP), 0), (v4(LIP_B), 20)]);
+}
+
+#[test]
+fn test_lip_change_never_hands_out_a_held_port() {
+    let config = EngineConfig {
+        local_ports: 2000..=2000,
+        local_addrs: vec![v4(LIP)],
+        ..small_config()
+    };
+    let (engine, mut w) = engine_with(&services(), config);
+    let syn = |cport| ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b""));
+    assert_eq!(
+        run(&mut w, T0, &syn(40000)).0,
+        Verdict::Forward(Direction::Inbound)
+    );
+    assert_eq!(created(&mut w).local, SocketAddr::new(v4(LIP), 2000));
+
+    // The same list again, then A with B: A's only port stays taken.
+    engine.set_local_addrs(&[v4(LIP)]).unwrap();
+    assert_eq!(
+        run(&mut w, T0, &syn(40001)).0,
+        Verdict::Drop(DropReason::NoLocalPort)
+    );
+    engine.set_local_addrs(&[v4(LIP_B), v4(LIP)]).unwrap();
+    assert_eq!(
+        run(&mut w, T0, &syn(40002)).0,
+        Verdict::Forward(Direction::Inbound)
+    );
+    assert_eq!(created(&mut w).local, SocketAddr::new(v4(LIP_B), 2000));
+    assert_eq!(
+        run(&mut w, T0, &syn(40003)).0,
+        Verdict::Drop(DropReason::NoLocalPort)
+    );
+
+    // A removed and added back while its flow lives: its port is still taken.
+    engine.set_local_addrs(&[]).unwrap();
+    engine.set_local_addrs(&[v4(LIP), v4(LIP_B)]).unwrap();
+    assert_eq!(
+        run(&mut w, T0, &syn(40004)).0,
+        Verdict::Drop(DropReason::NoLocalPort)
+    );
+    assert_eq!(tcp_ports_in_use(&engine), [(v4(LIP), 1), (v4(LIP_B), 1)]);
+    assert_eq!(engine.counters().drops(DropReason::NoLocalPort), 3);
+}
+
+#[test]
+fn test_invalid_lip_list_changes_nothing() {
+    use dataplane::laddr::LocalAddrError;
+    let (engine, mut w) = engine();
+    let lport = establish(&mut w);
+    let before = engine.local_addrs().lips().collect::<Vec<_>>();
+    assert_eq!(
+        engine.set_local_addrs(&[v4(LIP_B), v4(LIP_B)]),
+        Err(LocalAddrError::DuplicateLip(v4(LIP_B)))
+    );
+    let unspecified = IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED);
+    assert_eq!(
+        engine.set_local_addrs(&[v4(LIP_B), unspecified]),
+        Err(LocalAddrError::UnspecifiedLip(unspecified))
+    );
+    assert_eq!(engine.local_addrs().lips().collect::<Vec<_>>(), before);
+    assert_eq!(tcp_ports_in_use(&engine), [(v4(LIP), 1)]);
+    assert_flow_carries_on(&mut w, lport);
+}
+
+#[test]
+fn test_no_lips_drops_new_flows_and_keeps_old_ones() {
+    let (engine, mut w) = engine();
+    let lport = establish(&mut w);
+    engine.set_local_addrs(&[]).unwrap();
+    assert_eq!(engine.local_addrs().lips().count(), 0);
+    let syn = ip(v4(CLIENT), v4(VIP), &tcp(41000, 80, SYN, 1, 0, b""));
+    assert_eq!(
+        run(&mut w, T0, &syn).0,
+        Verdict::Drop(DropReason::NoLocalPort)
+    );
+    assert_flow_carries_on(&mut w, lport);
+}

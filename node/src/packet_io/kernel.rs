@@ -1,6 +1,8 @@
 //! The kernel state the TUN data plane needs: the device up, a host route into it for every VIP
-//! and LIP, forwarding on and reverse-path filtering off. Everything changed is recorded and put
-//! back on [`KernelState::restore`] (also, best effort, on drop).
+//! and LIP, forwarding on and reverse-path filtering off. The routes follow the config
+//! ([`KernelState::set_routes`]). Everything changed is recorded and put back on stop
+//! ([`KernelState::remove_routes`], [`KernelState::restore_sysctls`]; also, best effort, on
+//! drop).
 //!
 //! All of it happens in the network namespace the data plane was started in, whichever thread
 //! later stops it: the namespace is kept as an fd and every change runs in a short-lived thread
@@ -82,6 +84,57 @@ fn host_route(addr: IpAddr) -> (&'static str, String) {
     }
 }
 
+/// Whether the host route to `addr` through `dev` is in the main table.
+fn route_exists(addr: IpAddr, dev: &str) -> Result<bool> {
+    let (family, prefix) = host_route(addr);
+    let out = Command::new("ip")
+        .args([family, "route", "show", "exact", &prefix, "dev", dev])
+        .output()
+        .context("running `ip` (is iproute2 installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "`ip {family} route show exact {prefix} dev {dev}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(!out.stdout.is_empty())
+}
+
+/// Routes `addr` into `dev`. A route that is there already through `dev` is fine; one through
+/// another device is an error, as at start: it belongs to someone else.
+fn add_route(addr: IpAddr, dev: &str) -> Result<()> {
+    let (family, prefix) = host_route(addr);
+    ip(&[family, "route", "add", &prefix, "dev", dev])
+        .or_else(|e| match route_exists(addr, dev) {
+            Ok(true) => Ok(()),
+            _ => Err(e),
+        })
+        .with_context(|| format!("routing {prefix} into {dev}"))
+}
+
+/// Deletes the route to `addr` through `dev`; one that is gone already is fine.
+fn delete_route(addr: IpAddr, dev: &str) -> Result<()> {
+    let (family, prefix) = host_route(addr);
+    ip(&[family, "route", "del", &prefix, "dev", dev])
+        .or_else(|e| match route_exists(addr, dev) {
+            Ok(false) => Ok(()),
+            _ => Err(e),
+        })
+        .with_context(|| format!("removing the route of {prefix} from {dev}"))
+}
+
+/// One error out of several, each with its context.
+fn joined(mut errors: Vec<anyhow::Error>) -> Result<()> {
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        _ => {
+            let all: Vec<String> = errors.iter().map(|e| format!("{e:#}")).collect();
+            Err(anyhow!("{}", all.join("; ")))
+        }
+    }
+}
+
 fn sysctl_path(name: &str) -> String {
     format!("/proc/sys/{}", name.replace('.', "/"))
 }
@@ -100,7 +153,7 @@ fn write_sysctl(name: &str, value: &str) -> Result<()> {
 pub(crate) struct KernelState {
     netns: Netns,
     dev: String,
-    /// Routes added, to delete on restore.
+    /// Routes into `dev` this state owns, to delete on stop.
     routes: Vec<IpAddr>,
     /// Sysctls changed, with their previous values, to put back on restore.
     sysctls: Vec<(String, String)>,
@@ -133,12 +186,44 @@ impl KernelState {
         sorted.sort();
         sorted.dedup();
         for addr in sorted {
-            let (family, prefix) = host_route(addr);
-            ip(&[family, "route", "add", &prefix, "dev", dev])
-                .with_context(|| format!("routing {prefix} into {dev}"))?;
+            add_route(addr, dev)?;
             st.routes.push(addr);
         }
         Ok(st)
+    }
+
+    /// Makes the routes into the device exactly `routes` (in any order, duplicates ignored):
+    /// adds the missing ones, deletes the ones no longer wanted, in the namespace the data plane
+    /// was started in. Every route is tried; the error names each address that failed, and the
+    /// routes owned stay recorded as they really are, so a stop removes all of them.
+    pub(crate) fn set_routes(&mut self, routes: &[IpAddr]) -> Result<()> {
+        let mut wanted = routes.to_vec();
+        wanted.sort();
+        wanted.dedup();
+        let (dev, owned) = (self.dev.as_str(), &mut self.routes);
+        self.netns.run(move || {
+            let mut errors = Vec::new();
+            for &addr in &wanted {
+                if owned.contains(&addr) {
+                    continue;
+                }
+                match add_route(addr, dev) {
+                    Ok(()) => owned.push(addr),
+                    Err(e) => errors.push(e),
+                }
+            }
+            let mut kept = Vec::with_capacity(owned.len());
+            for addr in owned.drain(..) {
+                if wanted.binary_search(&addr).is_ok() {
+                    kept.push(addr);
+                } else if let Err(e) = delete_route(addr, dev) {
+                    errors.push(e);
+                    kept.push(addr);
+                }
+            }
+            *owned = kept;
+            joined(errors)
+        })
     }
 
     /// Deletes the routes added (the device's own removal would take them too, but a stop
@@ -149,8 +234,7 @@ impl KernelState {
         self.netns.run(move || {
             let mut first_err = None;
             for addr in routes {
-                let (family, prefix) = host_route(addr);
-                if let Err(e) = ip(&[family, "route", "del", &prefix, "dev", &dev]) {
+                if let Err(e) = delete_route(addr, &dev) {
                     first_err.get_or_insert(e);
                 }
             }

@@ -189,6 +189,25 @@ impl DataplaneHandle {
         self.running.shutdown()
     }
 
+    /// Makes the host routes into the device exactly `routes` (the VIPs and LIPs of the config
+    /// now): adds the missing ones, deletes the others, in the namespace the data plane was
+    /// started in. On error the routes that could be changed are, the error names the others,
+    /// and a stop still removes every route the data plane added.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the daemon's config changes call it next")
+    )]
+    pub(crate) fn set_routes(&mut self, routes: &[IpAddr]) -> Result<()> {
+        let kernel = self
+            .running
+            .kernel
+            .as_mut()
+            .ok_or_else(|| anyhow!("the data plane is stopped"))?;
+        kernel
+            .set_routes(routes)
+            .context("updating the routes into the TUN device")
+    }
+
     /// Per-worker counters.
     pub(crate) fn stats(&self) -> IoStats {
         IoStats {

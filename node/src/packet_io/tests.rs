@@ -29,7 +29,7 @@ use dataplane::{
     sched::{MaglevParams, SchedulerKind},
 };
 
-use super::kernel::{Netns, ip, read_sysctl};
+use super::kernel::{KernelState, Netns, ip, read_sysctl};
 use super::{DataplaneHandle, DataplaneSpec, WorkerIoStats, start};
 
 const TUN: &str = "lbc0";
@@ -427,6 +427,100 @@ fn test_failed_start_leaves_nothing_behind() {
         format!("{err}").contains("invalid TUN device name"),
         "{err}"
     );
+}
+
+/// Host routes through `dev` in namespace `ns`, every table, both families, sorted.
+fn host_routes(ns: &str, dev: &str) -> Vec<IpAddr> {
+    let mut routes = Vec::new();
+    for family in ["-4", "-6"] {
+        let out = Command::new("ip")
+            .args(["-n", ns, family, "route", "show", "table", "all"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            // A host route prints its destination without the prefix length.
+            if let Some(dst) = words.first().and_then(|w| w.parse::<IpAddr>().ok())
+                && words.windows(2).any(|w| w == ["dev", dev])
+            {
+                routes.push(dst);
+            }
+        }
+    }
+    routes.sort();
+    routes
+}
+
+#[test]
+fn test_set_routes_follows_the_config() {
+    let t = topo();
+    let (x, y, z): (IpAddr, IpAddr, IpAddr) = (VIP4.into(), LIP4.into(), VIP6.into());
+    let started = DataplaneSpec {
+        routes: vec![x],
+        ..spec(1)
+    };
+    let mut dp = start_in(&t.node, started, engine()).unwrap();
+    assert_eq!(host_routes(&t.node, TUN), [x]);
+
+    // Called from the test thread, in the host namespace: the routes change in the node's.
+    dp.set_routes(&[z, y, z]).unwrap();
+    assert_eq!(host_routes(&t.node, TUN), [y, z]);
+    // Nothing to do is no error.
+    dp.set_routes(&[y, z]).unwrap();
+    assert_eq!(host_routes(&t.node, TUN), [y, z]);
+
+    dp.stop().unwrap();
+    assert!(host_routes(&t.node, TUN).is_empty());
+    for family in ["-4", "-6"] {
+        assert!(
+            !ip_shows(&t.node, &format!("{family} route show dev {TUN}")),
+            "{family} routes remain"
+        );
+    }
+}
+
+/// The record of owned routes stays true through failures: checked on a device that outlives
+/// the state, so that only `remove_routes` can take the routes away.
+#[test]
+fn test_set_routes_reports_failures_by_address_and_keeps_the_record() {
+    let t = topo();
+    nsip(&t.node, "link add d0 type veth peer name d1");
+    nsip(&t.node, "link set d1 up");
+    nsip(&t.node, "link set d0 up");
+    let (a, b, c): (IpAddr, IpAddr, IpAddr) = (VIP4.into(), LIP4.into(), LIP6.into());
+    let foreign = IpAddr::from(Ipv4Addr::new(198, 18, 100, 2));
+    let mut st = spawn_in(&t.node, move || KernelState::apply("d0", &[a]))
+        .join()
+        .unwrap()
+        .unwrap();
+
+    // A route already through the device is taken as ours; one through another device is not
+    // ours to take, and only that address fails.
+    nsip(&t.node, "-6 route add 2001:db8:200::1/128 dev d0");
+    nsip(&t.node, "route add 198.18.100.2/32 dev c0");
+    let err = st.set_routes(&[c, foreign, b]).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("routing 198.18.100.2/32 into d0"), "{msg}");
+    assert!(
+        !msg.contains("198.19.200.1") && !msg.contains("2001:db8"),
+        "{msg}"
+    );
+    assert_eq!(host_routes(&t.node, "d0"), [b, c]);
+    assert!(ip_shows(&t.node, "route show 198.18.100.2 dev c0"));
+
+    // A route deleted by hand is simply gone; the foreign one is still not ours.
+    nsip(&t.node, "route del 198.19.200.1/32 dev d0");
+    st.set_routes(&[c]).unwrap();
+    assert_eq!(host_routes(&t.node, "d0"), [c]);
+
+    st.remove_routes().unwrap();
+    assert!(host_routes(&t.node, "d0").is_empty());
+    assert!(
+        ip_shows(&t.node, "route show 198.18.100.2 dev c0"),
+        "foreign route kept"
+    );
+    st.restore_sysctls().unwrap();
 }
 
 /// A deterministic byte pattern that is not periodic in any small power of two.
