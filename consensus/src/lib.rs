@@ -8,6 +8,7 @@
 //! * A command is validated against the configuration it is applied to; a rejected command is
 //!   the applied result ([`Applied::result`]) and changes nothing.
 
+mod cluster;
 pub mod config;
 mod store;
 pub mod transport;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub use cluster::{Cluster, ClusterError, Deadlines, NodeReport, Role, node_id};
 pub use config::{ClusterConfig, Command, ConfigError, NodeId};
 pub use store::{ConfigStateMachine, LogReader, LogStore, SnapshotBuilder, StoreError};
 pub use transport::{Dialer, QuicNetwork, ServeCounters, serve_connection};
