@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{self, ClusterConfig, Command, ConfigError, NodeId};
 use crate::store::{ConfigStateMachine, LogReader, LogStore};
-use crate::transport::{Dialer, QuicNetwork, RpcError, RpcKind};
+use crate::transport::{Dialer, QuicNetwork, RpcError, RpcFailure, RpcKind};
 use crate::{Member, Raft, StartError};
 
 /// How long a forwarded request's answer may take beyond the request's own deadline (the leader
@@ -814,11 +814,16 @@ impl<D: Dialer> Cluster<D> {
         };
         peer.call(RpcKind::Forward, &forward, budget.deadline + ANSWER_MARGIN)
             .await
-            .map_err(|e| {
+            .map_err(|e| match e.failure {
+                // The leader went away (or never got it): the next leader gets it. A command
+                // that did get committed before is idempotent or rejected when repeated.
+                RpcFailure::NotSent | RpcFailure::ConnectionLost => Failed::Retry(unreachable(e)),
                 // A read index request has no effect, so it is always safe to repeat.
-                if !e.sent || matches!(request, Request::ReadIndex) {
+                RpcFailure::NoAnswer if matches!(request, Request::ReadIndex) => {
                     Failed::Retry(unreachable(e))
-                } else {
+                }
+                // The leader may still be working on it: repeating could race with it.
+                RpcFailure::NoAnswer => {
                     let reason =
                         format!("{}; the request may or may not have been applied", e.reason);
                     Failed::Final(unreachable(RpcError { reason, ..e }))

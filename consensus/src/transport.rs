@@ -46,7 +46,9 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use parking_lot::Mutex;
-use quinn::{ClosedStream, Connection, ConnectionError, ReadExactError, VarInt, WriteError};
+use quinn::{
+    ClosedStream, Connection, ConnectionError, ReadError, ReadExactError, VarInt, WriteError,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -206,7 +208,7 @@ impl<D: Dialer> QuicNetwork<D> {
             .connect_by(&self.dialer, deadline)
             .await
             .map_err(|e| RpcError {
-                sent: false,
+                failure: RpcFailure::NotSent,
                 reason: e.to_string(),
             })?;
         Ok(PeerConnection { link, connection })
@@ -231,9 +233,19 @@ pub(crate) struct PeerConnection {
 /// Why a cluster RPC got no answer.
 #[derive(Debug)]
 pub(crate) struct RpcError {
-    /// Whether the request may have reached the peer (so repeating it might repeat its effect).
-    pub(crate) sent: bool,
+    pub(crate) failure: RpcFailure,
     pub(crate) reason: String,
+}
+
+/// How far a failed cluster RPC got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RpcFailure {
+    /// The request never left: no connection, or no stream.
+    NotSent,
+    /// The connection went away after the request was sent: the peer stopped or restarted.
+    ConnectionLost,
+    /// The peer is there but did not answer in time, or answered with something unreadable.
+    NoAnswer,
 }
 
 impl PeerConnection {
@@ -245,25 +257,34 @@ impl PeerConnection {
         deadline: Instant,
     ) -> Result<Resp, RpcError> {
         let frame = encode_request(kind, request).map_err(|e| RpcError {
-            sent: false,
+            failure: RpcFailure::NotSent,
             reason: e.to_string(),
         })?;
         self.link
             .exchange(&self.connection, kind, &frame, deadline)
             .await
             .map_err(|e| {
-                let sent = !matches!(
-                    &e,
+                let failure = match &e {
                     CallError::Unreachable(TransportError::Frame {
-                        source: FrameError::Stream(StreamError::Open(_)),
+                        source: FrameError::Stream(stream),
                         ..
-                    })
-                );
+                    }) => match stream {
+                        StreamError::Open(_) => RpcFailure::NotSent,
+                        StreamError::Write(WriteError::ConnectionLost(_))
+                        | StreamError::Finish(_)
+                        | StreamError::Read(ReadExactError::ReadError(
+                            ReadError::ConnectionLost(_),
+                        )) => RpcFailure::ConnectionLost,
+                        _ => RpcFailure::NoAnswer,
+                    },
+                    CallError::TooLarge(_) => RpcFailure::NotSent,
+                    _ => RpcFailure::NoAnswer,
+                };
                 let reason = match e {
                     CallError::Unreachable(e) | CallError::TooLarge(e) => e.to_string(),
                     CallError::Timeout(ttl) => format!("no answer within {ttl:?}"),
                 };
-                RpcError { sent, reason }
+                RpcError { failure, reason }
             })
     }
 }
