@@ -1,6 +1,8 @@
 //! Replicated cluster configuration: the openraft type declaration, the configuration model that
-//! is the Raft state machine, its durable storage, and the Raft transport over QUIC connections
-//! the node provides. Depends on no other workspace crate.
+//! is the Raft state machine, its durable storage, the Raft transport over QUIC connections the
+//! node provides, and [`Cluster`], the handle the node uses for every cluster operation (writes
+//! forwarded to the leader, linearizable reads, adding and removing nodes, reports). Depends on
+//! no other workspace crate.
 //!
 //! Guarantees:
 //! * [`LogStore::save_vote`](openraft::storage::RaftLogStorage::save_vote) and `append` are on
