@@ -1,6 +1,8 @@
 //! Replicated cluster configuration: the openraft type declaration, the configuration model that
-//! is the Raft state machine, its durable storage, and the Raft transport over QUIC connections
-//! the node provides. Depends on no other workspace crate.
+//! is the Raft state machine, its durable storage, the Raft transport over QUIC connections the
+//! node provides, and [`Cluster`], the handle the node uses for every cluster operation (writes
+//! forwarded to the leader, linearizable reads, adding and removing nodes, reports). Depends on
+//! no other workspace crate.
 //!
 //! Guarantees:
 //! * [`LogStore::save_vote`](openraft::storage::RaftLogStorage::save_vote) and `append` are on
@@ -8,6 +10,7 @@
 //! * A command is validated against the configuration it is applied to; a rejected command is
 //!   the applied result ([`Applied::result`]) and changes nothing.
 
+mod cluster;
 pub mod config;
 mod store;
 pub mod transport;
@@ -21,6 +24,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub use cluster::{Cluster, ClusterError, Deadlines, NodeReport, Role, node_id};
 pub use config::{ClusterConfig, Command, ConfigError, NodeId};
 pub use store::{ConfigStateMachine, LogReader, LogStore, SnapshotBuilder, StoreError};
 pub use transport::{Dialer, QuicNetwork, ServeCounters, serve_connection};

@@ -1,5 +1,7 @@
 //! Raft RPCs over QUIC (DESIGN §4): the client side is a [`RaftNetworkFactory`] whose per-peer
 //! clients dial through a caller-provided [`Dialer`]; the server side is [`serve_connection`].
+//! The same connections carry the [`Cluster`]'s own RPCs: a request forwarded to the leader
+//! ([`RpcKind::Forward`]) and a node's status ([`RpcKind::Report`]).
 //!
 //! The node owns the QUIC endpoint and its mutual TLS (ALPN `lbc-raft/1`); this module only sees
 //! `quinn::Connection`s that already passed the node's peer checks.
@@ -9,10 +11,12 @@
 //! * request: `kind: u8` ([`RpcKind`]), `len: u32` big-endian, then `len` bytes of MessagePack
 //!   (`rmp_serde`, named fields) of the openraft request;
 //! * response: `len: u32` big-endian, then the MessagePack of
-//!   `Result<openraft response, RaftError>` as the remote `Raft` returned it.
+//!   `Result<openraft response, RaftError>` as the remote `Raft` returned it; for `Forward`,
+//!   `Result<Response, ClusterError>`; for `Report` (whose request is MessagePack `nil`), a
+//!   [`NodeReport`](crate::NodeReport).
 //!
-//! A length is checked against its cap ([`MAX_SNAPSHOT_FRAME`] for snapshot chunks,
-//! [`MAX_RPC_FRAME`] for everything else) before any buffer is allocated.
+//! A length is checked against its cap ([`RpcKind::request_cap`] for requests,
+//! [`MAX_RPC_FRAME`] for responses) before any buffer is allocated.
 //!
 //! # Errors, as openraft sees them
 //! * cannot dial, the dial did not finish before the RPC's deadline, or the stream failed:
@@ -42,19 +46,26 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use parking_lot::Mutex;
-use quinn::{ClosedStream, Connection, ConnectionError, ReadExactError, VarInt, WriteError};
+use quinn::{
+    ClosedStream, Connection, ConnectionError, ReadError, ReadExactError, VarInt, WriteError,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span, warn};
 
-use crate::{Member, NodeId, Raft, TypeConfig};
+use crate::cluster::{Cluster, Forward};
+use crate::{Member, NodeId, TypeConfig};
 
 /// The cap of a request carrying a snapshot chunk (openraft's default chunk is 3 MiB).
 pub const MAX_SNAPSHOT_FRAME: u32 = 64 << 20;
-/// The cap of every other request and of every response.
+/// The cap of every other Raft request and of every response.
 pub const MAX_RPC_FRAME: u32 = 16 << 20;
+/// The cap of a request forwarded to the leader: one command.
+pub const MAX_FORWARD_FRAME: u32 = 1 << 20;
+/// The cap of a report request (it carries nothing).
+pub const MAX_REPORT_FRAME: u32 = 16;
 /// This many timeouts in a row on one connection make the client dial a new one.
 const REDIAL_AFTER_TIMEOUTS: u32 = 3;
 
@@ -66,6 +77,8 @@ const STREAM_TOO_LARGE: VarInt = VarInt::from_u32(2);
 const STREAM_INCOMPLETE: VarInt = VarInt::from_u32(3);
 /// Connection close code: the peer stopped answering, a new connection replaces this one.
 const CLOSE_UNRESPONSIVE: VarInt = VarInt::from_u32(0x200);
+/// Connection close code: this node stopped.
+const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0x201);
 
 /// The first byte of a request stream: which RPC it carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +87,10 @@ pub enum RpcKind {
     AppendEntries = 1,
     Vote = 2,
     InstallSnapshot = 3,
+    /// A cluster request for the leader to carry out (see [`Cluster`]).
+    Forward = 4,
+    /// What the node knows about its Raft state (see [`Cluster::reports`]).
+    Report = 5,
 }
 
 impl RpcKind {
@@ -82,6 +99,8 @@ impl RpcKind {
             1 => Some(Self::AppendEntries),
             2 => Some(Self::Vote),
             3 => Some(Self::InstallSnapshot),
+            4 => Some(Self::Forward),
+            5 => Some(Self::Report),
             _ => None,
         }
     }
@@ -91,21 +110,21 @@ impl RpcKind {
         match self {
             Self::InstallSnapshot => MAX_SNAPSHOT_FRAME,
             Self::AppendEntries | Self::Vote => MAX_RPC_FRAME,
-        }
-    }
-
-    fn rpc_type(self) -> RPCTypes {
-        match self {
-            Self::AppendEntries => RPCTypes::AppendEntries,
-            Self::Vote => RPCTypes::Vote,
-            Self::InstallSnapshot => RPCTypes::InstallSnapshot,
+            Self::Forward => MAX_FORWARD_FRAME,
+            Self::Report => MAX_REPORT_FRAME,
         }
     }
 }
 
 impl fmt::Display for RpcKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.rpc_type(), f)
+        f.write_str(match self {
+            Self::AppendEntries => "AppendEntries",
+            Self::Vote => "Vote",
+            Self::InstallSnapshot => "InstallSnapshot",
+            Self::Forward => "Forward",
+            Self::Report => "Report",
+        })
     }
 }
 
@@ -160,27 +179,124 @@ impl<D> fmt::Debug for QuicNetwork<D> {
     }
 }
 
+impl<D: Dialer> QuicNetwork<D> {
+    /// The shared connection to peer `target` at `node`.
+    fn link(&self, target: NodeId, node: &Member) -> Arc<Link> {
+        let mut links = self.links.lock();
+        match links.get(&target) {
+            Some(link) if link.member == *node => link.clone(),
+            // A new peer, or one whose name or address changed: the old connection goes when
+            // its last client does.
+            _ => {
+                let link = Arc::new(Link::new(node.clone()));
+                links.insert(target, link.clone());
+                link
+            }
+        }
+    }
+
+    /// The connection to `target`, dialled (once, shared with the Raft clients) if there is
+    /// none. Gives up at `deadline`.
+    pub(crate) async fn connect(
+        &self,
+        target: NodeId,
+        node: &Member,
+        deadline: Instant,
+    ) -> Result<PeerConnection, RpcError> {
+        let link = self.link(target, node);
+        let connection = link
+            .connect_by(&self.dialer, deadline)
+            .await
+            .map_err(|e| RpcError {
+                failure: RpcFailure::NotSent,
+                reason: e.to_string(),
+            })?;
+        Ok(PeerConnection { link, connection })
+    }
+
+    /// Closes every cached connection, for a node that stops.
+    pub(crate) fn close_all(&self) {
+        for link in self.links.lock().drain().map(|(_, link)| link) {
+            if let LinkState::Up(c) = &*link.state.lock() {
+                c.close(CLOSE_SHUTDOWN, b"node stopped");
+            }
+        }
+    }
+}
+
+/// An open connection to a peer, for one cluster RPC.
+pub(crate) struct PeerConnection {
+    link: Arc<Link>,
+    connection: Connection,
+}
+
+/// Why a cluster RPC got no answer.
+#[derive(Debug)]
+pub(crate) struct RpcError {
+    pub(crate) failure: RpcFailure,
+    pub(crate) reason: String,
+}
+
+/// How far a failed cluster RPC got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RpcFailure {
+    /// The request never left: no connection, or no stream.
+    NotSent,
+    /// The connection went away after the request was sent: the peer stopped or restarted.
+    ConnectionLost,
+    /// The peer is there but did not answer in time, or answered with something unreadable.
+    NoAnswer,
+}
+
+impl PeerConnection {
+    /// Sends one request of `kind` and decodes the answer, giving up at `deadline`.
+    pub(crate) async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        kind: RpcKind,
+        request: &Req,
+        deadline: Instant,
+    ) -> Result<Resp, RpcError> {
+        let frame = encode_request(kind, request).map_err(|e| RpcError {
+            failure: RpcFailure::NotSent,
+            reason: e.to_string(),
+        })?;
+        self.link
+            .exchange(&self.connection, kind, &frame, deadline)
+            .await
+            .map_err(|e| {
+                let failure = match &e {
+                    CallError::Unreachable(TransportError::Frame {
+                        source: FrameError::Stream(stream),
+                        ..
+                    }) => match stream {
+                        StreamError::Open(_) => RpcFailure::NotSent,
+                        StreamError::Write(WriteError::ConnectionLost(_))
+                        | StreamError::Finish(_)
+                        | StreamError::Read(ReadExactError::ReadError(
+                            ReadError::ConnectionLost(_),
+                        )) => RpcFailure::ConnectionLost,
+                        _ => RpcFailure::NoAnswer,
+                    },
+                    CallError::TooLarge(_) => RpcFailure::NotSent,
+                    _ => RpcFailure::NoAnswer,
+                };
+                let reason = match e {
+                    CallError::Unreachable(e) | CallError::TooLarge(e) => e.to_string(),
+                    CallError::Timeout(ttl) => format!("no answer within {ttl:?}"),
+                };
+                RpcError { failure, reason }
+            })
+    }
+}
+
 impl<D: Dialer> RaftNetworkFactory<TypeConfig> for QuicNetwork<D> {
     type Network = QuicPeer<D>;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> QuicPeer<D> {
-        let link = {
-            let mut links = self.links.lock();
-            match links.get(&target) {
-                Some(link) if link.member == *node => link.clone(),
-                // A new peer, or one whose name or address changed: the old connection goes
-                // when its last client does.
-                _ => {
-                    let link = Arc::new(Link::new(node.clone()));
-                    links.insert(target, link.clone());
-                    link
-                }
-            }
-        };
         QuicPeer {
             id: self.id,
             target,
-            link,
+            link: self.link(target, node),
             dialer: self.dialer.clone(),
         }
     }
@@ -274,6 +390,58 @@ impl Link {
         let _ = done.send(Some(result));
     }
 
+    /// [`Link::connection`], given up at `deadline`.
+    async fn connect_by<D: Dialer>(
+        self: &Arc<Self>,
+        dialer: &Arc<D>,
+        deadline: Instant,
+    ) -> Result<Connection, TransportError> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        tokio::time::timeout_at(deadline, self.connection(dialer))
+            .await
+            .map_err(|_| TransportError::ConnectTimeout {
+                peer: self.member.clone(),
+                timeout,
+            })?
+    }
+
+    /// Sends `frame` on a new stream of `connection` and decodes the answer.
+    async fn exchange<T: DeserializeOwned>(
+        &self,
+        connection: &Connection,
+        kind: RpcKind,
+        frame: &[u8],
+        deadline: Instant,
+    ) -> Result<T, CallError> {
+        let ttl = deadline.saturating_duration_since(Instant::now());
+        let exchange = async {
+            let (mut send, mut recv) = connection.open_bi().await.map_err(StreamError::from)?;
+            send.write_all(frame).await.map_err(StreamError::from)?;
+            send.finish().map_err(StreamError::from)?;
+            read_frame(&mut recv, MAX_RPC_FRAME).await
+        };
+        let answer = match tokio::time::timeout_at(deadline, exchange).await {
+            Err(_) => {
+                self.timed_out(connection);
+                return Err(CallError::Timeout(ttl));
+            }
+            Ok(answer) => answer.map_err(|source| {
+                CallError::Unreachable(TransportError::Frame {
+                    peer: self.member.clone(),
+                    source,
+                })
+            })?,
+        };
+        self.answered();
+        debug!(peer = %self.member, %kind, bytes = answer.len(), "rpc answered");
+        rmp_serde::from_slice(&answer).map_err(|e| {
+            CallError::Unreachable(TransportError::Frame {
+                peer: self.member.clone(),
+                source: FrameError::Decode(e),
+            })
+        })
+    }
+
     fn answered(&self) {
         self.timeouts.store(0, Ordering::Relaxed);
     }
@@ -348,51 +516,15 @@ impl<D: Dialer> QuicPeer<D> {
                 CallError::Unreachable(e)
             }
         })?;
-        self.exchange(kind, &frame, option.soft_ttl()).await
-    }
-
-    async fn exchange<T: DeserializeOwned>(
-        &self,
-        kind: RpcKind,
-        frame: &[u8],
-        ttl: Duration,
-    ) -> Result<T, CallError> {
-        let deadline = Instant::now() + ttl;
-        let connection = tokio::time::timeout_at(deadline, self.link.connection(&self.dialer))
+        let deadline = Instant::now() + option.soft_ttl();
+        let connection = self
+            .link
+            .connect_by(&self.dialer, deadline)
             .await
-            .map_err(|_| {
-                CallError::Unreachable(TransportError::ConnectTimeout {
-                    peer: self.link.member.clone(),
-                    timeout: ttl,
-                })
-            })?
             .map_err(CallError::Unreachable)?;
-        let exchange = async {
-            let (mut send, mut recv) = connection.open_bi().await.map_err(StreamError::from)?;
-            send.write_all(frame).await.map_err(StreamError::from)?;
-            send.finish().map_err(StreamError::from)?;
-            read_frame(&mut recv, MAX_RPC_FRAME).await
-        };
-        let answer = match tokio::time::timeout_at(deadline, exchange).await {
-            Err(_) => {
-                self.link.timed_out(&connection);
-                return Err(CallError::Timeout(ttl));
-            }
-            Ok(answer) => answer.map_err(|source| {
-                CallError::Unreachable(TransportError::Frame {
-                    peer: self.link.member.clone(),
-                    source,
-                })
-            })?,
-        };
-        self.link.answered();
-        debug!(peer = %self.link.member, %kind, bytes = answer.len(), "raft rpc answered");
-        rmp_serde::from_slice(&answer).map_err(|e| {
-            CallError::Unreachable(TransportError::Frame {
-                peer: self.link.member.clone(),
-                source: FrameError::Decode(e),
-            })
-        })
+        self.link
+            .exchange(&connection, kind, &frame, deadline)
+            .await
     }
 
     /// The error openraft expects for `result`.
@@ -402,7 +534,7 @@ impl<D: Dialer> QuicPeer<D> {
     )]
     fn finish<Resp, E: Error>(
         &self,
-        kind: RpcKind,
+        action: RPCTypes,
         result: Result<Result<Resp, RaftError<NodeId, E>>, CallError>,
     ) -> RpcResult<Resp, RaftError<NodeId, E>> {
         match result {
@@ -416,7 +548,7 @@ impl<D: Dialer> QuicPeer<D> {
                 Err(RPCError::Unreachable(Unreachable::new(&e)))
             }
             Err(CallError::Timeout(timeout)) => Err(RPCError::Timeout(Timeout {
-                action: kind.rpc_type(),
+                action,
                 id: self.id,
                 target: self.target,
                 timeout,
@@ -442,7 +574,7 @@ impl<D: Dialer> RaftNetwork<TypeConfig> for QuicPeer<D> {
             let hint = PayloadTooLarge::new_entries_hint(entries / 2).with_source_error(e);
             return Err(RPCError::PayloadTooLarge(hint));
         }
-        self.finish(kind, result)
+        self.finish(RPCTypes::AppendEntries, result)
     }
 
     async fn install_snapshot(
@@ -451,7 +583,7 @@ impl<D: Dialer> RaftNetwork<TypeConfig> for QuicPeer<D> {
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
         let result = self.call(RpcKind::InstallSnapshot, &rpc, &option).await;
-        self.finish(RpcKind::InstallSnapshot, result)
+        self.finish(RPCTypes::InstallSnapshot, result)
     }
 
     async fn vote(
@@ -460,7 +592,7 @@ impl<D: Dialer> RaftNetwork<TypeConfig> for QuicPeer<D> {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
         let result = self.call(RpcKind::Vote, &rpc, &option).await;
-        self.finish(RpcKind::Vote, result)
+        self.finish(RPCTypes::Vote, result)
     }
 }
 
@@ -498,19 +630,24 @@ impl ServeCounters {
     }
 }
 
-/// The server side: answers every RPC that arrives on `connection` by calling the local `raft`,
-/// each stream in its own task, until the connection closes.
+/// The server side: answers every RPC that arrives on `connection` by calling the local
+/// `cluster` (its `Raft` for the Raft RPCs), each stream in its own task, until the connection
+/// closes.
 ///
 /// A malformed or oversized request closes its stream (nothing else) and is counted in
 /// `counters`. Concurrency per connection is bounded by QUIC's stream limit. The node stops it
 /// by closing the connection (or its endpoint).
-pub async fn serve_connection(raft: Raft, connection: Connection, counters: Arc<ServeCounters>) {
+pub async fn serve_connection<D: Dialer>(
+    cluster: Cluster<D>,
+    connection: Connection,
+    counters: Arc<ServeCounters>,
+) {
     let span = debug_span!("raft_serve", remote = %connection.remote_address());
     async move {
         loop {
             match connection.accept_bi().await {
                 Ok((send, recv)) => {
-                    let answer = answer(raft.clone(), send, recv, counters.clone());
+                    let answer = answer(cluster.clone(), send, recv, counters.clone());
                     tokio::spawn(answer.in_current_span());
                 }
                 Err(e) => {
@@ -524,9 +661,9 @@ pub async fn serve_connection(raft: Raft, connection: Connection, counters: Arc<
     .await
 }
 
-/// Reads one request, asks `raft`, writes the answer.
-async fn answer(
-    raft: Raft,
+/// Reads one request, asks `cluster`, writes the answer.
+async fn answer<D: Dialer>(
+    cluster: Cluster<D>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     counters: Arc<ServeCounters>,
@@ -538,6 +675,7 @@ async fn answer(
             .map_err(StreamError::from)?;
         let kind = RpcKind::from_u8(kind[0]).ok_or(FrameError::UnknownKind(kind[0]))?;
         let payload = read_frame(&mut recv, kind.request_cap()).await?;
+        let raft = cluster.raft();
         let response = match kind {
             RpcKind::AppendEntries => {
                 encode_response(&raft.append_entries(decode(&payload)?).await)
@@ -545,6 +683,14 @@ async fn answer(
             RpcKind::Vote => encode_response(&raft.vote(decode(&payload)?).await),
             RpcKind::InstallSnapshot => {
                 encode_response(&raft.install_snapshot(decode(&payload)?).await)
+            }
+            RpcKind::Forward => {
+                let forward: Forward = decode(&payload)?;
+                encode_response(&cluster.serve_forward(forward).await)
+            }
+            RpcKind::Report => {
+                let () = decode(&payload)?;
+                encode_response(&cluster.local_report())
             }
         }?;
         send.write_all(&response).await.map_err(StreamError::from)?;

@@ -1,199 +1,31 @@
 //! Raft over real QUIC with mutual TLS: three nodes agree on the configuration and fail over
 //! when the leader goes; the transport's error mapping and its handling of bad frames.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::error::Error;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use common::{Ca, TestDialer, TestNode};
 use consensus::config::{
     self, Backend, HealthCheck, Proto, Scheduler, Service, ServiceKey, ServiceSettings, Settings,
     Timeouts,
 };
-use consensus::transport::{MAX_RPC_FRAME, RpcKind, ServeCounterValues};
+use consensus::transport::{MAX_FORWARD_FRAME, MAX_RPC_FRAME, RpcKind, ServeCounterValues};
 use consensus::{
-    ClusterConfig, Command, Dialer, Member, NodeId, QuicNetwork, Raft, ServeCounters, TypeConfig,
-    serve_connection,
+    ClusterConfig, Command, Deadlines, Dialer, Member, NodeId, NodeReport, QuicNetwork, Role,
+    TypeConfig, node_id,
 };
 use openraft::error::{Fatal, RPCError, RaftError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
-use openraft::{CommittedLeaderId, Config, Entry, EntryPayload, LogId, Vote};
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, Endpoint};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use rustls::RootCertStore;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::WebPkiClientVerifier;
-use tempfile::TempDir;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+use quinn::Connection;
 
-const ALPN_RAFT: &[u8] = b"lbc-raft/1";
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A cluster CA; hands out node certificates with the node name as DNS SAN.
-struct Ca {
-    cert: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "test cluster CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            cert: cert.der().clone(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A QUIC endpoint on 127.0.0.1:0 for node `name`, mutual TLS with this CA, ALPN Raft.
-    fn endpoint(&self, name: &str) -> (Endpoint, quinn::ClientConfig) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let chain = vec![cert.der().clone()];
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let mut roots = RootCertStore::empty();
-        roots.add(self.cert.clone()).unwrap();
-        let roots = Arc::new(roots);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .unwrap();
-        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain.clone(), key.clone_key())
-            .unwrap();
-        server.alpn_protocols = vec![ALPN_RAFT.to_vec()];
-        let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap();
-        client.alpn_protocols = vec![ALPN_RAFT.to_vec()];
-
-        let server =
-            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server).unwrap()));
-        let endpoint =
-            Endpoint::server(server, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
-        let client =
-            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).unwrap()));
-        (endpoint, client)
-    }
-}
-
-/// Dials with the node's endpoint, as the node does; counts its dials.
-#[derive(Clone)]
-struct TestDialer {
-    endpoint: Endpoint,
-    client: quinn::ClientConfig,
-    dials: Arc<AtomicUsize>,
-}
-
-impl TestDialer {
-    fn new(endpoint: &Endpoint, client: &quinn::ClientConfig) -> TestDialer {
-        TestDialer {
-            endpoint: endpoint.clone(),
-            client: client.clone(),
-            dials: Arc::default(),
-        }
-    }
-}
-
-impl Dialer for TestDialer {
-    type Error = Box<dyn Error + Send + Sync>;
-
-    async fn connect(&self, addr: SocketAddr, peer_name: &str) -> Result<Connection, Self::Error> {
-        self.dials.fetch_add(1, Ordering::Relaxed);
-        let connecting = self
-            .endpoint
-            .connect_with(self.client.clone(), addr, peer_name)?;
-        Ok(connecting.await?)
-    }
-}
-
-/// Hands every accepted connection to `serve_connection`, as the node's ALPN dispatch does.
-fn accept_loop(endpoint: Endpoint, raft: Raft, counters: Arc<ServeCounters>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        while let Some(incoming) = endpoint.accept().await {
-            let raft = raft.clone();
-            let counters = counters.clone();
-            tokio::spawn(async move {
-                if let Ok(connection) = incoming.await {
-                    serve_connection(raft, connection, counters).await;
-                }
-            });
-        }
-    })
-}
-
-struct Node {
-    raft: Raft,
-    endpoint: Endpoint,
-    member: Member,
-    applied: watch::Receiver<Arc<ClusterConfig>>,
-    counters: Arc<ServeCounters>,
-    _dir: TempDir,
-}
-
-fn raft_config() -> Arc<Config> {
-    let config = Config {
-        heartbeat_interval: 100,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
-        ..Default::default()
-    };
-    Arc::new(config.validate().unwrap())
-}
-
-async fn start_node(ca: &Ca, id: NodeId) -> Node {
-    let name = format!("n{id}");
-    let (endpoint, client) = ca.endpoint(&name);
-    let member = Member {
-        name,
-        quic_addr: endpoint.local_addr().unwrap(),
-    };
-    let dir = TempDir::new().unwrap();
-    let network = QuicNetwork::new(id, TestDialer::new(&endpoint, &client));
-    let (raft, applied) = consensus::start(id, raft_config(), dir.path(), network)
-        .await
-        .unwrap();
-    let counters = Arc::new(ServeCounters::default());
-    accept_loop(endpoint.clone(), raft.clone(), counters.clone());
-    Node {
-        raft,
-        endpoint,
-        member,
-        applied,
-        counters,
-        _dir: dir,
-    }
-}
 
 fn add_service(last_octet: u8) -> Command {
     Command::AddService(Service {
@@ -215,7 +47,7 @@ fn add_service(last_octet: u8) -> Command {
 }
 
 /// Waits until `node` has applied configuration version `version`.
-async fn converged(node: &mut Node, version: u64) -> Arc<ClusterConfig> {
+async fn converged(node: &mut TestNode, version: u64) -> Arc<ClusterConfig> {
     let config = tokio::time::timeout(TIMEOUT, node.applied.wait_for(|c| c.version >= version))
         .await
         .unwrap_or_else(|_| panic!("{} does not reach version {version}", node.member))
@@ -225,9 +57,10 @@ async fn converged(node: &mut Node, version: u64) -> Arc<ClusterConfig> {
     config
 }
 
-async fn leader_among(nodes: &[&Node], not: Option<NodeId>) -> NodeId {
+async fn leader_among(nodes: &[&TestNode], not: Option<NodeId>) -> NodeId {
     let metrics = nodes[0]
-        .raft
+        .cluster
+        .raft()
         .wait(Some(TIMEOUT))
         .metrics(
             |m| m.current_leader.is_some() && m.current_leader != not,
@@ -241,15 +74,22 @@ async fn leader_among(nodes: &[&Node], not: Option<NodeId>) -> NodeId {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_three_nodes_over_quic_agree_and_fail_over() {
     let ca = Ca::new();
-    let mut nodes: BTreeMap<NodeId, Node> = BTreeMap::new();
-    for id in 1..=3 {
-        nodes.insert(id, start_node(&ca, id).await);
+    let mut nodes: BTreeMap<NodeId, TestNode> = BTreeMap::new();
+    for name in ["n1", "n2", "n3"] {
+        let node = TestNode::start(&ca, name, Deadlines::default()).await;
+        nodes.insert(node.cluster.id(), node);
     }
     let members = nodes
         .iter()
         .map(|(id, n)| (*id, n.member.clone()))
         .collect::<BTreeMap<_, _>>();
-    nodes[&1].raft.initialize(members).await.unwrap();
+    let first = node_id("n1");
+    nodes[&first]
+        .cluster
+        .raft()
+        .initialize(members)
+        .await
+        .unwrap();
     let all = nodes.values().collect::<Vec<_>>();
     let leader = leader_among(&all, None).await;
 
@@ -261,7 +101,12 @@ async fn test_three_nodes_over_quic_agree_and_fail_over() {
             maglev_table_size: 251,
         }),
     ] {
-        let reply = nodes[&leader].raft.client_write(command).await.unwrap();
+        let reply = nodes[&leader]
+            .cluster
+            .raft()
+            .client_write(command)
+            .await
+            .unwrap();
         assert_eq!(reply.data.result, Ok(()));
     }
     let mut configs = Vec::new();
@@ -274,13 +119,13 @@ async fn test_three_nodes_over_quic_agree_and_fail_over() {
 
     // The leader goes away: its Raft stops and its endpoint closes every connection.
     let old = nodes.remove(&leader).unwrap();
-    old.raft.shutdown().await.unwrap();
-    old.endpoint.close(0u32.into(), b"shutting down");
+    old.stop().await;
     let survivors = nodes.values().collect::<Vec<_>>();
     let new_leader = leader_among(&survivors, Some(leader)).await;
     assert_ne!(new_leader, leader);
     let reply = nodes[&new_leader]
-        .raft
+        .cluster
+        .raft()
         .client_write(add_service(3))
         .await
         .unwrap();
@@ -296,8 +141,7 @@ async fn test_three_nodes_over_quic_agree_and_fail_over() {
         let counters = node.counters.values();
         assert!(counters.answered > 0, "{counters:?}");
         assert_eq!((counters.malformed, counters.oversized), (0, 0));
-        node.raft.shutdown().await.unwrap();
-        node.endpoint.close(0u32.into(), b"done");
+        node.stop().await;
     }
 }
 
@@ -333,11 +177,15 @@ const RPC: Duration = Duration::from_millis(400);
 const MIB: usize = 1 << 20;
 
 /// A single node and a client-only endpoint with its own certificate.
-async fn node_and_client(ca: &Ca) -> (Node, QuicNetwork<TestDialer>, TestDialer) {
-    let node = start_node(ca, 1).await;
+async fn node_and_client(ca: &Ca) -> (TestNode, QuicNetwork<TestDialer>, TestDialer) {
+    let node = TestNode::start(ca, "n1", Deadlines::default()).await;
     let (endpoint, client) = ca.endpoint("n9");
     let dialer = TestDialer::new(&endpoint, &client);
-    (node, QuicNetwork::new(9, dialer.clone()), dialer)
+    (
+        node,
+        QuicNetwork::new(node_id("n9"), dialer.clone()),
+        dialer,
+    )
 }
 
 /// Writes `bytes` on a new stream and returns how the server ended it.
@@ -368,10 +216,25 @@ async fn test_bad_frames_close_only_their_stream_and_are_counted() {
     // The sender gives up half way.
     let truncated = [RpcKind::Vote as u8, 0, 0, 0, 9, 1, 2];
     assert!(raw_request(&connection, &truncated).await.is_err());
+    // A forwarded request that is MessagePack `nil`, not a request; one over its 1 MiB cap.
+    let not_a_request = [RpcKind::Forward as u8, 0, 0, 0, 1, 0xc0];
+    assert!(raw_request(&connection, &not_a_request).await.is_err());
+    let mut oversized = vec![RpcKind::Forward as u8];
+    oversized.extend_from_slice(&(MAX_FORWARD_FRAME + 1).to_be_bytes());
+    assert!(raw_request(&connection, &oversized).await.is_err());
+    // A report request carries `nil`, nothing else.
+    let bad_report = [RpcKind::Report as u8, 0, 0, 0, 1, 0x01];
+    assert!(raw_request(&connection, &bad_report).await.is_err());
 
-    // The same connection still serves a good request.
-    let mut network = QuicNetwork::new(9, dialer.clone());
-    let mut peer = network.new_client(1, &node.member).await;
+    // The same connection still serves good requests.
+    let report = raw_request(&connection, &[RpcKind::Report as u8, 0, 0, 0, 1, 0xc0])
+        .await
+        .unwrap();
+    let report: NodeReport = rmp_serde::from_slice(&report[4..]).unwrap();
+    assert_eq!((report.id, report.name.as_str()), (node_id("n1"), "n1"));
+    assert_eq!(report.role, Some(Role::Learner));
+    let mut network = QuicNetwork::new(node_id("n9"), dialer.clone());
+    let mut peer = network.new_client(node_id("n1"), &node.member).await;
     let vote = peer
         .vote(vote_request(), RPCOption::new(RPC))
         .await
@@ -381,13 +244,13 @@ async fn test_bad_frames_close_only_their_stream_and_are_counted() {
     assert_eq!(
         node.counters.values(),
         ServeCounterValues {
-            answered: 1,
-            malformed: 2,
-            oversized: 1,
+            answered: 2,
+            malformed: 4,
+            oversized: 2,
             abandoned: 1,
         }
     );
-    node.raft.shutdown().await.unwrap();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,7 +275,7 @@ async fn test_rpc_errors_map_to_what_openraft_expects() {
     // A batch of entries over the frame cap is refused before any dial: openraft is asked for
     // half as many; a single entry over the cap cannot be split, so it is unreachable.
     let dials = dialer.dials.load(Ordering::Relaxed);
-    let mut peer = network.new_client(1, &node.member).await;
+    let mut peer = network.new_client(node_id("n1"), &node.member).await;
     let err = peer
         .append_entries(entries_of(&[MIB * 9, MIB * 9]), RPCOption::new(RPC))
         .await
@@ -441,18 +304,18 @@ async fn test_rpc_errors_map_to_what_openraft_expects() {
     assert!(matches!(err, RPCError::Unreachable(_)), "{err}");
 
     // The remote Raft's own error comes back as a `RemoteError`.
-    let mut peer = network.new_client(1, &node.member).await;
+    let mut peer = network.new_client(node_id("n1"), &node.member).await;
     peer.vote(vote_request(), RPCOption::new(RPC))
         .await
         .unwrap();
-    node.raft.shutdown().await.unwrap();
+    node.cluster.raft().shutdown().await.unwrap();
     let err = peer
         .vote(vote_request(), RPCOption::new(RPC))
         .await
         .unwrap_err();
     match err {
         RPCError::RemoteError(e) => {
-            assert_eq!(e.target, 1);
+            assert_eq!(e.target, node_id("n1"));
             assert_eq!(e.target_node.as_ref(), Some(&node.member));
             assert!(
                 matches!(e.source, RaftError::Fatal(Fatal::Stopped)),

@@ -41,6 +41,9 @@ enum LogRecord<E> {
 struct Log {
     entries: BTreeMap<u64, Entry>,
     last_purged: Option<LogId<NodeId>>,
+    /// The last committed log id openraft reported; kept in memory only (after a restart
+    /// openraft learns it again from the leader).
+    committed: Option<LogId<NodeId>>,
 }
 
 impl Log {
@@ -147,7 +150,8 @@ impl LogStore {
         }
     }
 
-    fn reader(&self) -> LogReader {
+    /// A reader of the log as this store writes it.
+    pub fn reader(&self) -> LogReader {
         LogReader {
             log: self.log.clone(),
         }
@@ -174,6 +178,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, StorageError<NodeId>> {
         self.reader().try_get_log_entries(range).await
+    }
+}
+
+impl LogReader {
+    /// The last log id this node knows to be committed, `None` before the first commit seen
+    /// since it started.
+    pub fn committed(&self) -> Option<LogId<NodeId>> {
+        self.log.lock().committed
     }
 }
 
@@ -231,6 +243,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         drop(log);
         callback.log_io_completed(Ok(()));
         Ok(())
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        self.log.lock().committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        Ok(self.log.lock().committed)
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {

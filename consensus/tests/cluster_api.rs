@@ -1,0 +1,380 @@
+//! The `Cluster` handle over real QUIC with mutual TLS: a cluster formed by `init` and
+//! `add_node`, writes and linearizable reads through any node, rejections, failover, removing
+//! the leader, reports, and no quorum.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use common::{Ca, TestNode};
+use consensus::config::{
+    self, Backend, HealthCheck, Proto, Scheduler, Service, ServiceKey, ServiceSettings, Timeouts,
+};
+use consensus::{ClusterError, Command, ConfigError, Deadlines, NodeId, Role, node_id};
+use openraft::ServerState;
+use tokio::time::Instant;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const READ: Duration = Duration::from_secs(3);
+const DEADLINES: Deadlines = Deadlines {
+    write: Duration::from_secs(3),
+    catch_up: Duration::from_secs(3),
+};
+
+fn service_key(last_octet: u8) -> ServiceKey {
+    ServiceKey {
+        vip: SocketAddr::from(([192, 0, 2, last_octet], 80)),
+        proto: Proto::Tcp,
+    }
+}
+
+fn add_service(last_octet: u8) -> Command {
+    Command::AddService(Service {
+        key: service_key(last_octet),
+        settings: ServiceSettings {
+            scheduler: Scheduler::Maglev,
+            timeouts: Timeouts::default(),
+            toa: false,
+            health: HealthCheck::None,
+        },
+        backends: vec![Backend {
+            addr: SocketAddr::from(([10, 1, 0, last_octet], 8080)),
+            weight: 1,
+        }],
+    })
+}
+
+/// The configuration entry of a node named `name` at `addr` with local address 198.19.0.`lip`.
+fn config_node(name: &str, addr: SocketAddr, lip: u8) -> config::Node {
+    config::Node {
+        id: node_id(name),
+        name: name.to_owned(),
+        quic_addr: addr,
+        lips: vec![[198, 19, 0, lip].into()],
+        bgp: None,
+    }
+}
+
+fn node_of(node: &TestNode, lip: u8) -> config::Node {
+    config_node(&node.member.name, node.member.quic_addr, lip)
+}
+
+/// Three nodes: n1 initializes the cluster with one service, n1 adds n2, n2 (a follower, so
+/// the request is forwarded) adds n3. The configuration is then at version 4.
+async fn three_nodes(ca: &Ca, deadlines: Deadlines) -> Vec<TestNode> {
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        nodes.push(TestNode::start(ca, name, deadlines).await);
+    }
+    let version = nodes[0]
+        .cluster
+        .init(node_of(&nodes[0], 1), vec![add_service(1)])
+        .await
+        .unwrap();
+    assert_eq!(version, 2);
+    assert_eq!(
+        nodes[0].cluster.add_node(node_of(&nodes[1], 2)).await,
+        Ok(3)
+    );
+    assert_eq!(
+        nodes[1].cluster.add_node(node_of(&nodes[2], 3)).await,
+        Ok(4)
+    );
+    nodes
+}
+
+/// The node among `nodes` that leads, once one does.
+async fn leader<'a>(nodes: &[&'a TestNode]) -> &'a TestNode {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(node) = nodes
+            .iter()
+            .find(|n| n.cluster.raft().metrics().borrow().state == ServerState::Leader)
+        {
+            return node;
+        }
+        assert!(Instant::now() < deadline, "no leader among the nodes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn voters(node: &TestNode) -> BTreeSet<NodeId> {
+    let metrics = node.cluster.raft().metrics();
+    let metrics = metrics.borrow();
+    metrics.membership_config.membership().voter_ids().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_form_write_read_and_reject_through_any_node() {
+    let ca = Ca::new();
+    let nodes = three_nodes(&ca, DEADLINES).await;
+    let ids = nodes
+        .iter()
+        .map(|n| n.cluster.id())
+        .collect::<BTreeSet<_>>();
+
+    // All three are voters, and every node reads the same configuration.
+    let mut configs = Vec::new();
+    for node in &nodes {
+        configs.push(node.cluster.read(READ).await.unwrap());
+        assert_eq!(voters(node), ids, "{}", node.member);
+    }
+    assert!(configs.iter().all(|c| *c == configs[0]));
+    assert_eq!(configs[0].version, 4);
+    assert_eq!(
+        configs[0].nodes.keys().copied().collect::<BTreeSet<_>>(),
+        ids
+    );
+    assert_eq!(configs[0].services.len(), 1);
+
+    // A write through a follower is forwarded and applied there before it returns.
+    let all = nodes.iter().collect::<Vec<_>>();
+    let leader_id = leader(&all).await.cluster.id();
+    let followers = nodes
+        .iter()
+        .filter(|n| n.cluster.id() != leader_id)
+        .collect::<Vec<_>>();
+    let version = followers[0].cluster.write(add_service(2)).await.unwrap();
+    assert_eq!(version, 5);
+    let local = followers[0].cluster.local_config();
+    assert_eq!(local.version, 5);
+    assert!(local.service(&service_key(2)).is_ok());
+    // ... and a linearizable read on the other follower sees it.
+    let read = followers[1].cluster.read(READ).await.unwrap();
+    assert_eq!(read.version, 5);
+    assert!(read.service(&service_key(2)).is_ok());
+
+    // Invalid commands are rejected on every node and change nothing anywhere.
+    let stranger = config_node("n4", SocketAddr::from((Ipv4Addr::LOCALHOST, 1)), 1);
+    for node in &nodes {
+        assert_eq!(
+            node.cluster.write(add_service(2)).await,
+            Err(ClusterError::Rejected(ConfigError::DuplicateService {
+                key: service_key(2)
+            })),
+            "{}",
+            node.member
+        );
+        assert_eq!(
+            node.cluster.add_node(stranger.clone()).await,
+            Err(ClusterError::Rejected(ConfigError::LipOverlap {
+                lip: [198, 19, 0, 1].into(),
+                owner: node_id("n1")
+            })),
+            "{}",
+            node.member
+        );
+    }
+    // Two nodes add the same service at once: both pass their local check, one is applied and
+    // the other rejected (locally or when the leader applies it).
+    let (a, b) = tokio::join!(
+        followers[0].cluster.write(add_service(3)),
+        followers[1].cluster.write(add_service(3)),
+    );
+    let mut outcomes = [a, b];
+    outcomes.sort_by_key(Result::is_err);
+    assert_eq!(outcomes[0], Ok(6));
+    assert_eq!(
+        outcomes[1],
+        Err(ClusterError::Rejected(ConfigError::DuplicateService {
+            key: service_key(3)
+        }))
+    );
+    for node in &nodes {
+        assert_eq!(node.cluster.read(READ).await.unwrap().version, 6);
+    }
+
+    // Membership checks: members yes, strangers no; a node never added admits anyone.
+    for node in &nodes {
+        for name in ["n1", "n2", "n3"] {
+            assert!(node.cluster.is_member(name), "{name} on {}", node.member);
+        }
+        assert!(!node.cluster.is_member("n4"), "{}", node.member);
+    }
+    let fresh = TestNode::start(&ca, "n4", DEADLINES).await;
+    assert!(fresh.cluster.is_member("anyone"));
+    assert_eq!(
+        fresh.cluster.write(add_service(4)).await,
+        Err(ClusterError::NotInitialized)
+    );
+    assert_eq!(
+        fresh.cluster.read(READ).await,
+        Err(ClusterError::NotInitialized)
+    );
+    assert_eq!(
+        nodes[0]
+            .cluster
+            .init(node_of(&nodes[0], 1), Vec::new())
+            .await,
+        Err(ClusterError::AlreadyInitialized)
+    );
+
+    // Reports: every node answers; one leads; all agree on the configuration version.
+    let reports = followers[0].cluster.reports(READ).await;
+    assert_eq!(reports.iter().map(|r| r.id).collect::<BTreeSet<_>>(), ids);
+    assert!(reports.windows(2).all(|w| w[0].id < w[1].id));
+    for report in &reports {
+        assert!(report.reachable && report.voter, "{report:?}");
+        assert_eq!(report.config_version, Some(6), "{report:?}");
+        assert_eq!(report.leader, Some(leader_id), "{report:?}");
+        assert!(
+            report.applied.is_some() && report.committed.is_some(),
+            "{report:?}"
+        );
+    }
+    let leaders = reports.iter().filter(|r| r.role == Some(Role::Leader));
+    assert_eq!(leaders.map(|r| r.id).collect::<Vec<_>>(), vec![leader_id]);
+
+    // Every node published what it applied, and its RPCs were all well formed.
+    for node in &nodes {
+        assert_eq!(node.applied.borrow().version, 6, "{}", node.member);
+        let counters = node.counters.values();
+        assert!(counters.answered > 0, "{counters:?}");
+        assert_eq!((counters.malformed, counters.oversized), (0, 0));
+    }
+    fresh.stop().await;
+    for node in &nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_leader_failure_then_writes_and_reports_through_a_survivor() {
+    let ca = Ca::new();
+    let nodes = three_nodes(&ca, DEADLINES).await;
+    let all = nodes.iter().collect::<Vec<_>>();
+    let old = leader(&all).await;
+    old.stop().await;
+    let survivors = nodes
+        .iter()
+        .filter(|n| n.cluster.id() != old.cluster.id())
+        .collect::<Vec<_>>();
+
+    // The survivor forwards to the new leader once one is elected (within the write deadline).
+    assert_eq!(survivors[0].cluster.write(add_service(2)).await, Ok(5));
+    assert_eq!(survivors[1].cluster.read(READ).await.unwrap().version, 5);
+
+    let reports = survivors[0]
+        .cluster
+        .reports(Duration::from_millis(500))
+        .await;
+    assert_eq!(reports.len(), 3);
+    for report in reports {
+        if report.id == old.cluster.id() {
+            assert!(!report.reachable, "{report:?}");
+            assert_eq!(
+                (
+                    report.role,
+                    report.term,
+                    report.applied,
+                    report.config_version
+                ),
+                (None, None, None, None)
+            );
+            assert_eq!(report.name, old.member.name);
+        } else {
+            assert!(report.reachable, "{report:?}");
+            assert!(matches!(report.role, Some(Role::Leader | Role::Follower)));
+            assert!(
+                report.term.is_some() && report.applied.is_some(),
+                "{report:?}"
+            );
+            assert_eq!(report.config_version, Some(5));
+        }
+    }
+    for node in survivors {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_the_leader_removes_itself() {
+    let ca = Ca::new();
+    let nodes = three_nodes(&ca, DEADLINES).await;
+    let all = nodes.iter().collect::<Vec<_>>();
+    let old = leader(&all).await;
+    let old_id = old.cluster.id();
+
+    assert_eq!(old.cluster.remove_node(old_id).await, Ok(5));
+
+    let rest = nodes
+        .iter()
+        .filter(|n| n.cluster.id() != old_id)
+        .collect::<Vec<_>>();
+    let new = leader(&rest).await;
+    assert_ne!(new.cluster.id(), old_id);
+    let remaining = rest.iter().map(|n| n.cluster.id()).collect::<BTreeSet<_>>();
+    for node in &rest {
+        let config = node.cluster.read(READ).await.unwrap();
+        assert_eq!(config.version, 5);
+        assert_eq!(
+            config.nodes.keys().copied().collect::<BTreeSet<_>>(),
+            remaining
+        );
+        assert_eq!(voters(node), remaining);
+        assert!(!node.cluster.is_member(&old.member.name));
+    }
+    // The cluster goes on without it.
+    assert_eq!(rest[0].cluster.write(add_service(2)).await, Ok(6));
+    for node in &nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_node_that_does_not_catch_up_and_no_quorum() {
+    let ca = Ca::new();
+    let deadlines = Deadlines {
+        write: Duration::from_millis(1500),
+        catch_up: Duration::from_millis(1000),
+    };
+    let nodes = three_nodes(&ca, deadlines).await;
+
+    // A node that is not running: it is in the configuration and a learner, not a voter.
+    let dead = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let ghost = config_node("ghost", dead.local_addr().unwrap(), 9);
+    drop(dead);
+    let err = nodes[1].cluster.add_node(ghost.clone()).await.unwrap_err();
+    match &err {
+        ClusterError::CatchUp { name, .. } => assert_eq!(name, "ghost"),
+        other => panic!("unexpected error {other}"),
+    }
+    assert!(err.to_string().contains("learner"), "{err}");
+    let config = nodes[2].cluster.read(READ).await.unwrap();
+    assert_eq!(config.nodes.get(&ghost.id), Some(&ghost));
+    assert!(!voters(&nodes[2]).contains(&ghost.id));
+    assert!(nodes[2].cluster.is_member("ghost"));
+    // Removing it takes it out of both.
+    assert_eq!(nodes[2].cluster.remove_node(ghost.id).await, Ok(6));
+    assert!(!nodes[2].cluster.is_member("ghost"));
+    assert_eq!(
+        nodes[2].cluster.remove_node(ghost.id).await,
+        Err(ClusterError::Rejected(ConfigError::UnknownNode {
+            id: ghost.id
+        }))
+    );
+
+    // Two of three stop: the survivor (a follower) can neither write nor read.
+    let all = nodes.iter().collect::<Vec<_>>();
+    let leader_id = leader(&all).await.cluster.id();
+    let survivor = nodes.iter().find(|n| n.cluster.id() != leader_id).unwrap();
+    for node in &nodes {
+        if node.cluster.id() != survivor.cluster.id() {
+            node.stop().await;
+        }
+    }
+    let started = Instant::now();
+    let err = survivor.cluster.write(add_service(2)).await.unwrap_err();
+    assert!(matches!(err, ClusterError::NoQuorum { .. }), "{err}");
+    assert!(err.to_string().contains("may still be applied"), "{err}");
+    let err = survivor
+        .cluster
+        .read(Duration::from_millis(1000))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClusterError::NoQuorum { .. }), "{err}");
+    assert!(started.elapsed() < TIMEOUT);
+    survivor.stop().await;
+}
