@@ -254,12 +254,18 @@ pub enum ConfigError {
     UnknownNode { id: NodeId },
     #[error("local address {lip} is listed twice for node {id}")]
     DuplicateLip { lip: IpAddr, id: NodeId },
-    #[error("local address {lip} already belongs to node {owner}")]
-    LipOverlap { lip: IpAddr, owner: NodeId },
+    #[error("local address {lip} already belongs to node {owner:?}")]
+    LipOverlap { lip: IpAddr, owner: String },
+    #[error("node {name:?} needs at least one local address (LIP)")]
+    NoLip { name: String },
+    #[error("{addr} cannot be {what}")]
+    BadAddress { addr: String, what: String },
+    #[error("service {service}: health check: {reason}")]
+    BadHealthCheck { service: ServiceKey, reason: String },
     #[error("local address {lip} is the VIP of service {service}")]
     LipIsVip { lip: IpAddr, service: ServiceKey },
-    #[error("the VIP of service {service} is a local address of node {owner}")]
-    VipIsLip { service: ServiceKey, owner: NodeId },
+    #[error("the VIP of service {service} is a local address of node {owner:?}")]
+    VipIsLip { service: ServiceKey, owner: String },
     #[error("no service {key}")]
     UnknownService { key: ServiceKey },
     #[error("service {key} is already defined")]
@@ -431,14 +437,26 @@ impl ClusterConfig {
                 id: existing.id,
             });
         }
+        if node.lips.is_empty() {
+            return Err(ConfigError::NoLip {
+                name: node.name.clone(),
+            });
+        }
+        check_endpoint(node.quic_addr, "a node's QUIC address")?;
         for (i, &lip) in node.lips.iter().enumerate() {
+            if lip.is_unspecified() || lip.is_multicast() {
+                return Err(ConfigError::BadAddress {
+                    addr: lip.to_string(),
+                    what: "a local address".to_owned(),
+                });
+            }
             if node.lips[..i].contains(&lip) {
                 return Err(ConfigError::DuplicateLip { lip, id: node.id });
             }
             if let Some(owner) = self.nodes.values().find(|n| n.lips.contains(&lip)) {
                 return Err(ConfigError::LipOverlap {
                     lip,
-                    owner: owner.id,
+                    owner: owner.name.clone(),
                 });
             }
             if let Some(service) = self.services.iter().find(|s| s.key.vip.ip() == lip) {
@@ -454,11 +472,12 @@ impl ClusterConfig {
     /// A VIP must not be any node's local address: return traffic to a LIP would be taken for
     /// client traffic to the service.
     fn check_vip(&self, key: &ServiceKey) -> Result<(), ConfigError> {
+        check_endpoint(key.vip, "a VIP")?;
         let vip = key.vip.ip();
         match self.nodes.values().find(|n| n.lips.contains(&vip)) {
             Some(owner) => Err(ConfigError::VipIsLip {
                 service: *key,
-                owner: owner.id,
+                owner: owner.name.clone(),
             }),
             None => Ok(()),
         }
@@ -473,21 +492,62 @@ fn check_settings(key: &ServiceKey, settings: &ServiceSettings) -> Result<(), Co
     if let Some((which, _)) = settings.timeouts.named().into_iter().find(|&(_, t)| t == 0) {
         return Err(zero(which));
     }
-    match &settings.health {
-        HealthCheck::None => Ok(()),
-        HealthCheck::Tcp(probe) | HealthCheck::Http { probe, .. } => {
-            if probe.interval_ms == 0 {
-                Err(zero("health interval"))
-            } else if probe.timeout_ms == 0 {
-                Err(zero("health timeout"))
-            } else {
-                Ok(())
+    let bad = |reason: String| ConfigError::BadHealthCheck {
+        service: *key,
+        reason,
+    };
+    let probe = match &settings.health {
+        HealthCheck::None => return Ok(()),
+        HealthCheck::Tcp(probe) => probe,
+        HealthCheck::Http {
+            probe,
+            path,
+            expect_status,
+        } => {
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(bad(format!(
+                    "path {path:?} must start with / and hold no spaces or control characters"
+                )));
             }
+            if !(100..=599).contains(expect_status) {
+                return Err(bad(format!(
+                    "expected status {expect_status} is not an HTTP status (100 to 599)"
+                )));
+            }
+            probe
         }
+    };
+    if probe.interval_ms == 0 {
+        return Err(zero("health interval"));
     }
+    if probe.timeout_ms == 0 {
+        return Err(zero("health timeout"));
+    }
+    if probe.timeout_ms >= probe.interval_ms {
+        return Err(bad(format!(
+            "timeout {} ms must be less than the interval {} ms",
+            probe.timeout_ms, probe.interval_ms
+        )));
+    }
+    if probe.rise == 0 || probe.fall == 0 {
+        return Err(bad("rise and fall must be at least 1".to_owned()));
+    }
+    Ok(())
+}
+
+/// An address traffic is sent to: neither unspecified nor multicast, and not port 0.
+fn check_endpoint(addr: SocketAddr, what: &str) -> Result<(), ConfigError> {
+    if addr.ip().is_unspecified() || addr.ip().is_multicast() || addr.port() == 0 {
+        return Err(ConfigError::BadAddress {
+            addr: addr.to_string(),
+            what: what.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 fn check_backend(service: &ServiceKey, backend: &Backend) -> Result<(), ConfigError> {
+    check_endpoint(backend.addr, "a backend")?;
     if backend.weight > MAX_WEIGHT {
         return Err(ConfigError::WeightTooLarge {
             service: *service,
@@ -673,12 +733,12 @@ mod tests {
             err,
             ConfigError::LipOverlap {
                 lip: "198.19.0.2".parse().unwrap(),
-                owner: 1
+                owner: "n1".into()
             }
         );
         assert_eq!(
             err.to_string(),
-            "local address 198.19.0.2 already belongs to node 1"
+            "local address 198.19.0.2 already belongs to node \"n1\""
         );
     }
 
@@ -705,7 +765,7 @@ mod tests {
             err,
             ConfigError::VipIsLip {
                 service: key("198.19.0.3:443", Proto::Tcp),
-                owner: 2
+                owner: "n2".into()
             }
         );
     }
@@ -891,6 +951,89 @@ mod tests {
                 service,
                 which: "health timeout".into()
             }
+        );
+    }
+
+    #[test]
+    fn test_health_check_must_be_usable() {
+        let service = key(WEB, Proto::Tcp);
+        let probe = Probe {
+            interval_ms: 1000,
+            timeout_ms: 500,
+            rise: 1,
+            fall: 1,
+        };
+        let edit = |health| Command::EditService {
+            key: service,
+            settings: ServiceSettings {
+                health,
+                ..settings()
+            },
+        };
+        let http = |path: &str, expect_status| HealthCheck::Http {
+            probe,
+            path: path.into(),
+            expect_status,
+        };
+        for (health, reason) in [
+            (
+                HealthCheck::Tcp(Probe {
+                    timeout_ms: 1000,
+                    ..probe
+                }),
+                "timeout 1000 ms must be less than the interval 1000 ms",
+            ),
+            (
+                HealthCheck::Tcp(Probe { rise: 0, ..probe }),
+                "rise and fall must be at least 1",
+            ),
+            (
+                http("up", 200),
+                "path \"up\" must start with / and hold no spaces or control characters",
+            ),
+            (
+                http("/a b", 200),
+                "path \"/a b\" must start with / and hold no spaces or control characters",
+            ),
+            (
+                http("/", 99),
+                "expected status 99 is not an HTTP status (100 to 599)",
+            ),
+        ] {
+            let err = rejected(edit(health));
+            assert_eq!(
+                err,
+                ConfigError::BadHealthCheck {
+                    service,
+                    reason: reason.into()
+                }
+            );
+        }
+        let mut config = base();
+        accepted(&mut config, edit(http("/health", 204)));
+    }
+
+    #[test]
+    fn test_addresses_traffic_is_sent_to() {
+        assert_eq!(
+            rejected(Command::AddService(new_service("198.18.0.9:0", &[]))),
+            ConfigError::BadAddress {
+                addr: "198.18.0.9:0".into(),
+                what: "a VIP".into()
+            }
+        );
+        let err = rejected(Command::AddBackend {
+            service: key(WEB, Proto::Tcp),
+            backend: backend("0.0.0.0:80", 1),
+        });
+        assert_eq!(err.to_string(), "0.0.0.0:80 cannot be a backend");
+        assert_eq!(
+            rejected(Command::AddNode(node(3, "n3", &[]))),
+            ConfigError::NoLip { name: "n3".into() }
+        );
+        assert_eq!(
+            rejected(Command::AddNode(node(3, "n3", &["224.0.0.1"]))).to_string(),
+            "224.0.0.1 cannot be a local address"
         );
     }
 

@@ -606,7 +606,7 @@ pub struct ServeCounters {
 }
 
 /// A copy of [`ServeCounters`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServeCounterValues {
     /// Requests answered (the remote `Raft`'s errors included).
     pub answered: u64,

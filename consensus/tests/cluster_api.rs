@@ -161,7 +161,7 @@ async fn test_form_write_read_and_reject_through_any_node() {
             node.cluster.add_node(stranger.clone()).await,
             Err(ClusterError::Rejected(ConfigError::LipOverlap {
                 lip: [198, 19, 0, 1].into(),
-                owner: node_id("n1")
+                owner: "n1".into()
             })),
             "{}",
             node.member

@@ -888,6 +888,61 @@ fn test_weight_zero_takes_no_new_flows_but_keeps_sessions() {
     assert_eq!(&out[16..20], &RS1.octets());
 }
 
+/// A backend deleted from the configuration takes no new flows; its sessions end naturally:
+/// they keep going to it, both ways, until they close or expire.
+#[test]
+fn test_removed_backend_keeps_its_sessions_until_they_end() {
+    let two = vec![service(
+        v4(VIP),
+        80,
+        L4Proto::Tcp,
+        vec![backend(v4(RS1), 8080, 1), backend(v4(RS2), 8080, 1)],
+    )];
+    let (engine, mut w) = engine_with(&two, small_config());
+    let mut on_rs1 = None;
+    for cport in 40000..40004 {
+        run(
+            &mut w,
+            T0,
+            &ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b"")),
+        );
+        let rec = created(&mut w);
+        if rec.backend.ip() == v4(RS1) {
+            on_rs1 = Some(rec);
+        }
+    }
+    let rec = on_rs1.expect("rr used RS1");
+    let mut removed = two.clone();
+    removed[0].backends.remove(0);
+    let snap = dataplane::Snapshot::new(2, &removed, Default::default(), Some(&engine.snapshot()))
+        .unwrap();
+    engine.set_snapshot(snap);
+    for cport in 41000..41010 {
+        run(
+            &mut w,
+            T0,
+            &ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b"")),
+        );
+        assert_eq!(created(&mut w).backend.ip(), v4(RS2));
+    }
+    let data = ip(
+        v4(CLIENT),
+        v4(VIP),
+        &tcp(rec.client.port(), 80, ACK, 2, 1, b"x"),
+    );
+    let (v, out) = run(&mut w, T0, &data);
+    assert_eq!(v, Verdict::Forward(Direction::Inbound));
+    assert_eq!(&out[16..20], &RS1.octets());
+    let reply = ip(
+        v4(RS1),
+        rec.local.ip(),
+        &tcp(8080, rec.local.port(), ACK, 1, 3, b"y"),
+    );
+    let (v, out) = run(&mut w, T0, &reply);
+    assert_eq!(v, Verdict::Forward(Direction::Outbound));
+    assert_eq!(&out[12..16], &VIP.octets());
+}
+
 #[test]
 fn test_no_backend() {
     let (_, mut w) = engine_with(

@@ -11,10 +11,65 @@ pub(crate) use crate::packet_io::WorkerIoStats;
 use dataplane::{L4Proto, SessionRecord};
 use serde::{Deserialize, Serialize};
 
-/// `GET /v1/status`.
+/// `GET /v1/status[?local=true]`.
 pub(crate) const STATUS_PATH: &str = "/v1/status";
 /// `GET /v1/sessions[?vip=ADDR:PORT]`.
 pub(crate) const SESSIONS_PATH: &str = "/v1/sessions";
+/// `POST`: start a new cluster with this node as its only member and the node file's services.
+pub(crate) const CLUSTER_INIT_PATH: &str = "/v1/cluster/init";
+/// `POST` a [`consensus::Command`]: commit a change to the cluster configuration.
+pub(crate) const COMMANDS_PATH: &str = "/v1/commands";
+/// `POST` a [`NodeSpec`] (add a node); `DELETE /v1/nodes/NAME` (remove one).
+pub(crate) const NODES_PATH: &str = "/v1/nodes";
+/// `GET`: the cluster configuration, read linearizably.
+pub(crate) const CONFIG_PATH: &str = "/v1/config";
+
+/// The answer to a change that was committed: the configuration version it made, which is
+/// applied on this node's data plane when the answer comes.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Written {
+    pub(crate) version: u64,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ApiError {
+    pub(crate) error: String,
+}
+
+/// A node to add to the cluster.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct NodeSpec {
+    pub(crate) name: String,
+    /// Its QUIC endpoint.
+    pub(crate) addr: SocketAddr,
+    /// The local addresses (LIPs) it owns.
+    pub(crate) lips: Vec<IpAddr>,
+}
+
+/// The cluster as this node sees it.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ClusterStatus {
+    /// A linearizable read succeeded: a leader is confirmed by a quorum.
+    pub(crate) quorum: bool,
+    /// Why the read failed, when it did.
+    pub(crate) read_error: Option<String>,
+    /// The configuration version the read returned (or, without quorum, this node's).
+    pub(crate) config_version: u64,
+    pub(crate) leader: Option<String>,
+    /// One row per node of the configuration and of the Raft membership; none is omitted.
+    pub(crate) nodes: Vec<consensus::NodeReport>,
+    /// This node's QUIC endpoint: peers accepted and refused.
+    pub(crate) quic: crate::quic::CounterValues,
+    /// Raft RPCs this node answered, and the malformed, oversized and abandoned ones.
+    pub(crate) raft_rpcs: consensus::transport::ServeCounterValues,
+}
+
+impl ClusterStatus {
+    pub(crate) fn nodes_down(&self) -> usize {
+        self.nodes.iter().filter(|n| !n.reachable).count()
+    }
+}
 
 /// A transport protocol as the API and the config file spell it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -70,6 +125,9 @@ pub(crate) struct NodeStatus {
     /// Packet I/O per worker (empty before the data plane runs).
     #[serde(default)]
     pub(crate) io: Vec<WorkerIoStats>,
+    /// The cluster, for a node that is a member of one.
+    #[serde(default)]
+    pub(crate) cluster: Option<ClusterStatus>,
 }
 
 impl NodeStatus {
@@ -135,6 +193,14 @@ pub(crate) struct LipPorts {
     pub(crate) proto: Proto,
     pub(crate) in_use: u32,
     pub(crate) capacity: u32,
+}
+
+/// The query of `GET /v1/status`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct StatusQuery {
+    /// Only this node's own view of the cluster (no linearizable read, no peer reports).
+    #[serde(default)]
+    pub(crate) local: bool,
 }
 
 /// The query of `GET /v1/sessions`.

@@ -1,14 +1,18 @@
-//! The CLI's side of the admin API: one GET over the node's unix socket, its JSON body
-//! deserialised into the API type the daemon serialised.
+//! The CLI's side of the admin API: one request over the node's unix socket, its JSON body
+//! deserialised into the API type the daemon serialised; an error answer's message is the error.
 
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
+use hyper::Method;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
+
+use crate::api::ApiError;
 
 /// Why the CLI got no answer it could use.
 #[derive(Debug)]
@@ -34,6 +38,31 @@ pub(crate) fn get<T: DeserializeOwned>(
     socket: &Path,
     path_and_query: &str,
 ) -> Result<T, ClientError> {
+    call(socket, Method::GET, path_and_query, None)
+}
+
+/// `POST path` with `body` as JSON.
+pub(crate) fn post<B: Serialize, T: DeserializeOwned>(
+    socket: &Path,
+    path: &str,
+    body: &B,
+) -> Result<T, ClientError> {
+    let body = serde_json::to_vec(body)
+        .map_err(|e| ClientError::Failed(anyhow!(e).context("encoding the request")))?;
+    call(socket, Method::POST, path, Some(body))
+}
+
+/// `DELETE path`.
+pub(crate) fn delete<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T, ClientError> {
+    call(socket, Method::DELETE, path, None)
+}
+
+fn call<T: DeserializeOwned>(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<T, ClientError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -45,19 +74,30 @@ pub(crate) fn get<T: DeserializeOwned>(
                 socket.display()
             )))
         })?;
-        fetch(stream, path_and_query)
+        fetch(stream, method, path, body)
             .await
             .map_err(ClientError::Failed)
     })
 }
 
-async fn fetch<T: DeserializeOwned>(stream: UnixStream, path_and_query: &str) -> Result<T> {
+async fn fetch<T: DeserializeOwned>(
+    stream: UnixStream,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<T> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .context("admin API handshake")?;
-    let request = hyper::Request::get(path_and_query)
-        .header(hyper::header::HOST, "lbcluster")
-        .body(Empty::<Bytes>::new())
+    let mut request = hyper::Request::builder()
+        .method(method.clone())
+        .uri(path)
+        .header(hyper::header::HOST, "lbcluster");
+    if body.is_some() {
+        request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .context("building the request")?;
     // The connection task ends with the CLI's runtime.
     tokio::spawn(conn);
@@ -73,11 +113,14 @@ async fn fetch<T: DeserializeOwned>(stream: UnixStream, path_and_query: &str) ->
         .context("reading the admin API answer")?
         .to_bytes();
     if !status.is_success() {
+        // The node explains itself in an `ApiError`; anything else is shown as it came.
+        if let Ok(e) = serde_json::from_slice::<ApiError>(&body) {
+            bail!("{}", e.error);
+        }
         bail!(
-            "the node answered {path_and_query} with {status}: {}",
+            "the node answered {method} {path} with {status}: {}",
             String::from_utf8_lossy(&body).trim()
         );
     }
-    serde_json::from_slice(&body)
-        .with_context(|| format!("decoding the answer to {path_and_query}"))
+    serde_json::from_slice(&body).with_context(|| format!("decoding the answer to {method} {path}"))
 }

@@ -29,7 +29,26 @@ const MAX_IFNAME: usize = 15;
 pub(crate) struct Config {
     pub(crate) node: NodeConfig,
     pub(crate) admin: AdminConfig,
+    /// Present when the node is a member of a replicated cluster: its services then come from
+    /// the cluster configuration, and the file's services only bootstrap it (`cluster init`).
+    pub(crate) cluster: Option<ClusterSettings>,
     pub(crate) services: ServiceSet,
+}
+
+/// `[cluster]`: how the node takes part in the replicated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClusterSettings {
+    /// The node's QUIC endpoint (Raft, session sync); peers dial this address.
+    pub(crate) listen: SocketAddr,
+    /// Raft log, vote and snapshot.
+    pub(crate) data_dir: PathBuf,
+    /// The cluster CA certificate, the node's certificate and its private key (PEM).
+    pub(crate) ca: PathBuf,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+    pub(crate) heartbeat: Duration,
+    /// A follower that hears no leader for a random time in this range starts an election.
+    pub(crate) election_timeout: RangeInclusive<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +200,7 @@ struct File {
     admin: AdminFile,
     #[serde(default)]
     maglev: MaglevFile,
+    cluster: Option<ClusterFile>,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<ServiceFile>>,
 }
@@ -222,6 +242,75 @@ impl Default for AdminFile {
 
 fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default = "default_heartbeat_ms")]
+    heartbeat_ms: u64,
+    #[serde(default = "default_election_timeout_ms")]
+    election_timeout_ms: [u64; 2],
+}
+
+fn default_heartbeat_ms() -> u64 {
+    150
+}
+
+fn default_election_timeout_ms() -> [u64; 2] {
+    [750, 1500]
+}
+
+fn check_cluster(c: ClusterFile) -> Result<ClusterSettings, Invalid> {
+    if c.listen.ip().is_unspecified() || c.listen.ip().is_multicast() || c.listen.port() == 0 {
+        return Err(invalid(
+            "cluster.listen",
+            format!(
+                "{} is not an address peers can dial (a unicast address and a port other than 0)",
+                c.listen
+            ),
+        ));
+    }
+    for (key, path) in [
+        ("cluster.data_dir", &c.data_dir),
+        ("cluster.ca", &c.ca),
+        ("cluster.cert", &c.cert),
+        ("cluster.key", &c.key),
+    ] {
+        if path.as_os_str().is_empty() {
+            return Err(invalid(key, "must not be empty"));
+        }
+    }
+    let [low, high] = c.election_timeout_ms;
+    if c.heartbeat_ms == 0 || c.heartbeat_ms >= low {
+        return Err(invalid(
+            "cluster.heartbeat_ms",
+            format!(
+                "{} must be greater than 0 and less than the election timeout ({low} ms)",
+                c.heartbeat_ms
+            ),
+        ));
+    }
+    if low >= high {
+        return Err(invalid(
+            "cluster.election_timeout_ms",
+            format!("[{low}, {high}] is not a range with the first below the second"),
+        ));
+    }
+    Ok(ClusterSettings {
+        listen: c.listen,
+        data_dir: c.data_dir,
+        ca: c.ca,
+        cert: c.cert,
+        key: c.key,
+        heartbeat: Duration::from_millis(c.heartbeat_ms),
+        election_timeout: Duration::from_millis(low)..=Duration::from_millis(high),
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -330,6 +419,7 @@ fn parse(text: &str, version: u64) -> Result<Config, Invalid> {
     if admin.socket.as_os_str().is_empty() {
         return Err(invalid("admin.socket", "must not be empty"));
     }
+    let cluster = file.cluster.map(check_cluster).transpose()?;
     let maglev = MaglevParams {
         seed: file.maglev.seed,
         table_size: file.maglev.table_size,
@@ -363,6 +453,7 @@ fn parse(text: &str, version: u64) -> Result<Config, Invalid> {
     Ok(Config {
         node,
         admin,
+        cluster,
         services: set,
     })
 }
@@ -668,6 +759,34 @@ mod tests {
         assert_eq!(
             error(&format!("{NODE}[maglev]\ntable_size = 100\n{SVC}")),
             "maglev.table_size: maglev table size 100 is not a prime number"
+        );
+    }
+
+    #[test]
+    fn test_cluster_section() {
+        const CLUSTER: &str = "[cluster]\nlisten = \"198.18.1.2:7946\"\ndata_dir = \"/var/lib/lbc\"\n\
+                               ca = \"ca.pem\"\ncert = \"n1.pem\"\nkey = \"n1.key\"\n";
+        let c = parse(&format!("{NODE}{CLUSTER}"), 1).unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.listen, "198.18.1.2:7946".parse().unwrap());
+        assert_eq!(cluster.heartbeat, Duration::from_millis(150));
+        assert!(parse(NODE, 1).unwrap().cluster.is_none());
+        assert_eq!(
+            error(&format!(
+                "{NODE}{}",
+                CLUSTER.replace("198.18.1.2:7946", "0.0.0.0:7946")
+            )),
+            "cluster.listen: 0.0.0.0:7946 is not an address peers can dial (a unicast address and a port other than 0)"
+        );
+        assert_eq!(
+            error(&format!("{NODE}{CLUSTER}heartbeat_ms = 800\n")),
+            "cluster.heartbeat_ms: 800 must be greater than 0 and less than the election timeout (750 ms)"
+        );
+        assert_eq!(
+            error(&format!(
+                "{NODE}{CLUSTER}election_timeout_ms = [900, 900]\n"
+            )),
+            "cluster.election_timeout_ms: [900, 900] is not a range with the first below the second"
         );
     }
 

@@ -16,6 +16,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use consensus::ClusterConfig;
+
+use crate::admin::{Admin, ClusterAdmin};
+use crate::cluster::{self, ClusterNode};
 use crate::packet_io::{self, DataplaneSpec};
 use crate::source::{ConfigFileSource, Reloaded, ServiceSource};
 use crate::state::NodeState;
@@ -79,18 +83,57 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
     )
     .context("starting the engine")?;
     let node_name = config.node.name.clone();
+    let file_lips = config.node.local_addrs.clone();
+    // A cluster member runs the committed configuration; a standalone node its file.
+    let mut mode = match &config.cluster {
+        Some(settings) => {
+            let (member, configs) = ClusterNode::start(&node_name, settings).await?;
+            let admin = ClusterAdmin {
+                cluster: member.cluster.clone(),
+                endpoint: member.endpoint.clone(),
+                serve_counters: member.serve_counters.clone(),
+                me: cluster::self_node(&node_name, settings, &file_lips),
+                bootstrap: cluster::bootstrap_commands(&config.services)?,
+            };
+            Mode::Cluster {
+                member,
+                configs,
+                admin: Arc::new(admin),
+                services: watch::Sender::new(Arc::new(config::ServiceSet {
+                    version: 0,
+                    maglev: config.services.maglev,
+                    services: Vec::new(),
+                })),
+            }
+        }
+        None => Mode::Standalone(Box::new(ConfigFileSource::new(config_path, config.clone()))),
+    };
+    let (initial, routes) = match &mode {
+        Mode::Standalone(source) => (
+            source.subscribe().borrow().clone(),
+            dataplane_routes(&config),
+        ),
+        Mode::Cluster {
+            configs, services, ..
+        } => {
+            let committed = configs.borrow().clone();
+            let lips = cluster::local_addrs(&committed, consensus::node_id(&node_name), &file_lips);
+            engine
+                .set_local_addrs(&lips)
+                .context("the cluster's local addresses for this node")?;
+            services.send_replace(Arc::new(cluster::service_set(&committed)));
+            (
+                services.borrow().clone(),
+                cluster::routes(&committed, &lips),
+            )
+        }
+    };
     let dataplane_spec = DataplaneSpec {
         tun_name: config.node.tun.clone(),
         queues: config.node.workers,
-        routes: dataplane_routes(&config),
+        routes,
     };
-    let mut source = ConfigFileSource::new(config_path, config);
-    let mut services = source.subscribe();
-    let state = Arc::new(NodeState::new(
-        node_name,
-        engine,
-        services.borrow_and_update().clone(),
-    )?);
+    let state = Arc::new(NodeState::new(node_name.clone(), engine, initial)?);
 
     let dataplane =
         tokio::task::block_in_place(|| packet_io::start(&dataplane_spec, state.engine().clone()))
@@ -100,11 +143,17 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     {
-        let state = state.clone();
+        let admin = Admin {
+            node: state.clone(),
+            cluster: match &mode {
+                Mode::Cluster { admin, .. } => Some(admin.clone()),
+                Mode::Standalone(_) => None,
+            },
+        };
         let stop = stopped(stop_rx.clone());
         tasks.spawn(
             async move {
-                if let Err(e) = admin::serve(socket_listener, state, stop).await {
+                if let Err(e) = admin::serve(socket_listener, admin, stop).await {
                     error!("admin API failed: {e}");
                 }
             }
@@ -124,6 +173,24 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
             .instrument(info_span!("metrics", %addr)),
         );
     }
+    let services = match &mode {
+        Mode::Standalone(source) => source.subscribe(),
+        Mode::Cluster {
+            configs, services, ..
+        } => {
+            tasks.spawn(
+                follow_cluster(
+                    state.clone(),
+                    configs.clone(),
+                    services.clone(),
+                    file_lips,
+                    stop_rx.clone(),
+                )
+                .instrument(info_span!("cluster")),
+            );
+            services.subscribe()
+        }
+    };
     {
         let state = state.clone();
         let stop = stop_rx.clone();
@@ -135,14 +202,26 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
         tokio::select! {
             _ = terminate.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = interrupt.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hangup.recv() => match source.reload() {
-                Ok(Reloaded::Unchanged) => info!("SIGHUP: services unchanged"),
-                Ok(Reloaded::Services { version }) => info!(version, "SIGHUP: services reloaded"),
-                Err(e) => warn!("SIGHUP: reload refused: {e:#}"),
+            _ = hangup.recv() => match &mut mode {
+                Mode::Standalone(source) => match source.reload() {
+                    Ok(Reloaded::Unchanged) => info!("SIGHUP: services unchanged"),
+                    Ok(Reloaded::Services { version }) => {
+                        info!(version, "SIGHUP: services reloaded");
+                    }
+                    Err(e) => warn!("SIGHUP: reload refused: {e:#}"),
+                },
+                Mode::Cluster { .. } => warn!(
+                    "SIGHUP: nothing to reload: a cluster member's services come from the \
+                     cluster configuration (`lbcluster service …`); the file's only bootstrap \
+                     `cluster init`"
+                ),
             },
         }
     }
     stop_tx.send_replace(true);
+    if let Mode::Cluster { member, .. } = mode {
+        member.shutdown().await;
+    }
     if let Some(dataplane) = state.take_dataplane()
         && let Err(e) = tokio::task::block_in_place(|| dataplane.stop())
     {
@@ -159,6 +238,52 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
     drop(socket_file);
     info!("stopped");
     Ok(())
+}
+
+/// How the node gets its services.
+enum Mode {
+    /// From its config file, reloaded on SIGHUP.
+    Standalone(Box<ConfigFileSource>),
+    /// From the cluster's committed configuration.
+    Cluster {
+        member: ClusterNode,
+        configs: watch::Receiver<Arc<ClusterConfig>>,
+        admin: Arc<ClusterAdmin>,
+        /// The service set of the latest committed configuration, for the health supervisor.
+        services: watch::Sender<Arc<config::ServiceSet>>,
+    },
+}
+
+/// Applies every committed configuration: the node's local addresses and routes first (a new
+/// service's flows need them), then its service set.
+async fn follow_cluster(
+    state: Arc<NodeState>,
+    mut configs: watch::Receiver<Arc<ClusterConfig>>,
+    services: watch::Sender<Arc<config::ServiceSet>>,
+    file_lips: Vec<std::net::IpAddr>,
+    stop: watch::Receiver<bool>,
+) {
+    let me = consensus::node_id(state.name());
+    let stop = stopped(stop);
+    tokio::pin!(stop);
+    loop {
+        let committed = configs.borrow_and_update().clone();
+        let lips = cluster::local_addrs(&committed, me, &file_lips);
+        if let Err(e) = state.engine().set_local_addrs(&lips) {
+            error!(
+                version = committed.version,
+                "local addresses not applied: {e}"
+            );
+        }
+        if let Err(e) = state.set_routes(&cluster::routes(&committed, &lips)) {
+            error!(version = committed.version, "routes not applied: {e:#}");
+        }
+        services.send_replace(Arc::new(cluster::service_set(&committed)));
+        tokio::select! {
+            () = &mut stop => break,
+            changed = configs.changed() => if changed.is_err() { break },
+        }
+    }
 }
 
 /// Keeps one health checker per checked backend of the current service set: a new set replaces

@@ -1,17 +1,21 @@
 //! The `lbcluster` binary: the node daemon (`run`), the operator commands that talk to it over
-//! its admin API (`status`, `sessions`), `config check`, `tls` (the cluster CA and node
-//! certificates), and `replay`, which runs the Full-NAT engine over a built-in packet trace.
+//! its admin API (`status`, `sessions`, and the cluster's `cluster`, `node`, `service` and
+//! `backend` commands), `config check`, `tls` (the cluster CA and node certificates), and
+//! `replay`, which runs the Full-NAT engine over a built-in packet trace.
 //!
-//! Exit codes: 0 success; 1 failure (for `status`: a backend is down); 2 usage error; 3 the node
-//! cannot be reached or did not answer.
+//! Exit codes: 0 success; 1 failure (for `status`: degraded — a node unreachable or a backend
+//! down); 2 usage error (for `status`: critical — the cluster has no quorum); 3 the node cannot
+//! be reached.
 
 mod admin;
 mod api;
 mod client;
 mod clock;
+mod cluster;
 mod config;
 mod daemon;
 mod health;
+mod manage;
 mod metrics;
 mod packet_io;
 mod quic;
@@ -32,8 +36,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::api::{NodeStatus, SESSIONS_PATH, STATUS_PATH, SessionList};
 use crate::client::ClientError;
 
-/// A backend is down (`status`).
+/// A node is unreachable or a backend is down (`status`).
 const EXIT_DEGRADED: u8 = 1;
+/// The cluster has no quorum (`status`).
+const EXIT_CRITICAL: u8 = 2;
 /// The node cannot be reached or did not answer.
 const EXIT_UNREACHABLE: u8 = 3;
 
@@ -52,11 +58,25 @@ struct Cli {
 enum Command {
     /// Run the node daemon until SIGTERM or SIGINT; SIGHUP reloads the services.
     Run(RunArgs),
-    /// Show the node's services, backend health, sessions and drops. Exits 0 when every backend
-    /// is healthy, 1 when one is down, 3 when the node cannot be reached.
+    /// Show the cluster's nodes (name, address, reachable, Raft role, term, commit and applied
+    /// index, config version), then this node's services, backend health, sessions and drops.
+    /// Exits 0 when healthy, 1 when degraded (a node unreachable, or a backend down), 2 when
+    /// the cluster has no quorum, 3 when the node cannot be reached.
     Status(StatusArgs),
     /// List the node's sessions like `ipvsadm -Lnc`, with the local address (LIP) column.
     Sessions(SessionsArgs),
+    /// Start a cluster.
+    #[command(subcommand)]
+    Cluster(manage::ClusterCommand),
+    /// Add or remove cluster nodes.
+    #[command(subcommand)]
+    Node(manage::NodeCommand),
+    /// Add, change, delete or list the cluster's virtual services.
+    #[command(subcommand)]
+    Service(manage::ServiceCommand),
+    /// Add, change or delete a service's backends.
+    #[command(subcommand)]
+    Backend(manage::BackendCommand),
     /// Work with config files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -168,6 +188,9 @@ struct SocketArg {
 struct StatusArgs {
     #[command(flatten)]
     socket: SocketArg,
+    /// Only this node's own view of the cluster: no linearizable read, no peer reports.
+    #[arg(long)]
+    local: bool,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -232,18 +255,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(args) => {
-            let status: NodeStatus = client::get(&args.socket.socket, STATUS_PATH)?;
+            let path = if args.local {
+                format!("{STATUS_PATH}?local=true")
+            } else {
+                STATUS_PATH.to_owned()
+            };
+            let status: NodeStatus = client::get(&args.socket.socket, &path)?;
             let out = match args.output {
                 Output::Text => render::status_text(&status),
                 Output::Json => render::json(&status)?,
             };
             write_stdout(&out)?;
-            Ok(if status.backends_down() > 0 {
-                ExitCode::from(EXIT_DEGRADED)
-            } else {
-                ExitCode::SUCCESS
+            let nodes_down = status.cluster.as_ref().map_or(0, |c| c.nodes_down());
+            Ok(match &status.cluster {
+                Some(c) if !c.quorum => ExitCode::from(EXIT_CRITICAL),
+                _ if nodes_down > 0 || status.backends_down() > 0 => ExitCode::from(EXIT_DEGRADED),
+                _ => ExitCode::SUCCESS,
             })
         }
+        Command::Cluster(cmd) => manage::cluster(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Node(cmd) => manage::node(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Service(cmd) => manage::service(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Backend(cmd) => manage::backend(cmd).map(|()| ExitCode::SUCCESS),
         Command::Sessions(args) => {
             let path = match args.vip {
                 Some(vip) => format!("{SESSIONS_PATH}?vip={vip}"),

@@ -129,7 +129,7 @@ pub(crate) struct Counters {
 }
 
 /// A copy of `Counters` at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct CounterValues {
     /// The peer's certificate was refused: not signed by the cluster CA, expired, not good for
     /// its role, or (for a peer we dialled) not for the node we dialled.
@@ -142,7 +142,7 @@ pub(crate) struct CounterValues {
 }
 
 impl Counters {
-    fn values(&self) -> CounterValues {
+    pub(crate) fn values(&self) -> CounterValues {
         CounterValues {
             refused_untrusted_ca: self.refused_untrusted_ca.load(Ordering::Relaxed),
             refused_not_member: self.refused_not_member.load(Ordering::Relaxed),

@@ -6,7 +6,10 @@ use std::fmt::Write as _;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::api::{NodeStatus, SessionEntry, SessionList, scheduler_name};
+use consensus::Role;
+use consensus::config::{ClusterConfig, HealthCheck, Scheduler};
+
+use crate::api::{ClusterStatus, NodeStatus, SessionEntry, SessionList, scheduler_name};
 use crate::replay::{Report, proto_name};
 
 /// Any output as JSON, one document, ending with a newline.
@@ -139,6 +142,99 @@ fn session_table(s: &mut String, sessions: &[SessionEntry]) {
     }
 }
 
+fn cluster_table(s: &mut String, c: &ClusterStatus) {
+    let down = c.nodes_down();
+    let health = match (c.quorum, down) {
+        (false, _) => "CRITICAL: no quorum".to_owned(),
+        (true, 0) => "healthy".to_owned(),
+        (true, n) => format!("DEGRADED: {n} node(s) unreachable"),
+    };
+    let _ = writeln!(
+        s,
+        "cluster: {} node(s), leader {}, config version {}, {health}",
+        c.nodes.len(),
+        c.leader.as_deref().unwrap_or("none"),
+        c.config_version,
+    );
+    if let Some(e) = &c.read_error {
+        let _ = writeln!(s, "  {e}");
+    }
+    let _ = writeln!(
+        s,
+        "  {:<16} {:<24} {:<9} {:<9} {:>6} {:>8} {:>8} {:>7}",
+        "Node", "Address", "Reachable", "Role", "Term", "Commit", "Applied", "Version"
+    );
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    for n in &c.nodes {
+        let role = match n.role {
+            None => "-",
+            Some(Role::Leader) => "leader",
+            Some(Role::Follower) => "follower",
+            Some(Role::Candidate) => "candidate",
+            Some(Role::Learner) => "learner",
+            Some(Role::Shutdown) => "shutdown",
+        };
+        let _ = writeln!(
+            s,
+            "  {:<16} {:<24} {:<9} {:<9} {:>6} {:>8} {:>8} {:>7}",
+            n.name,
+            n.addr.to_string(),
+            if n.reachable { "yes" } else { "NO" },
+            role,
+            opt(n.term),
+            opt(n.committed),
+            opt(n.applied),
+            opt(n.config_version),
+        );
+    }
+    s.push('\n');
+}
+
+/// `lbcluster service list`: the cluster's services laid out like `ipvsadm -Ln`.
+pub(crate) fn services_text(cfg: &ClusterConfig) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "cluster configuration version {}", cfg.version);
+    let _ = writeln!(s, "Prot LocalAddress:Port Scheduler Flags");
+    let _ = writeln!(s, "  -> RemoteAddress:Port{:12}Forward Weight", "");
+    for svc in &cfg.services {
+        let set = &svc.settings;
+        let scheduler = match set.scheduler {
+            Scheduler::Maglev => "mh",
+            Scheduler::Wrr => "wrr",
+            Scheduler::Wlc => "wlc",
+            Scheduler::Rr => "rr",
+            Scheduler::Sh => "sh",
+        };
+        let mut flags = Vec::new();
+        if set.toa {
+            flags.push("toa".to_owned());
+        }
+        match &set.health {
+            HealthCheck::None => {}
+            HealthCheck::Tcp(p) => flags.push(format!("check=tcp/{}ms", p.interval_ms)),
+            HealthCheck::Http {
+                probe,
+                path,
+                expect_status,
+            } => flags.push(format!(
+                "check=http:{path}={expect_status}/{}ms",
+                probe.interval_ms
+            )),
+        }
+        let _ = writeln!(
+            s,
+            "{:<4} {} {scheduler} {}",
+            svc.key.proto.to_string().to_uppercase(),
+            svc.key.vip,
+            flags.join(" ")
+        );
+        for b in &svc.backends {
+            let _ = writeln!(s, "  -> {:<29} FullNat {}", b.addr.to_string(), b.weight);
+        }
+    }
+    s
+}
+
 /// `lbcluster sessions`.
 pub(crate) fn sessions_text(list: &SessionList) -> String {
     let mut s = String::new();
@@ -146,9 +242,12 @@ pub(crate) fn sessions_text(list: &SessionList) -> String {
     s
 }
 
-/// `lbcluster status`.
+/// `lbcluster status`: the cluster's nodes (on a member), then this node.
 pub(crate) fn status_text(st: &NodeStatus) -> String {
     let mut s = String::new();
+    if let Some(c) = &st.cluster {
+        cluster_table(&mut s, c);
+    }
     let down = st.backends_down();
     let _ = writeln!(
         s,

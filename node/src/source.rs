@@ -51,8 +51,10 @@ impl ConfigFileSource {
         let version = self.running.services.version + 1;
         let mut fresh = config::load(&self.path, version)?;
         anyhow::ensure!(
-            fresh.node == self.running.node && fresh.admin == self.running.admin,
-            "{}: [node] or [admin] changed; they take a restart, services were not reloaded",
+            fresh.node == self.running.node
+                && fresh.admin == self.running.admin
+                && fresh.cluster == self.running.cluster,
+            "{}: [node], [admin] or [cluster] changed; they take a restart, services were not reloaded",
             self.path.display()
         );
         fresh.services.version = self.running.services.version;
@@ -104,7 +106,7 @@ mod tests {
         let e = source.reload().unwrap_err().to_string();
         assert!(
             e.ends_with(
-                "[node] or [admin] changed; they take a restart, services were not reloaded"
+                "[node], [admin] or [cluster] changed; they take a restart, services were not reloaded"
             ),
             "{e}"
         );

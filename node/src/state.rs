@@ -4,12 +4,13 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dataplane::service::Traffic;
 use dataplane::{Engine, ServiceConfig, ServiceKey, Snapshot};
 use parking_lot::Mutex;
+use tokio::sync::watch;
 
 use crate::api::{BackendStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, SessionCounts};
 use crate::config::ServiceSet;
@@ -26,6 +27,8 @@ pub(crate) struct NodeState {
     services: Mutex<Services>,
     /// The packet workers, once started; the daemon takes them back to stop them.
     dataplane: Mutex<Option<DataplaneHandle>>,
+    /// The version of the service set the engine's snapshot was last built from.
+    running_version: watch::Sender<u64>,
 }
 
 #[derive(Debug)]
@@ -54,6 +57,7 @@ impl NodeState {
                 down: HashSet::new(),
             }),
             dataplane: Mutex::new(None),
+            running_version: watch::Sender::new(0),
         };
         state.rebuild(&state.services.lock())?;
         Ok(state)
@@ -66,6 +70,14 @@ impl NodeState {
     /// Hands the running packet workers to the state, so status and metrics can show them.
     pub(crate) fn set_dataplane(&self, handle: DataplaneHandle) {
         *self.dataplane.lock() = Some(handle);
+    }
+
+    /// Routes exactly `routes` into the data plane (no-op before it runs).
+    pub(crate) fn set_routes(&self, routes: &[std::net::IpAddr]) -> Result<()> {
+        match self.dataplane.lock().as_mut() {
+            Some(d) => d.set_routes(routes),
+            None => Ok(()),
+        }
     }
 
     /// Takes the packet workers back, to stop them.
@@ -126,7 +138,17 @@ impl NodeState {
         )
         .context("building the data-plane snapshot")?;
         self.engine.set_snapshot(snapshot);
+        self.running_version.send_replace(s.set.version);
         Ok(())
+    }
+
+    /// Waits until the data plane runs service set `version` or a later one; false if it did
+    /// not within `timeout`.
+    pub(crate) async fn wait_running(&self, version: u64, timeout: Duration) -> bool {
+        let mut rx = self.running_version.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|v| *v >= version))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// The services now, for the health checkers.
@@ -223,6 +245,7 @@ impl NodeState {
                 .lock()
                 .as_ref()
                 .map_or_else(Vec::new, |d| d.stats().workers),
+            cluster: None,
         }
     }
 }

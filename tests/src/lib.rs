@@ -14,5 +14,6 @@
 
 pub mod backend;
 pub mod bench;
+pub mod cluster;
 pub mod lab;
 pub mod site;

@@ -193,10 +193,6 @@ impl DataplaneHandle {
     /// now): adds the missing ones, deletes the others, in the namespace the data plane was
     /// started in. On error the routes that could be changed are, the error names the others,
     /// and a stop still removes every route the data plane added.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the daemon's config changes call it next")
-    )]
     pub(crate) fn set_routes(&mut self, routes: &[IpAddr]) -> Result<()> {
         let kernel = self
             .running

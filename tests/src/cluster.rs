@@ -1,0 +1,429 @@
+//! A cluster site: the lab with N lbcluster nodes that share one configuration through Raft
+//! over their QUIC endpoints (mutual TLS with a cluster CA made by `lbcluster tls`), managed
+//! only through `lbcluster` commands. Node 1 bootstraps the cluster (`cluster init`) with the
+//! services of its file; the others join with `node add`. VIPs and LIPs are routed by hand
+//! until BGP exists.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+use crate::lab::{Lab, LabProcess, LabSpec};
+use crate::site::{VIP, lbcluster_bin, run_node};
+
+/// The UDP port of every node's QUIC endpoint.
+pub const QUIC_PORT: u16 = 7946;
+
+/// Node k's IPv4 LIP, 198.19.200.k.
+pub fn lip(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, 200, u8::try_from(k).unwrap_or(u8::MAX))
+}
+
+/// Node k's IPv6 LIP, 2001:db8:200::k.
+pub fn lip6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        0x200,
+        0,
+        0,
+        0,
+        0,
+        u16::try_from(k).unwrap_or(u16::MAX),
+    )
+}
+
+/// A lab whose nodes form one cluster.
+#[derive(Debug)]
+pub struct ClusterSite {
+    pub lab: Lab,
+    /// Node k's daemon at index k-1, `None` while it is stopped.
+    nodes: Vec<Option<LabProcess>>,
+}
+
+/// The answer of one `lbcluster` command.
+#[derive(Debug)]
+pub struct CliOutput {
+    /// The exit code (-1 if killed by a signal).
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for CliOutput {
+    fn from(o: Output) -> Self {
+        CliOutput {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl CliOutput {
+    /// The output, or an error with everything it said.
+    pub fn ok(self) -> Result<String> {
+        ensure!(
+            self.code == 0,
+            "exit {}: {}{}",
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        Ok(self.stdout)
+    }
+}
+
+impl ClusterSite {
+    /// Brings up a lab with `nodes` node namespaces and `backends` backends, writes a CA and a
+    /// certificate and config for every node, starts the first `members` nodes and forms the
+    /// cluster: `cluster init` on node 1 (which bootstraps a TCP service on VIP:80 over the
+    /// backends' HTTP servers), `node add` for each of the others, and routes the VIP to node
+    /// 1 and each node's LIPs to it.
+    pub fn start(nodes: usize, members: usize, backends: usize) -> Result<ClusterSite> {
+        ensure!(
+            (1..=nodes).contains(&members),
+            "{members} members of {nodes} nodes"
+        );
+        let lab = Lab::up(LabSpec { nodes, backends })?;
+        let mut site = ClusterSite {
+            nodes: (0..nodes).map(|_| None).collect(),
+            lab,
+        };
+        site.lbc(&[
+            "tls",
+            "ca",
+            "create",
+            "--dir",
+            &site.tls_dir().to_string_lossy(),
+        ])?
+        .ok()?;
+        for k in 1..=nodes {
+            site.write_cert(k, &site.tls_dir())?;
+            site.write_config(k, &site.tls_dir())?;
+        }
+        for k in 1..=members {
+            site.start_node(k)?;
+        }
+        site.cli(1, &["cluster", "init"])?.ok()?;
+        for k in 2..=members {
+            site.add_node(1, k)?;
+        }
+        site.lab.route_to_node(IpAddr::V4(VIP), 1)?;
+        for k in 1..=nodes {
+            site.lab.route_to_node(IpAddr::V4(lip(k)), k)?;
+            site.lab.route_to_node(IpAddr::V6(lip6(k)), k)?;
+        }
+        Ok(site)
+    }
+
+    fn tls_dir(&self) -> PathBuf {
+        self.lab.dir().join("tls")
+    }
+
+    /// Runs `lbcluster ARGS` (not in a namespace: it only needs the admin socket).
+    pub fn lbc(&self, args: &[&str]) -> Result<CliOutput> {
+        Ok(Command::new(lbcluster_bin()?)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("lbcluster {args:?}"))?
+            .into())
+    }
+
+    /// Writes node k's certificate (signed by the CA in `ca_dir`) into the lab's TLS directory
+    /// as nK.pem / nK.key.
+    pub fn write_cert(&self, k: usize, ca_dir: &Path) -> Result<()> {
+        self.lbc(&[
+            "tls",
+            "cert",
+            "create",
+            "--ca-dir",
+            &ca_dir.to_string_lossy(),
+            "--node",
+            &format!("n{k}"),
+            "--ip",
+            &self.lab.node_uplink(k).to_string(),
+            "--out",
+            &self.tls_dir().to_string_lossy(),
+            "--force",
+        ])?
+        .ok()
+        .map(drop)
+    }
+
+    /// Writes node k's config file, trusting the CA certificate in `ca_dir`.
+    pub fn write_config(&self, k: usize, ca_dir: &Path) -> Result<()> {
+        let dir = self.lab.dir();
+        let tls = self.tls_dir();
+        let backends: String = (1..=self.lab.spec().backends)
+            .map(|j| {
+                format!(
+                    "[[service.backend]]\naddr = \"{}:8080\"\n",
+                    self.lab.backend_addr(j)
+                )
+            })
+            .collect();
+        let config = format!(
+            r#"[node]
+name = "n{k}"
+tun = "lbc0"
+workers = 1
+local_addrs = ["{lip}", "{lip6}"]
+
+[admin]
+socket = "{socket}"
+
+[cluster]
+listen = "{uplink}:{QUIC_PORT}"
+data_dir = "{data}"
+ca = "{ca}"
+cert = "{tls}/n{k}.pem"
+key = "{tls}/n{k}.key"
+heartbeat_ms = 100
+election_timeout_ms = [400, 800]
+
+[[service]]
+vip = "{VIP}:80"
+proto = "tcp"
+scheduler = "rr"
+{backends}"#,
+            lip = lip(k),
+            lip6 = lip6(k),
+            socket = self.socket(k).display(),
+            uplink = self.lab.node_uplink(k),
+            data = dir.join(format!("n{k}-raft")).display(),
+            ca = ca_dir.join("ca.pem").display(),
+            tls = tls.display(),
+        );
+        std::fs::write(self.config_path(k), config)?;
+        Ok(())
+    }
+
+    fn config_path(&self, k: usize) -> PathBuf {
+        self.lab.dir().join(format!("n{k}.toml"))
+    }
+
+    /// Node k's admin socket.
+    pub fn socket(&self, k: usize) -> PathBuf {
+        self.lab.dir().join(format!("n{k}.sock"))
+    }
+
+    /// Node k's QUIC address.
+    pub fn quic_addr(&self, k: usize) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.lab.node_uplink(k)), QUIC_PORT)
+    }
+
+    /// Starts node k's daemon (again), keeping its Raft data.
+    pub fn start_node(&mut self, k: usize) -> Result<()> {
+        let process = run_node(
+            &self.lab,
+            &format!("n{k}"),
+            &self.config_path(k),
+            &self.socket(k),
+        )?;
+        self.nodes[k - 1] = Some(process);
+        Ok(())
+    }
+
+    /// Kills node k's daemon (SIGKILL): no goodbye to its peers.
+    pub fn kill_node(&mut self, k: usize) {
+        if let Some(p) = self.nodes[k - 1].take() {
+            p.kill();
+        }
+    }
+
+    /// Stops node k's daemon with SIGTERM and waits for it to exit.
+    pub fn stop_node(&mut self, k: usize) -> Result<()> {
+        if let Some(p) = self.nodes[k - 1].take() {
+            p.signal("TERM")?;
+            ensure!(
+                p.wait_timeout(Duration::from_secs(15)).is_some(),
+                "n{k} did not stop after SIGTERM:\n{}",
+                p.log()
+            );
+        }
+        Ok(())
+    }
+
+    /// Node k's daemon log so far.
+    pub fn log(&self, k: usize) -> String {
+        self.nodes[k - 1]
+            .as_ref()
+            .map(LabProcess::log)
+            .unwrap_or_default()
+    }
+
+    /// `lbcluster ARGS --socket <node k's socket>`.
+    pub fn cli(&self, k: usize, args: &[&str]) -> Result<CliOutput> {
+        let socket = self.socket(k);
+        let mut all: Vec<&str> = args.to_vec();
+        let socket = socket.to_string_lossy();
+        all.extend(["--socket", &socket]);
+        self.lbc(&all)
+    }
+
+    /// `node add nK` through node `via`, with node k's address and LIPs.
+    pub fn add_node(&self, via: usize, k: usize) -> Result<String> {
+        self.cli(
+            via,
+            &[
+                "node",
+                "add",
+                &format!("n{k}"),
+                "--addr",
+                &self.quic_addr(k).to_string(),
+                "--lip",
+                &lip(k).to_string(),
+                "--lip",
+                &lip6(k).to_string(),
+            ],
+        )?
+        .ok()
+    }
+
+    /// `lbcluster status -o json` on node k: its exit code and document.
+    pub fn status(&self, k: usize) -> Result<(i32, Value)> {
+        let out = self.cli(k, &["status", "-o", "json"])?;
+        ensure!(
+            out.code < 3,
+            "status of n{k}: exit {}: {}",
+            out.code,
+            out.stderr
+        );
+        Ok((out.code, serde_json::from_str(&out.stdout)?))
+    }
+
+    /// The cluster configuration as node k reads it (`service list -o json`).
+    pub fn services(&self, k: usize) -> Result<Value> {
+        Ok(serde_json::from_str(
+            &self.cli(k, &["service", "list", "-o", "json"])?.ok()?,
+        )?)
+    }
+
+    /// The name of the node that node k's status reports as leader.
+    pub fn leader(&self, k: usize) -> Result<Option<String>> {
+        let (_, status) = self.status(k)?;
+        Ok(status["cluster"]["leader"].as_str().map(str::to_owned))
+    }
+
+    /// Waits up to `timeout` for `check` to hold, polling every 100 ms; the last error if it
+    /// never does.
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Self) -> Result<T>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match check(self) {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() >= deadline => {
+                    bail!("{what}: not within {timeout:?}: {e:#}")
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// `GET path` on node k's admin socket, answered as JSON (a plain HTTP/1.0 exchange, so
+    /// that polling costs no process start).
+    pub fn admin_get(&self, k: usize, path: &str) -> Result<Value> {
+        let mut stream = UnixStream::connect(self.socket(k))
+            .with_context(|| format!("connecting to n{k}'s admin socket"))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: lbcluster\r\n\r\n")?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("no HTTP answer from n{k}: {answer:?}"))?;
+        ensure!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{head}"
+        );
+        Ok(serde_json::from_str(body)?)
+    }
+
+    /// The configuration version node k's data plane runs.
+    pub fn running_version(&self, k: usize) -> Result<u64> {
+        self.admin_get(k, "/v1/status?local=true")?["config_version"]
+            .as_u64()
+            .context("no config_version")
+    }
+
+    /// The benchmark of DESIGN §4's promise: `changes` backend weight changes, each made with
+    /// `lbcluster backend edit` on node 1; for each, the time from the command returning until
+    /// every node in `nodes` runs the new version in its data plane (polled every 200 µs).
+    /// Needs a service on VIP:80 with backend 1 (what [`ClusterSite::start`] bootstraps).
+    pub fn change_latencies(&self, nodes: &[usize], changes: usize) -> Result<Vec<Duration>> {
+        let vip = format!("{VIP}:80");
+        let backend = format!("{}:8080", self.lab.backend_addr(1));
+        let mut latencies = Vec::with_capacity(changes);
+        for i in 0..changes {
+            let weight = (i % 50 + 2).to_string();
+            let out = self
+                .cli(
+                    1,
+                    &["backend", "edit", "-t", &vip, "-r", &backend, "-w", &weight],
+                )?
+                .ok()?;
+            let returned = Instant::now();
+            let version: u64 = out
+                .rsplit_once("configuration version ")
+                .and_then(|(_, v)| v.trim().trim_end_matches(')').parse().ok())
+                .with_context(|| format!("no version in {out:?}"))?;
+            let mut pending: Vec<usize> = nodes.to_vec();
+            let deadline = returned + Duration::from_secs(10);
+            while !pending.is_empty() {
+                ensure!(
+                    Instant::now() < deadline,
+                    "version {version} not running on {pending:?} after 10 s"
+                );
+                let mut still = Vec::new();
+                for &k in &pending {
+                    if self.running_version(k)? < version {
+                        still.push(k);
+                    }
+                }
+                pending = still;
+                if !pending.is_empty() {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            latencies.push(returned.elapsed());
+        }
+        Ok(latencies)
+    }
+
+    /// Cuts node k off from the cluster's QUIC traffic with nftables in its namespace (its
+    /// data plane keeps running).
+    pub fn partition(&self, k: usize) -> Result<()> {
+        let rules = format!(
+            "table inet lbc_partition {{\n\
+               chain input {{ type filter hook input priority 0; udp dport {QUIC_PORT} drop; udp sport {QUIC_PORT} drop; }}\n\
+               chain output {{ type filter hook output priority 0; udp dport {QUIC_PORT} drop; udp sport {QUIC_PORT} drop; }}\n\
+             }}\n"
+        );
+        let path = self.lab.dir().join(format!("n{k}-partition.nft"));
+        std::fs::write(&path, rules)?;
+        self.lab
+            .exec(&format!("n{k}"), &["nft", "-f", &path.to_string_lossy()])?;
+        Ok(())
+    }
+
+    /// Undoes [`ClusterSite::partition`].
+    pub fn heal(&self, k: usize) -> Result<()> {
+        self.lab.exec(
+            &format!("n{k}"),
+            &["nft", "delete", "table", "inet", "lbc_partition"],
+        )?;
+        Ok(())
+    }
+}
