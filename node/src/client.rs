@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use http_body_util::{BodyExt, Full};
 use hyper::Method;
 use hyper::body::Bytes;
@@ -19,14 +19,17 @@ use crate::api::ApiError;
 pub(crate) enum ClientError {
     /// Nothing answers on the socket: the node is not running, or the path is wrong.
     Unreachable(anyhow::Error),
-    /// The node answered, but not with what was asked for.
+    /// The node did not answer properly (the connection broke, or the answer did not decode).
     Failed(anyhow::Error),
+    /// The node answered and refused: the answer's message says why.
+    Refused(String),
 }
 
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ClientError::Unreachable(e) | ClientError::Failed(e) => write!(f, "{e:#}"),
+            ClientError::Refused(message) => f.write_str(message),
         }
     }
 }
@@ -74,9 +77,7 @@ fn call<T: DeserializeOwned>(
                 socket.display()
             )))
         })?;
-        fetch(stream, method, path, body)
-            .await
-            .map_err(ClientError::Failed)
+        fetch(stream, method, path, body).await
     })
 }
 
@@ -85,7 +86,34 @@ async fn fetch<T: DeserializeOwned>(
     method: Method,
     path: &str,
     body: Option<Vec<u8>>,
-) -> Result<T> {
+) -> Result<T, ClientError> {
+    let (status, body) = exchange(stream, &method, path, body)
+        .await
+        .map_err(ClientError::Failed)?;
+    if !status.is_success() {
+        // The node explains itself in an `ApiError`; anything else is shown as it came.
+        return Err(ClientError::Refused(
+            match serde_json::from_slice::<ApiError>(&body) {
+                Ok(e) => e.error,
+                Err(_) => format!(
+                    "the node answered {method} {path} with {status}: {}",
+                    String::from_utf8_lossy(&body).trim()
+                ),
+            },
+        ));
+    }
+    serde_json::from_slice(&body)
+        .with_context(|| format!("decoding the answer to {method} {path}"))
+        .map_err(ClientError::Failed)
+}
+
+/// One request and its answer's status and body.
+async fn exchange(
+    stream: UnixStream,
+    method: &Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<(hyper::StatusCode, Bytes)> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .context("admin API handshake")?;
@@ -112,15 +140,5 @@ async fn fetch<T: DeserializeOwned>(
         .await
         .context("reading the admin API answer")?
         .to_bytes();
-    if !status.is_success() {
-        // The node explains itself in an `ApiError`; anything else is shown as it came.
-        if let Ok(e) = serde_json::from_slice::<ApiError>(&body) {
-            bail!("{}", e.error);
-        }
-        bail!(
-            "the node answered {method} {path} with {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        );
-    }
-    serde_json::from_slice(&body).with_context(|| format!("decoding the answer to {method} {path}"))
+    Ok((status, body))
 }

@@ -242,7 +242,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("lbcluster: error: {e:#}");
-            let unreachable = e.downcast_ref::<ClientError>().is_some();
+            let unreachable = matches!(
+                e.downcast_ref::<ClientError>(),
+                Some(ClientError::Unreachable(_) | ClientError::Failed(_))
+            );
             ExitCode::from(if unreachable { EXIT_UNREACHABLE } else { 1 })
         }
     }

@@ -113,7 +113,13 @@ impl ClusterSite {
         }
         site.cli(1, &["cluster", "init"])?.ok()?;
         for k in 2..=members {
-            site.add_node(1, k)?;
+            site.add_node(1, k).with_context(|| {
+                format!(
+                    "adding n{k}\n--- n1 log:\n{}\n--- n{k} log:\n{}",
+                    site.log(1),
+                    site.log(k)
+                )
+            })?;
         }
         site.lab.route_to_node(IpAddr::V4(VIP), 1)?;
         for k in 1..=nodes {

@@ -12,9 +12,9 @@
 //! * `client`: 198.18.1.10/24, 2001:db8:1::10/64, default routes via the router.
 //! * `router`: forwarding on, L4 multipath hashing, one veth per node, a bridge for the backends;
 //!   it only knows lab subnets plus the /32 and /128 routes the tests (or, later, BGP) install.
-//! * `nK`: one-armed on its uplink, routes only to the client and backend subnets (not the whole
-//!   lab range: the VIP would loop), tx checksum offload off on the uplink (veth hides checksum
-//!   bugs otherwise).
+//! * `nK`: one-armed on its uplink, routes only to the client and backend subnets and to the other
+//!   nodes' uplink addresses (not the whole lab range: the VIP would loop), tx checksum offload
+//!   off on the uplink (veth hides checksum bugs otherwise).
 //! * `bJ`: runs `lab-backend serve --name bJ` (HTTP 8080, TCP echo 9000, UDP echo 5353).
 //!
 //! Every namespace is named `<prefix>-<role>`; everything is removed by [`Lab::down`], by `Drop`,
@@ -389,6 +389,12 @@ impl Lab {
             }
             for net in ["2001:db8:1::/64", "2001:db8:3::/64"] {
                 self.ip(&role, &format!("-6 route add {net} via {gw6}"))?;
+            }
+            // The other nodes' uplinks: cluster traffic (Raft, session sync) between nodes.
+            for j in (1..=self.spec.nodes).filter(|&j| j != k) {
+                let (peer4, peer6) = (self.node_uplink(j), self.node_uplink6(j));
+                self.ip(&role, &format!("route add {peer4}/32 via {gw4}"))?;
+                self.ip(&role, &format!("-6 route add {peer6}/128 via {gw6}"))?;
             }
             self.exec(&role, &["ethtool", "-K", NODE_UPLINK_IF, "tx", "off"])?;
         }
