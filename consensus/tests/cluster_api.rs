@@ -8,11 +8,9 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use common::{Ca, TestNode};
-use consensus::config::{
-    self, Backend, HealthCheck, Proto, Scheduler, Service, ServiceKey, ServiceSettings, Timeouts,
-};
-use consensus::{ClusterError, Command, ConfigError, Deadlines, NodeId, Role, node_id};
+use common::{Ca, TestNode, add_service, service_key};
+use consensus::config;
+use consensus::{ClusterError, ConfigError, Deadlines, NodeId, Role, node_id};
 use openraft::ServerState;
 use tokio::time::Instant;
 
@@ -22,29 +20,6 @@ const DEADLINES: Deadlines = Deadlines {
     write: Duration::from_secs(3),
     catch_up: Duration::from_secs(3),
 };
-
-fn service_key(last_octet: u8) -> ServiceKey {
-    ServiceKey {
-        vip: SocketAddr::from(([192, 0, 2, last_octet], 80)),
-        proto: Proto::Tcp,
-    }
-}
-
-fn add_service(last_octet: u8) -> Command {
-    Command::AddService(Service {
-        key: service_key(last_octet),
-        settings: ServiceSettings {
-            scheduler: Scheduler::Maglev,
-            timeouts: Timeouts::default(),
-            toa: false,
-            health: HealthCheck::None,
-        },
-        backends: vec![Backend {
-            addr: SocketAddr::from(([10, 1, 0, last_octet], 8080)),
-            weight: 1,
-        }],
-    })
-}
 
 /// The configuration entry of a node named `name` at `addr` with local address 198.19.0.`lip`.
 fn config_node(name: &str, addr: SocketAddr, lip: u8) -> config::Node {

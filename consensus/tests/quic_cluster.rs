@@ -9,11 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{Ca, TestDialer, TestNode};
-use consensus::config::{
-    self, Backend, HealthCheck, Proto, Scheduler, Service, ServiceKey, ServiceSettings, Settings,
-    Timeouts,
-};
+use common::{Ca, TestDialer, TestNode, add_service};
+use consensus::config::{self, Settings};
 use consensus::transport::{MAX_FORWARD_FRAME, MAX_RPC_FRAME, RpcKind, ServeCounterValues};
 use consensus::{
     ClusterConfig, Command, Deadlines, Dialer, Member, NodeId, NodeReport, QuicNetwork, Role,
@@ -26,25 +23,6 @@ use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
 use quinn::Connection;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-fn add_service(last_octet: u8) -> Command {
-    Command::AddService(Service {
-        key: ServiceKey {
-            vip: SocketAddr::from(([192, 0, 2, last_octet], 80)),
-            proto: Proto::Tcp,
-        },
-        settings: ServiceSettings {
-            scheduler: Scheduler::Maglev,
-            timeouts: Timeouts::default(),
-            toa: false,
-            health: HealthCheck::None,
-        },
-        backends: vec![Backend {
-            addr: SocketAddr::from(([10, 1, 0, last_octet], 8080)),
-            weight: 1,
-        }],
-    })
-}
 
 /// Waits until `node` has applied configuration version `version`.
 async fn converged(node: &mut TestNode, version: u64) -> Arc<ClusterConfig> {

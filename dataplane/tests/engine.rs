@@ -842,8 +842,11 @@ fn test_session_record_installed_on_another_node_carries_the_flow() {
     assert_eq!(b.session_count(), 0);
 }
 
-#[test]
-fn test_weight_zero_takes_no_new_flows_but_keeps_sessions() {
+/// Two backends behind an rr service, a flow opened on RS1, then `change` applied to the
+/// configuration: new flows must all go to RS2. Returns the worker and the RS1 flow.
+fn rs1_flow_then_only_rs2(
+    change: impl FnOnce(&mut dataplane::ServiceConfig),
+) -> (dataplane::Worker, dataplane::SessionRecord) {
     let two = vec![service(
         v4(VIP),
         80,
@@ -864,9 +867,9 @@ fn test_weight_zero_takes_no_new_flows_but_keeps_sessions() {
         }
     }
     let rec = on_rs1.expect("rr used RS1");
-    let mut drained = two.clone();
-    drained[0].backends[0].weight = 0;
-    let snap = dataplane::Snapshot::new(2, &drained, Default::default(), Some(&engine.snapshot()))
+    let mut changed = two.clone();
+    change(&mut changed[0]);
+    let snap = dataplane::Snapshot::new(2, &changed, Default::default(), Some(&engine.snapshot()))
         .unwrap();
     engine.set_snapshot(snap);
     for cport in 41000..41010 {
@@ -877,6 +880,12 @@ fn test_weight_zero_takes_no_new_flows_but_keeps_sessions() {
         );
         assert_eq!(created(&mut w).backend.ip(), v4(RS2));
     }
+    (w, rec)
+}
+
+#[test]
+fn test_weight_zero_takes_no_new_flows_but_keeps_sessions() {
+    let (mut w, rec) = rs1_flow_then_only_rs2(|svc| svc.backends[0].weight = 0);
     // The old flow on RS1 still goes to RS1.
     let data = ip(
         v4(CLIENT),
@@ -892,39 +901,9 @@ fn test_weight_zero_takes_no_new_flows_but_keeps_sessions() {
 /// they keep going to it, both ways, until they close or expire.
 #[test]
 fn test_removed_backend_keeps_its_sessions_until_they_end() {
-    let two = vec![service(
-        v4(VIP),
-        80,
-        L4Proto::Tcp,
-        vec![backend(v4(RS1), 8080, 1), backend(v4(RS2), 8080, 1)],
-    )];
-    let (engine, mut w) = engine_with(&two, small_config());
-    let mut on_rs1 = None;
-    for cport in 40000..40004 {
-        run(
-            &mut w,
-            T0,
-            &ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b"")),
-        );
-        let rec = created(&mut w);
-        if rec.backend.ip() == v4(RS1) {
-            on_rs1 = Some(rec);
-        }
-    }
-    let rec = on_rs1.expect("rr used RS1");
-    let mut removed = two.clone();
-    removed[0].backends.remove(0);
-    let snap = dataplane::Snapshot::new(2, &removed, Default::default(), Some(&engine.snapshot()))
-        .unwrap();
-    engine.set_snapshot(snap);
-    for cport in 41000..41010 {
-        run(
-            &mut w,
-            T0,
-            &ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b"")),
-        );
-        assert_eq!(created(&mut w).backend.ip(), v4(RS2));
-    }
+    let (mut w, rec) = rs1_flow_then_only_rs2(|svc| {
+        svc.backends.remove(0);
+    });
     let data = ip(
         v4(CLIENT),
         v4(VIP),

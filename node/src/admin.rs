@@ -149,10 +149,11 @@ async fn status(State(admin): State<Admin>, Query(q): Query<StatusQuery>) -> Jso
             raft_rpcs: c.serve_counters.values(),
         });
     } else if let Some(c) = &admin.cluster {
-        let (read, nodes) = tokio::join!(
+        let (read, mut nodes) = tokio::join!(
             c.cluster.read(STATUS_READ_TIMEOUT),
             c.cluster.reports(STATUS_REPORT_TIMEOUT)
         );
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let leader = nodes
             .iter()
             .find(|n| n.role == Some(Role::Leader))

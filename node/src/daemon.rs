@@ -1,6 +1,8 @@
 //! `lbcluster run`: the node daemon. It checks the config before it binds or changes anything,
 //! then starts the engine, the admin API, the metrics listener and the health checks, and runs
-//! until SIGTERM or SIGINT. SIGHUP reloads the services from the config file.
+//! until SIGTERM or SIGINT. A standalone node runs its file's services and reloads them on
+//! SIGHUP; a cluster member (`[cluster]`) binds its QUIC endpoint, starts Raft, and runs every
+//! configuration the cluster commits.
 
 use std::hash::{BuildHasher, Hasher};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -21,7 +23,7 @@ use consensus::ClusterConfig;
 use crate::admin::{Admin, ClusterAdmin};
 use crate::cluster::{self, ClusterNode};
 use crate::packet_io::{self, DataplaneSpec};
-use crate::source::{ConfigFileSource, Reloaded, ServiceSource};
+use crate::source::{ConfigFileSource, Reloaded};
 use crate::state::NodeState;
 use crate::{admin, clock, config, health, metrics};
 

@@ -407,44 +407,39 @@ pub(crate) fn service(cmd: ServiceCommand) -> Result<()> {
 }
 
 pub(crate) fn backend(cmd: BackendCommand) -> Result<()> {
-    match cmd {
-        BackendCommand::Add(args) => {
-            let service = args.service.key();
-            let backend = Backend {
-                addr: args.real_server,
-                weight: args.weight,
-            };
-            commit(
-                &args.socket.socket,
-                &Command::AddBackend { service, backend },
-                &format!("added backend {} to {service}", backend.addr),
-            )
-        }
-        BackendCommand::Edit(args) => {
-            let service = args.service.key();
-            let backend = Backend {
-                addr: args.real_server,
-                weight: args.weight,
-            };
-            commit(
-                &args.socket.socket,
-                &Command::EditBackend { service, backend },
-                &format!(
-                    "set the weight of backend {} of {service} to {}",
-                    backend.addr, backend.weight
-                ),
-            )
-        }
+    let (args, add) = match cmd {
+        BackendCommand::Add(args) => (args, true),
+        BackendCommand::Edit(args) => (args, false),
         BackendCommand::Del(args) => {
             let service = args.service.key();
-            commit(
+            return commit(
                 &args.socket.socket,
                 &Command::DelBackend {
                     service,
                     addr: args.real_server,
                 },
                 &format!("deleted backend {} from {service}", args.real_server),
-            )
+            );
         }
-    }
+    };
+    let service = args.service.key();
+    let backend = Backend {
+        addr: args.real_server,
+        weight: args.weight,
+    };
+    let (command, what) = if add {
+        (
+            Command::AddBackend { service, backend },
+            format!("added backend {} to {service}", backend.addr),
+        )
+    } else {
+        (
+            Command::EditBackend { service, backend },
+            format!(
+                "set the weight of backend {} of {service} to {}",
+                backend.addr, backend.weight
+            ),
+        )
+    };
+    commit(&args.socket.socket, &command, &what)
 }

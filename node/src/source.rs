@@ -1,7 +1,6 @@
-//! Where the node's services come from: the one seam between the daemon and its configuration.
-//! The daemon reads the current [`ServiceSet`] and hears of every new one through a
-//! [`ServiceSource`]; it never looks at where the set came from. The standalone config file is
-//! the only source today; the replicated cluster configuration will be another.
+//! The services of a standalone node (no `[cluster]` in its file): the config file, read again
+//! on SIGHUP. The daemon hears of every new [`ServiceSet`] through a watch channel, the same way
+//! a cluster member hears of each committed configuration (`crate::cluster`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,12 +9,6 @@ use anyhow::Result;
 use tokio::sync::watch;
 
 use crate::config::{self, Config, ServiceSet};
-
-/// A provider of the node's services.
-pub(crate) trait ServiceSource: Send + Sync {
-    /// The current service set; `changed()` on the receiver reports each new one.
-    fn subscribe(&self) -> watch::Receiver<Arc<ServiceSet>>;
-}
 
 /// The standalone config file. It is read again on [`ConfigFileSource::reload`] (SIGHUP); a
 /// changed service set is published under the next version, while changes to `[node]` or
@@ -45,6 +38,11 @@ impl ConfigFileSource {
         }
     }
 
+    /// The current service set; `changed()` on the receiver reports each new one.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<ServiceSet>> {
+        self.tx.subscribe()
+    }
+
     /// Reads the file again and publishes its services if they changed. An invalid file, or one
     /// that changes what only a restart can, leaves the running services as they are.
     pub(crate) fn reload(&mut self) -> Result<Reloaded> {
@@ -65,12 +63,6 @@ impl ConfigFileSource {
         self.tx.send_replace(Arc::new(fresh.services.clone()));
         self.running = fresh;
         Ok(Reloaded::Services { version })
-    }
-}
-
-impl ServiceSource for ConfigFileSource {
-    fn subscribe(&self) -> watch::Receiver<Arc<ServiceSet>> {
-        self.tx.subscribe()
     }
 }
 

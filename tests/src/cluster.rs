@@ -39,6 +39,18 @@ pub fn lip6(k: usize) -> Ipv6Addr {
     )
 }
 
+/// What [`ClusterSite::change_latencies`] measured, one entry per change.
+#[derive(Debug, Default)]
+pub struct ChangeLatencies {
+    /// How long `lbcluster backend edit` took, from start to return (commit, and the local data
+    /// plane running it).
+    pub commands: Vec<Duration>,
+    /// From the command returning until every node's data plane ran the change.
+    pub to_all: Vec<Duration>,
+    /// The configuration version each change made.
+    pub versions: Vec<u64>,
+}
+
 /// A lab whose nodes form one cluster.
 #[derive(Debug)]
 pub struct ClusterSite {
@@ -368,12 +380,13 @@ scheduler = "rr"
     /// `lbcluster backend edit` on node 1; for each, the time from the command returning until
     /// every node in `nodes` runs the new version in its data plane (polled every 200 µs).
     /// Needs a service on VIP:80 with backend 1 (what [`ClusterSite::start`] bootstraps).
-    pub fn change_latencies(&self, nodes: &[usize], changes: usize) -> Result<Vec<Duration>> {
+    pub fn change_latencies(&self, nodes: &[usize], changes: usize) -> Result<ChangeLatencies> {
         let vip = format!("{VIP}:80");
         let backend = format!("{}:8080", self.lab.backend_addr(1));
-        let mut latencies = Vec::with_capacity(changes);
+        let mut result = ChangeLatencies::default();
         for i in 0..changes {
             let weight = (i % 50 + 2).to_string();
+            let started = Instant::now();
             let out = self
                 .cli(
                     1,
@@ -381,6 +394,7 @@ scheduler = "rr"
                 )?
                 .ok()?;
             let returned = Instant::now();
+            result.commands.push(returned - started);
             let version: u64 = out
                 .rsplit_once("configuration version ")
                 .and_then(|(_, v)| v.trim().trim_end_matches(')').parse().ok())
@@ -403,9 +417,10 @@ scheduler = "rr"
                     std::thread::sleep(Duration::from_micros(200));
                 }
             }
-            latencies.push(returned.elapsed());
+            result.to_all.push(returned.elapsed());
+            result.versions.push(version);
         }
-        Ok(latencies)
+        Ok(result)
     }
 
     /// Cuts node k off from the cluster's QUIC traffic with nftables in its namespace (its

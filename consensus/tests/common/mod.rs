@@ -3,6 +3,11 @@
 
 use std::error::Error;
 use std::net::{Ipv4Addr, SocketAddr};
+
+use consensus::Command;
+use consensus::config::{
+    Backend, HealthCheck, Proto, Scheduler, Service, ServiceKey, ServiceSettings, Timeouts,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -186,4 +191,29 @@ impl TestNode {
         self.cluster.shutdown().await;
         self.endpoint.close(0u32.into(), b"shutting down");
     }
+}
+
+/// The key of test service `last_octet`: 192.0.2.N:80/tcp.
+pub(crate) fn service_key(last_octet: u8) -> ServiceKey {
+    ServiceKey {
+        vip: SocketAddr::from(([192, 0, 2, last_octet], 80)),
+        proto: Proto::Tcp,
+    }
+}
+
+/// Adds test service `last_octet` with one backend, 10.1.0.N:8080.
+pub(crate) fn add_service(last_octet: u8) -> Command {
+    Command::AddService(Service {
+        key: service_key(last_octet),
+        settings: ServiceSettings {
+            scheduler: Scheduler::Maglev,
+            timeouts: Timeouts::default(),
+            toa: false,
+            health: HealthCheck::None,
+        },
+        backends: vec![Backend {
+            addr: SocketAddr::from(([10, 1, 0, last_octet], 8080)),
+            weight: 1,
+        }],
+    })
 }

@@ -4,9 +4,10 @@
 //!   backends, prints what it created, and leaves it running.
 //! * `lbcluster-lab status --prefix P` — the namespaces, their addresses and processes.
 //! * `lbcluster-lab down --prefix P` — kills the lab's processes and removes its namespaces.
-//! * `lbcluster-lab demo [--requests N]` — the README's main job: a lab with one lbcluster node
-//!   in front of two backends, real HTTP and UDP traffic from the client through the VIPs, then
-//!   `lbcluster status` and `lbcluster sessions`; everything is removed at the end.
+//! * `lbcluster-lab demo [--requests N] [--scheduler S]` — the README's main job: a lab with a
+//!   three-node lbcluster cluster in front of two backends, configured with `lbcluster`
+//!   commands through every node, real HTTP and UDP traffic from the client through the VIP,
+//!   then `lbcluster service list`, `status` and `sessions`; everything is removed at the end.
 //!
 //! Needs root and the Debian packages `iproute2`, `ethtool` and `procps`; `lab-backend` must be
 //! built next to this binary (`cargo build -p tests --bins`).
@@ -16,8 +17,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use tests::cluster::ClusterSite;
 use tests::lab::{Lab, LabSpec, unique_prefix};
-use tests::site::{Site, VIP, VIP6};
+use tests::site::VIP;
 
 #[derive(Debug, Parser)]
 #[command(about = "Build, show and remove lbcluster lab topologies (network namespaces)")]
@@ -48,13 +50,14 @@ enum Command {
         #[arg(long)]
         prefix: String,
     },
-    /// Run a node in a lab, send traffic through its VIPs, show `lbcluster status`, clean up.
+    /// Run a three-node cluster in a lab, configure it, send traffic through its VIP, show
+    /// `lbcluster status`, clean up.
     Demo {
         /// HTTP requests to send through each VIP.
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         requests: u32,
-        /// Scheduler of the TCP services.
-        #[arg(long, default_value = "maglev")]
+        /// Scheduler of the TCP service (mh, wrr, wlc, rr, sh).
+        #[arg(long, default_value = "mh")]
         scheduler: String,
     },
 }
@@ -98,35 +101,81 @@ fn main() -> Result<()> {
 }
 
 fn demo(requests: u32, scheduler: &str) -> Result<()> {
-    println!("== building the lab: client, router, node n1 running lbcluster, backends b1 and b2");
-    let site = Site::start(scheduler)?;
+    println!(
+        "== building the lab: client, router, nodes n1-n3, backends b1 and b2; a cluster CA and \
+         node certificates (`lbcluster tls`); `lbcluster cluster init` on n1 (its file's service \
+         {VIP}:80), `lbcluster node add` n2 and n3"
+    );
+    let site = ClusterSite::start(3, 3, 2)?;
     print!("{}", site.lab.describe());
-    for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
-        println!("\n== {requests} HTTP requests from the client to {vip}:80");
-        let mut answers: BTreeMap<String, u32> = BTreeMap::new();
-        for _ in 0..requests {
-            let who = site.get(vip, "/")?.trim().to_owned();
-            *answers.entry(who).or_default() += 1;
-        }
-        for (backend, n) in &answers {
-            println!("   {backend} answered {n}");
-        }
-        println!(
-            "   the backend saw the request from {}",
-            site.get(vip, "/whoami")?.trim().replace('\n', ", ")
-        );
+    let vip80 = format!("{VIP}:80");
+    let vip53 = format!("{VIP}:53");
+    let mut changes: Vec<Vec<String>> = vec![
+        vec![
+            "service".into(),
+            "edit".into(),
+            "-t".into(),
+            vip80.clone(),
+            "-s".into(),
+            scheduler.into(),
+        ],
+        vec![
+            "service".into(),
+            "add".into(),
+            "-u".into(),
+            vip53.clone(),
+            "-s".into(),
+            "rr".into(),
+        ],
+    ];
+    for j in 1..=2 {
+        let backend = format!("{}:5353", site.lab.backend_addr(j));
+        changes.push(vec![
+            "backend".into(),
+            "add".into(),
+            "-u".into(),
+            vip53.clone(),
+            "-r".into(),
+            backend,
+        ]);
     }
-    println!("\n== UDP through {VIP}:53");
+    for (i, change) in changes.iter().enumerate() {
+        // Through every node in turn: followers forward to the leader.
+        let k = i % 3 + 1;
+        let args: Vec<&str> = change.iter().map(String::as_str).collect();
+        println!("\n== on n{k}: lbcluster {}", args.join(" "));
+        print!("   {}", site.cli(k, &args)?.ok()?);
+    }
+    println!("\n== {requests} HTTP requests from the client to {vip80} (routed to n1)");
+    let mut answers: BTreeMap<String, u32> = BTreeMap::new();
+    let addr = SocketAddr::new(IpAddr::V4(VIP), 80);
+    for _ in 0..requests {
+        let who = site.lab.http_get("client", addr, "/")?.trim().to_owned();
+        *answers.entry(who).or_default() += 1;
+    }
+    for (backend, n) in &answers {
+        println!("   {backend} answered {n}");
+    }
+    println!(
+        "   the backend saw the request from {}",
+        site.lab
+            .http_get("client", addr, "/whoami")?
+            .trim()
+            .replace('\n', ", ")
+    );
+    println!("\n== UDP through {vip53}");
     let echo = site
         .lab
         .udp_echo("client", SocketAddr::new(VIP.into(), 53), "hello")?;
     println!("   sent hello, got {echo}");
-    println!("\n== lbcluster status");
-    let status = site.status(false)?;
-    print!("{}", String::from_utf8_lossy(&status.stdout));
-    eprint!("{}", String::from_utf8_lossy(&status.stderr));
-    println!("\n== lbcluster sessions");
-    print!("{}", site.sessions()?);
+    println!("\n== lbcluster service list (on n3)");
+    print!("{}", site.cli(3, &["service", "list"])?.ok()?);
+    println!("\n== lbcluster status (on n1)");
+    let status = site.cli(1, &["status"])?;
+    print!("{}", status.stdout);
+    eprint!("{}", status.stderr);
+    println!("\n== lbcluster sessions (on n1)");
+    print!("{}", site.cli(1, &["sessions"])?.ok()?);
     println!("\n== removing the lab");
     Ok(())
 }
