@@ -116,6 +116,31 @@ impl Admin {
         })
     }
 
+    /// The node's status with only its own view of the cluster: no quorum round trip, no peer
+    /// reports (`status --local`, metrics).
+    pub(crate) fn local_status(&self) -> NodeStatus {
+        let mut status = self.node.status();
+        if let Some(c) = &self.cluster {
+            let me = c.cluster.local_report();
+            let config = c.cluster.local_config();
+            status.cluster = Some(ClusterStatus {
+                quorum: me.leader.is_some(),
+                read_error: Some(
+                    "this node's own view (--local): not a linearizable read".to_owned(),
+                ),
+                config_version: config.version,
+                leader: me
+                    .leader
+                    .and_then(|id| config.nodes.get(&id))
+                    .map(|n| n.name.clone()),
+                nodes: vec![me],
+                quic: c.endpoint.counters(),
+                raft_rpcs: c.serve_counters.values(),
+            });
+        }
+        status
+    }
+
     /// Answers a committed change once this node's data plane runs it.
     async fn written(&self, version: u64) -> Result<Json<Written>, Failure> {
         if self.node.wait_running(version, RUNNING_TIMEOUT).await {
@@ -133,22 +158,11 @@ impl Admin {
 }
 
 async fn status(State(admin): State<Admin>, Query(q): Query<StatusQuery>) -> Json<NodeStatus> {
+    if q.local {
+        return Json(admin.local_status());
+    }
     let mut status = admin.node.status();
-    if let Some(c) = &admin.cluster
-        && q.local
-    {
-        // This node's own view: no quorum round trip, no peer reports.
-        let me = c.cluster.local_report();
-        status.cluster = Some(ClusterStatus {
-            quorum: me.leader.is_some(),
-            read_error: Some("this node's view only (--local): not a linearizable read".to_owned()),
-            config_version: c.cluster.local_config().version,
-            leader: None,
-            nodes: vec![me],
-            quic: c.endpoint.counters(),
-            raft_rpcs: c.serve_counters.values(),
-        });
-    } else if let Some(c) = &admin.cluster {
+    if let Some(c) = &admin.cluster {
         let (read, mut nodes) = tokio::join!(
             c.cluster.read(STATUS_READ_TIMEOUT),
             c.cluster.reports(STATUS_REPORT_TIMEOUT)

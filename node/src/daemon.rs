@@ -144,14 +144,15 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    let admin = Admin {
+        node: state.clone(),
+        cluster: match &mode {
+            Mode::Cluster { admin, .. } => Some(admin.clone()),
+            Mode::Standalone(_) => None,
+        },
+    };
     {
-        let admin = Admin {
-            node: state.clone(),
-            cluster: match &mode {
-                Mode::Cluster { admin, .. } => Some(admin.clone()),
-                Mode::Standalone(_) => None,
-            },
-        };
+        let admin = admin.clone();
         let stop = stopped(stop_rx.clone());
         tasks.spawn(
             async move {
@@ -163,12 +164,12 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
         );
     }
     if let Some(listener) = metrics_listener {
-        let state = state.clone();
+        let admin = admin.clone();
         let stop = stopped(stop_rx.clone());
         let addr = listener.local_addr().context("metrics listener address")?;
         tasks.spawn(
             async move {
-                if let Err(e) = metrics::serve(listener, state, stop).await {
+                if let Err(e) = metrics::serve(listener, admin, stop).await {
                     error!("metrics listener failed: {e}");
                 }
             }
@@ -288,15 +289,16 @@ async fn follow_cluster(
     }
 }
 
-/// Keeps one health checker per checked backend of the current service set: a new set replaces
-/// the checkers (backends that stay keep their state) and rebuilds the snapshot.
+/// Keeps one health checker per checked backend of the current service set: a new set rebuilds
+/// the snapshot (backends that stay keep their health) and updates the checkers (a backend whose
+/// check stays keeps its checker).
 async fn supervise_health(
     state: Arc<NodeState>,
     mut services: watch::Receiver<Arc<config::ServiceSet>>,
     stop: watch::Receiver<bool>,
 ) {
-    let mut checkers = JoinSet::new();
-    health::spawn_checkers(&state.service_set(), &state, &mut checkers);
+    let mut checkers = health::Checkers::default();
+    checkers.update(&state.service_set(), &state);
     let stop = stopped(stop);
     tokio::pin!(stop);
     loop {
@@ -307,11 +309,10 @@ async fn supervise_health(
                     break;
                 }
                 let set = services.borrow_and_update().clone();
-                checkers.shutdown().await;
                 if let Err(e) = state.set_services(set.clone()) {
                     error!("service set {} not applied: {e:#}", set.version);
                 }
-                health::spawn_checkers(&state.service_set(), &state, &mut checkers);
+                checkers.update(&state.service_set(), &state);
             }
         }
     }

@@ -3,6 +3,7 @@
 //! successes bring it back. A change of state rebuilds the engine's snapshot at once, so a down
 //! backend gets no new flows; its sessions stay.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -11,27 +12,62 @@ use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{MissedTickBehavior, timeout};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::{HealthCheck, Probe, ServiceSet};
 use crate::state::{BackendKey, NodeState, service_key};
 
-/// Starts one checker per checked backend of `set` into `tasks`.
-pub(crate) fn spawn_checkers(set: &ServiceSet, state: &Arc<NodeState>, tasks: &mut JoinSet<()>) {
-    for svc in &set.services {
-        let key = service_key(&svc.config);
-        let Some(probe) = probe_of(&svc.health) else {
-            continue;
-        };
-        for b in &svc.config.backends {
-            let span = info_span!("check", vip = %key.vip, backend = %b.addr);
-            tasks.spawn(
-                check_forever((key, b.addr), svc.health.clone(), probe, state.clone())
-                    .instrument(span),
-            );
+/// The running checkers, one per checked backend. A new service set stops the checkers of
+/// backends that went or whose check changed and starts the new ones; a backend whose check
+/// stays keeps its checker, so its rise/fall count is not reset by unrelated changes.
+#[derive(Debug, Default)]
+pub(crate) struct Checkers {
+    running: HashMap<BackendKey, (HealthCheck, AbortHandle)>,
+    tasks: JoinSet<()>,
+}
+
+impl Checkers {
+    /// Makes the checkers match `set`.
+    pub(crate) fn update(&mut self, set: &ServiceSet, state: &Arc<NodeState>) {
+        while self.tasks.try_join_next().is_some() {}
+        let mut wanted = HashMap::new();
+        for svc in &set.services {
+            if probe_of(&svc.health).is_none() {
+                continue;
+            }
+            let key = service_key(&svc.config);
+            for b in &svc.config.backends {
+                wanted.insert((key, b.addr), &svc.health);
+            }
         }
+        self.running.retain(|key, (check, handle)| {
+            let keep = wanted.get(key).is_some_and(|w| *w == check);
+            if !keep {
+                handle.abort();
+            }
+            keep
+        });
+        for (key, check) in wanted {
+            let Some(probe) = probe_of(check) else {
+                continue;
+            };
+            if self.running.contains_key(&key) {
+                continue;
+            }
+            let span = info_span!("check", vip = %key.0.vip, backend = %key.1);
+            let handle = self
+                .tasks
+                .spawn(check_forever(key, check.clone(), probe, state.clone()).instrument(span));
+            self.running.insert(key, (check.clone(), handle));
+        }
+    }
+
+    /// Stops every checker.
+    pub(crate) async fn shutdown(&mut self) {
+        self.running.clear();
+        self.tasks.shutdown().await;
     }
 }
 
@@ -259,8 +295,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (state, set) = node_with_backend(addr);
-        let mut tasks = JoinSet::new();
-        spawn_checkers(&set, &state, &mut tasks);
+        let mut checkers = Checkers::default();
+        checkers.update(&set, &state);
 
         tokio::time::sleep(PROBE.interval * 3).await;
         assert_eq!(state.status().backends_down(), 0);
@@ -273,6 +309,32 @@ mod tests {
         let took = wait_for(&state, true).await;
         assert!(took >= PROBE.interval, "up after {took:?}");
         assert_eq!(state.engine().snapshot().version(), 1);
-        tasks.shutdown().await;
+        checkers.shutdown().await;
+    }
+
+    /// A new service set keeps the checker of a backend whose check stays, restarts the one
+    /// whose check changed, and stops the one of a backend that went.
+    #[tokio::test]
+    async fn test_checkers_follow_the_service_set() {
+        let (state, mut set) = node_with_backend("127.0.0.1:9".parse().unwrap());
+        let mut checkers = Checkers::default();
+        checkers.update(&set, &state);
+        let id = |c: &Checkers| c.running.values().next().map(|(_, h)| h.id());
+        let first = id(&checkers).unwrap();
+
+        set.version = 2;
+        set.services[0].config.backends[0].weight = 5;
+        checkers.update(&set, &state);
+        assert_eq!(id(&checkers), Some(first), "same backend, same check: kept");
+
+        set.services[0].health = HealthCheck::Tcp(Probe { rise: 3, ..PROBE });
+        checkers.update(&set, &state);
+        let second = id(&checkers).unwrap();
+        assert_ne!(second, first, "changed check: restarted");
+
+        set.services[0].config.backends.clear();
+        checkers.update(&set, &state);
+        assert!(checkers.running.is_empty());
+        checkers.shutdown().await;
     }
 }

@@ -10,7 +10,6 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
-use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
@@ -21,29 +20,34 @@ use tokio::net::TcpListener;
 
 use dataplane::service::Traffic;
 
-use crate::api::{BackendStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, WorkerIoStats};
-use crate::state::NodeState;
+use consensus::Role;
+
+use crate::admin::Admin;
+use crate::api::{
+    BackendStatus, ClusterStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, WorkerIoStats,
+};
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Serves `/metrics` until `shutdown` completes.
 pub(crate) async fn serve(
     listener: TcpListener,
-    state: Arc<NodeState>,
+    admin: Admin,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(scrape))
-        .with_state(state);
+        .with_state(admin);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-async fn scrape(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
+/// A scrape reads this node's own view of the cluster, never asks the peers.
+async fn scrape(State(admin): State<Admin>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        exposition(&state.status()),
+        exposition(&admin.local_status()),
     )
 }
 
@@ -323,6 +327,81 @@ fn families(s: &NodeStatus) -> Vec<Family> {
             samples: vec![(vec![], s.uptime_secs)],
         },
     ]
+    .into_iter()
+    .chain(
+        s.cluster
+            .as_ref()
+            .map(cluster_families)
+            .into_iter()
+            .flatten(),
+    )
+    .collect()
+}
+
+/// The cluster member's own Raft state and its QUIC endpoint's peers.
+fn cluster_families(c: &ClusterStatus) -> Vec<Family> {
+    let me = c.nodes.first();
+    let gauge = |name, help, v: Option<u64>| Family {
+        name,
+        help,
+        kind: Kind::Gauge,
+        samples: v.map(|v| (vec![], v)).into_iter().collect(),
+    };
+    let results = |pairs: &[(&str, u64)]| {
+        pairs
+            .iter()
+            .map(|&(r, v)| (vec![("result", r.to_owned())], v))
+            .collect()
+    };
+    vec![
+        gauge(
+            "lbcluster_raft_term",
+            "The Raft term this node is in.",
+            me.and_then(|n| n.term),
+        ),
+        gauge(
+            "lbcluster_raft_leader",
+            "1 when this node is the Raft leader, else 0.",
+            me.map(|n| u64::from(n.role == Some(Role::Leader))),
+        ),
+        gauge(
+            "lbcluster_raft_commit_index",
+            "The last Raft log index this node knows to be committed.",
+            me.and_then(|n| n.committed),
+        ),
+        gauge(
+            "lbcluster_raft_applied_index",
+            "The last Raft log index this node applied.",
+            me.and_then(|n| n.applied),
+        ),
+        gauge(
+            "lbcluster_cluster_config_version",
+            "Version of the cluster configuration this node applied.",
+            Some(c.config_version),
+        ),
+        Family {
+            name: "lbcluster_quic_peers_total",
+            help: "QUIC connections by outcome: accepted, or refused (certificate not from the \
+                   cluster CA, or node not a member).",
+            kind: Kind::Counter,
+            samples: results(&[
+                ("accepted", c.quic.accepted),
+                ("refused_untrusted_ca", c.quic.refused_untrusted_ca),
+                ("refused_not_member", c.quic.refused_not_member),
+            ]),
+        },
+        Family {
+            name: "lbcluster_raft_rpcs_total",
+            help: "Raft RPC streams this node served, by outcome.",
+            kind: Kind::Counter,
+            samples: results(&[
+                ("answered", c.raft_rpcs.answered),
+                ("malformed", c.raft_rpcs.malformed),
+                ("oversized", c.raft_rpcs.oversized),
+                ("abandoned", c.raft_rpcs.abandoned),
+            ]),
+        },
+    ]
 }
 
 /// One sample per worker and operation, labelled `worker` and `op`.
@@ -353,4 +432,65 @@ fn per_family(v4: usize, v6: usize) -> Vec<Sample> {
         (vec![("family", "ipv4".to_owned())], v4 as u64),
         (vec![("family", "ipv6".to_owned())], v6 as u64),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cluster member exports its own Raft state and its QUIC peers' outcomes.
+    #[test]
+    fn test_cluster_families() {
+        let cluster = ClusterStatus {
+            quorum: true,
+            read_error: None,
+            config_version: 12,
+            leader: Some("n1".to_owned()),
+            nodes: vec![consensus::NodeReport {
+                id: 7,
+                name: "n1".to_owned(),
+                addr: "198.18.51.2:7946".parse().unwrap(),
+                reachable: true,
+                role: Some(Role::Leader),
+                term: Some(3),
+                committed: Some(40),
+                applied: Some(39),
+                config_version: Some(12),
+                leader: Some(7),
+                voter: true,
+            }],
+            quic: crate::quic::CounterValues {
+                refused_untrusted_ca: 2,
+                refused_not_member: 1,
+                accepted: 5,
+            },
+            raft_rpcs: consensus::transport::ServeCounterValues {
+                answered: 100,
+                malformed: 1,
+                ..Default::default()
+            },
+        };
+        let text: Vec<String> = cluster_families(&cluster)
+            .iter()
+            .flat_map(|f| {
+                f.samples.iter().map(|(labels, v)| {
+                    let labels: Vec<String> =
+                        labels.iter().map(|(k, l)| format!("{k}={l}")).collect();
+                    format!("{}{{{}}} {v}", f.name, labels.join(","))
+                })
+            })
+            .collect();
+        for want in [
+            "lbcluster_raft_term{} 3",
+            "lbcluster_raft_leader{} 1",
+            "lbcluster_raft_commit_index{} 40",
+            "lbcluster_raft_applied_index{} 39",
+            "lbcluster_cluster_config_version{} 12",
+            "lbcluster_quic_peers_total{result=refused_untrusted_ca} 2",
+            "lbcluster_quic_peers_total{result=accepted} 5",
+            "lbcluster_raft_rpcs_total{result=malformed} 1",
+        ] {
+            assert!(text.iter().any(|t| t == want), "{want} not in {text:#?}");
+        }
+    }
 }

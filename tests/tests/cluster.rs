@@ -78,6 +78,16 @@ fn three_nodes_agree_and_survive_the_leader_being_killed() -> Result<()> {
             "{st}"
         );
     }
+    // `status --local`: the node's own view only, no round trips.
+    let local: Value =
+        serde_json::from_str(&site.cli(2, &["status", "--local", "-o", "json"])?.ok()?)?;
+    assert_eq!(
+        local["cluster"]["nodes"].as_array().map(Vec::len),
+        Some(1),
+        "{local}"
+    );
+    assert_eq!(local["cluster"]["nodes"][0]["name"], "n2");
+    assert!(local["cluster"]["leader"].as_str().is_some(), "{local}");
     // Traffic through the VIP, on node 1, from the replicated configuration.
     let vip80 = SocketAddr::new(IpAddr::V4(VIP), 80);
     assert!(["b1", "b2"].contains(&site.lab.http_get("client", vip80, "/")?.trim()));
