@@ -332,6 +332,77 @@ fn test_daemon_answers_status_sessions_and_metrics_then_stops_on_sigterm() {
     assert!(!d.socket().exists(), "socket left behind");
 }
 
+/// A standalone node (no `[cluster]`) refuses the cluster's commands with a message that says
+/// where its services come from; a command with a bad argument is a usage error.
+#[test]
+fn test_standalone_node_refuses_cluster_commands() {
+    let d = Daemon::start(SERVICE);
+    for args in [
+        &["cluster", "init"][..],
+        &["service", "add", "-t", "198.18.100.7:80"],
+        &["service", "list"],
+        &[
+            "backend",
+            "del",
+            "-t",
+            "198.18.100.1:80",
+            "-r",
+            "198.18.3.10:8080",
+        ],
+        &[
+            "node",
+            "add",
+            "n2",
+            "--addr",
+            "198.18.52.2:7946",
+            "--lip",
+            "198.19.200.2",
+        ],
+        &["node", "remove", "n2"],
+    ] {
+        let out = d.cli(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("this node runs standalone"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    for args in [
+        &["service", "add", "198.18.100.7:80"][..],
+        &[
+            "service",
+            "add",
+            "-t",
+            "198.18.100.7:80",
+            "-u",
+            "198.18.100.7:53",
+        ],
+        &["service", "add", "-t", "198.18.100.7:80", "-s", "fastest"],
+        &[
+            "service",
+            "add",
+            "-t",
+            "198.18.100.7:80",
+            "--timeout",
+            "forever=1",
+        ],
+        &[
+            "node",
+            "add",
+            "N2!",
+            "--addr",
+            "198.18.52.2:7946",
+            "--lip",
+            "198.19.200.2",
+        ],
+        &["node", "add", "n2", "--addr", "198.18.52.2:7946"],
+    ] {
+        let out = d.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
+}
+
 #[test]
 fn test_status_exits_3_without_a_daemon() {
     let dir = tempfile::tempdir().unwrap();
