@@ -176,9 +176,11 @@ pub(crate) fn local_addrs(cfg: &ClusterConfig, me: NodeId, file: &[IpAddr]) -> V
         .map_or_else(|| file.to_vec(), |n| n.lips.clone())
 }
 
-/// Host routes into the data plane: the node's LIPs and every VIP.
+/// Host routes into the data plane: the node's LIPs, every other node's LIPs (their return
+/// traffic reaches this node when the router moves a peer's LIP here, DESIGN §2) and every VIP.
 pub(crate) fn routes(cfg: &ClusterConfig, lips: &[IpAddr]) -> Vec<IpAddr> {
     let mut routes = lips.to_vec();
+    routes.extend(cfg.nodes.values().flat_map(|n| n.lips.iter().copied()));
     routes.extend(cfg.services.iter().map(|s| s.key.vip.ip()));
     routes.sort();
     routes.dedup();
@@ -413,5 +415,10 @@ mod tests {
             .map(|a| a.parse().unwrap())
             .collect();
         assert_eq!(routes(&cfg, &lips), want);
+        // A peer's LIPs are routed here too.
+        let mut peer = self_node("n2", &settings, &["198.19.200.2".parse().unwrap()]);
+        peer.quic_addr = "198.18.1.3:7946".parse().unwrap();
+        cfg.apply(&Command::AddNode(peer)).unwrap();
+        assert!(routes(&cfg, &lips).contains(&"198.19.200.2".parse().unwrap()));
     }
 }
