@@ -423,6 +423,63 @@ scheduler = "rr"
         Ok(result)
     }
 
+    /// Starts `lab-backend streams` in the client namespace: `conns` long-lived connections
+    /// through the TCP echo service at `target` for `seconds`, every byte checked.
+    pub fn start_streams(
+        &self,
+        target: SocketAddr,
+        conns: u32,
+        seconds: u64,
+    ) -> Result<LabProcess> {
+        let bin = crate::lab::backend_binary()?;
+        self.lab.spawn(
+            "client",
+            &[
+                &bin.to_string_lossy(),
+                "streams",
+                &target.to_string(),
+                "--conns",
+                &conns.to_string(),
+                "--seconds",
+                &seconds.to_string(),
+            ],
+        )
+    }
+
+    /// Waits (at most `timeout`) for a [`ClusterSite::start_streams`] run to end and returns
+    /// its JSON report.
+    pub fn streams_report(&self, streams: &LabProcess, timeout: Duration) -> Result<Value> {
+        ensure!(
+            streams.wait_timeout(timeout).is_some(),
+            "the streams did not end within {timeout:?}"
+        );
+        let log = streams.log();
+        let line = log
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .with_context(|| format!("no report in {log:?}"))?;
+        Ok(serde_json::from_str(line)?)
+    }
+
+    /// Takes node k's uplink down: the node is cut off from the router, its processes keep
+    /// running.
+    pub fn cut_links(&self, k: usize) -> Result<()> {
+        self.lab.exec(
+            &format!("n{k}"),
+            &["ip", "link", "set", crate::lab::NODE_UPLINK_IF, "down"],
+        )?;
+        Ok(())
+    }
+
+    /// Moves the router's routes for the VIP and node `from`'s LIPs to node `to`, as BGP would
+    /// when `from` fails.
+    pub fn move_routes(&self, from: usize, to: usize) -> Result<()> {
+        self.lab.route_to_node(IpAddr::V4(VIP), to)?;
+        self.lab.route_to_node(IpAddr::V4(lip(from)), to)?;
+        self.lab.route_to_node(IpAddr::V6(lip6(from)), to)?;
+        Ok(())
+    }
+
     /// Cuts node k off from the cluster's QUIC traffic with nftables in its namespace (its
     /// data plane keeps running).
     pub fn partition(&self, k: usize) -> Result<()> {

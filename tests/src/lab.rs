@@ -205,7 +205,7 @@ fn ip(args: &str) -> Result<Output> {
 
 /// The `lab-backend` binary: `$LBC_LAB_BACKEND`, else next to the running executable or one
 /// directory up (integration tests run from `target/<profile>/deps`).
-fn backend_binary() -> Result<PathBuf> {
+pub fn backend_binary() -> Result<PathBuf> {
     find_binary(
         "lab-backend",
         "LBC_LAB_BACKEND",

@@ -17,3 +17,4 @@ pub mod bench;
 pub mod cluster;
 pub mod lab;
 pub mod site;
+pub mod streams;

@@ -7,6 +7,9 @@
 //! * `lab-backend tcp-echo ADDR MESSAGE`, `lab-backend udp-echo ADDR MESSAGE` — print the echo.
 //! * `lab-backend tcp-echo-check ADDR BYTES` — sends BYTES bytes of a pattern through a TCP echo
 //!   server, fails unless exactly they come back.
+//! * `lab-backend streams ADDR --conns N --seconds S [--interval-ms I]` — N long-lived
+//!   connections through a TCP echo server with content checks for S seconds; prints a JSON
+//!   report (resets, content errors, stalls, bytes verified) and fails unless all completed.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -15,6 +18,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tests::backend::{self, Backend};
+use tests::streams;
 
 #[derive(Debug, Parser)]
 #[command(about = "The lab's backend server and its clients")]
@@ -42,6 +46,17 @@ enum Command {
     TcpEchoCheck { addr: SocketAddr, bytes: usize },
     /// Send a message to a UDP echo server and print the answer.
     UdpEcho { addr: SocketAddr, message: String },
+    /// Keep long-lived connections through a TCP echo server, checking every byte; print a
+    /// JSON report.
+    Streams {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=2000))]
+        conns: u32,
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+        seconds: u64,
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        interval_ms: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -63,6 +78,26 @@ fn main() -> Result<()> {
             format!("{bytes} bytes echoed intact\n").into_bytes()
         }
         Command::UdpEcho { addr, message } => backend::udp_echo(addr, message.as_bytes(), timeout)?,
+        Command::Streams {
+            addr,
+            conns,
+            seconds,
+            interval_ms,
+        } => {
+            let reports = streams::run(
+                addr,
+                conns as usize,
+                Duration::from_secs(seconds),
+                Duration::from_millis(interval_ms),
+            );
+            let summary = streams::to_json(&reports);
+            println!("{summary}");
+            anyhow::ensure!(
+                summary["completed"] == conns,
+                "not every connection completed"
+            );
+            Vec::new()
+        }
     };
     std::io::stdout().write_all(&output)?;
     Ok(())
