@@ -137,9 +137,10 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
     };
     let state = Arc::new(NodeState::new(node_name.clone(), engine, initial)?);
 
-    let dataplane =
-        tokio::task::block_in_place(|| packet_io::start(&dataplane_spec, state.engine().clone()))
-            .context("starting packet I/O")?;
+    let dataplane = tokio::task::block_in_place(|| {
+        packet_io::start(&dataplane_spec, state.engine().clone(), None)
+    })
+    .context("starting packet I/O")?;
     state.set_dataplane(dataplane);
 
     let (stop_tx, stop_rx) = watch::channel(false);

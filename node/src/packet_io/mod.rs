@@ -69,6 +69,9 @@ pub(crate) struct DataplaneSpec {
     pub(crate) routes: Vec<IpAddr>,
 }
 
+/// Where packet workers send their session events: session sync's inbox.
+pub(crate) type EventSink = tokio::sync::mpsc::Sender<Vec<dataplane::SessionEvent>>;
+
 /// Counters of one packet worker, as `lbcluster status` shows them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct WorkerIoStats {
@@ -80,8 +83,11 @@ pub(crate) struct WorkerIoStats {
     pub(crate) packets_written: u64,
     pub(crate) read_errors: u64,
     pub(crate) write_errors: u64,
-    /// Session events drained from the engine (dropped until session sync consumes them).
+    /// Session events drained from the engine.
     pub(crate) events_drained: u64,
+    /// Of those, events session sync had no room for (or none, on a standalone node: 0).
+    #[serde(default)]
+    pub(crate) events_dropped: u64,
     /// Liveness: advances at least every 10 ms while the worker loop runs; a watchdog that sees
     /// it stand still knows the worker is stuck.
     pub(crate) progress: u64,
@@ -153,6 +159,7 @@ impl Drop for Running {
 pub(crate) fn start(
     spec: &DataplaneSpec,
     engine: Arc<dataplane::Engine>,
+    events: Option<EventSink>,
 ) -> Result<DataplaneHandle> {
     let queues = match spec.queues {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -168,9 +175,10 @@ pub(crate) fn start(
     for (i, q) in tun_queues.into_iter().enumerate() {
         let counters = Arc::new(WorkerCounters::default());
         let (stop, c, w) = (running.stop.clone(), counters.clone(), engine.worker());
+        let events = events.clone();
         let t = std::thread::Builder::new()
             .name(format!("lbc-io-{i}"))
-            .spawn(move || worker::run(q, w, tun::BUF_LEN, &stop, &c))
+            .spawn(move || worker::run(q, w, tun::BUF_LEN, &stop, &c, events.as_ref()))
             .context("spawning a packet worker")?;
         running.threads.push(t);
         running.counters.push(counters);

@@ -244,7 +244,19 @@ fn spec(queues: usize) -> DataplaneSpec {
 /// Starts the data plane inside namespace `ns` (from a thread that entered it) and hands the
 /// handle back to the test thread, which stays in the host namespace.
 fn start_in(ns: &str, spec: DataplaneSpec, engine: Arc<Engine>) -> Result<DataplaneHandle> {
-    spawn_in(ns, move || start(&spec, engine)).join().unwrap()
+    start_with_events(ns, spec, engine, None)
+}
+
+/// [`start_in`] with the workers' session events sent to `events`.
+fn start_with_events(
+    ns: &str,
+    spec: DataplaneSpec,
+    engine: Arc<Engine>,
+    events: Option<super::EventSink>,
+) -> Result<DataplaneHandle> {
+    spawn_in(ns, move || start(&spec, engine, events))
+        .join()
+        .unwrap()
 }
 
 fn total(stats: &[WorkerIoStats]) -> WorkerIoStats {
@@ -258,6 +270,7 @@ fn total(stats: &[WorkerIoStats]) -> WorkerIoStats {
             read_errors: a.read_errors + w.read_errors,
             write_errors: a.write_errors + w.write_errors,
             events_drained: a.events_drained + w.events_drained,
+            events_dropped: a.events_dropped + w.events_dropped,
             progress: a.progress + w.progress,
         })
 }
@@ -301,7 +314,8 @@ fn test_udp_through_tun_and_stop_cleans_up() {
     assert_eq!(before, ["0", "0", "2"]);
 
     let engine = engine();
-    let dp = start_in(&t.node, spec(2), engine.clone()).unwrap();
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(16);
+    let dp = start_with_events(&t.node, spec(2), engine.clone(), Some(events_tx)).unwrap();
     assert_eq!(sysctls(&t.node), ["1", "1", "0"]);
     assert!(ip_shows(&t.node, "link show lbc0 up"));
     assert!(ip_shows(&t.node, "route show 198.18.100.1 dev lbc0"));
@@ -363,6 +377,13 @@ fn test_udp_through_tun_and_stop_cleans_up() {
         io.events_drained >= 1,
         "session created event drained: {io:?}"
     );
+    // ... and handed to session sync's inbox.
+    let batch = events_rx.try_recv().expect("a batch of session events");
+    assert!(
+        matches!(batch.first(), Some(dataplane::SessionEvent::Created(r)) if r.vip == SocketAddr::new(VIP4.into(), 53)),
+        "{batch:?}"
+    );
+    assert_eq!(io.events_dropped, 0);
     // Liveness advances while idle.
     let p = io.progress;
     std::thread::sleep(Duration::from_millis(50));
@@ -718,7 +739,7 @@ fn test_start_without_cap_net_admin_fails_clearly() {
     let err = std::thread::spawn(move || {
         ns.enter().unwrap();
         drop_net_admin();
-        start(&spec(1), engine()).unwrap_err()
+        start(&spec(1), engine(), None).unwrap_err()
     })
     .join()
     .unwrap();

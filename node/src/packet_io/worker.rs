@@ -1,14 +1,14 @@
 //! One packet worker: an OS thread that owns one queue of a [`PacketIo`] backend and one engine
 //! [`Worker`](dataplane::Worker), reads, processes and writes packets, and every
-//! [`HOUSEKEEPING`] expires sessions and drains session events.
+//! [`HOUSEKEEPING`] expires sessions; its session events go to session sync after every batch.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use dataplane::{Packet, Verdict};
+use dataplane::{Packet, SessionEvent, Verdict};
 
-use super::{PacketIo, WorkerIoStats};
+use super::{EventSink, PacketIo, WorkerIoStats};
 use crate::clock::now;
 
 /// How often a worker expires sessions and drains events; also the longest it sleeps in poll,
@@ -31,6 +31,7 @@ pub(super) struct WorkerCounters {
     read_errors: AtomicU64,
     write_errors: AtomicU64,
     events_drained: AtomicU64,
+    events_dropped: AtomicU64,
     progress: AtomicU64,
 }
 
@@ -45,6 +46,7 @@ impl WorkerCounters {
             read_errors: get(&self.read_errors),
             write_errors: get(&self.write_errors),
             events_drained: get(&self.events_drained),
+            events_dropped: get(&self.events_dropped),
             progress: get(&self.progress),
         }
     }
@@ -58,6 +60,22 @@ fn bump(c: &AtomicU64, by: u64) {
     );
 }
 
+/// Hands the worker's session events to session sync (if it runs); a full channel drops them,
+/// counted (the owner's periodic refresh repairs what a peer missed).
+fn forward_events(worker: &mut dataplane::Worker, sink: Option<&EventSink>, c: &WorkerCounters) {
+    let events: Vec<SessionEvent> = worker.drain_events().collect();
+    if events.is_empty() {
+        return;
+    }
+    let n = events.len() as u64;
+    bump(&c.events_drained, n);
+    if let Some(sink) = sink
+        && sink.try_send(events).is_err()
+    {
+        bump(&c.events_dropped, n);
+    }
+}
+
 /// The worker loop; returns when `stop` is set.
 pub(super) fn run<P: PacketIo>(
     mut io: P,
@@ -65,6 +83,7 @@ pub(super) fn run<P: PacketIo>(
     buf_len: usize,
     stop: &AtomicBool,
     counters: &Arc<WorkerCounters>,
+    events: Option<&EventSink>,
 ) {
     let c = &**counters;
     let mut buf = vec![0u8; buf_len];
@@ -74,9 +93,7 @@ pub(super) fn run<P: PacketIo>(
         let t = now();
         if t >= next_housekeeping {
             worker.expire(t, EXPIRE_BUDGET);
-            // Session sync consumes these later; for now they are counted and dropped.
-            let n = worker.drain_events().count();
-            bump(&c.events_drained, n as u64);
+            forward_events(&mut worker, events, c);
             next_housekeeping = t.saturating_add(HOUSEKEEPING);
         }
         // Liveness: advances at least once per HOUSEKEEPING while the loop runs.
@@ -116,5 +133,7 @@ pub(super) fn run<P: PacketIo>(
                 }
             }
         }
+        // New flows and state changes reach session sync within one batch.
+        forward_events(&mut worker, events, c);
     }
 }
