@@ -18,6 +18,10 @@
 //!   within an epoch a sequence number not above the last one (replayed or reordered-late). A
 //!   higher epoch is the peer restarted: its sequence starts afresh. A gap (a batch lost) is
 //!   accepted and answered with a bulk request, so whatever was lost comes back.
+//! * **Bulk sync** answers a peer's request with the sessions this node owns or has adopted,
+//!   not its synced copies: each live node speaks for its own flows, so a copy never echoes
+//!   back over its owner's newer state. A joining node thus gets every flow some live node
+//!   carries; an idle flow of a dead node that nobody adopted is not passed on.
 //! * **Refresh.** Every `refresh_interval` the core asks the node for its table
 //!   ([`Output::TableWanted`]) and streams the owned and adopted sessions to each peer through
 //!   the same cursor as bulk sync: one shared snapshot, read a batch at a time as the transport
@@ -107,9 +111,9 @@ pub enum Apply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
     Apply(Apply),
-    /// Call [`Core::handle_table`] with every session the node holds (owned and synced, as
-    /// `Engine::sessions` lists them): a peer asked for a bulk sync, a peer needs a resync, or
-    /// a refresh is due.
+    /// Call [`Core::handle_table`] with the sessions the node holds (`Engine::sessions` lists
+    /// them; the synced ones are filtered here): a peer asked for a bulk sync, a peer needs a
+    /// resync, or a refresh is due.
     TableWanted,
 }
 
@@ -227,8 +231,6 @@ pub struct PeerStats {
 struct TableStream {
     table: Arc<[SessionRecord]>,
     pos: usize,
-    /// A refresh: owned and adopted sessions only.
-    owned_only: bool,
     /// The bulk request this stream answers; sent with the last batch.
     end_id: Option<u64>,
     /// Flows updated live since the snapshot: their snapshot entries are older, so skipped.
@@ -589,7 +591,8 @@ impl Core {
             .fold(self.next_refresh, Instant::min)
     }
 
-    /// The node's whole table (owned and synced), asked for by [`Output::TableWanted`].
+    /// The node's table, asked for by [`Output::TableWanted`]. Only the sessions it owns or
+    /// has adopted are streamed (see the module doc on bulk sync).
     pub fn handle_table(&mut self, table: Vec<SessionRecord>) {
         let table: Arc<[SessionRecord]> = table.into();
         let refresh = std::mem::take(&mut self.refresh_due);
@@ -598,10 +601,10 @@ impl Core {
             if !p.connected {
                 continue;
             }
-            let (owned_only, end_id) = if let Some(owed) = p.owed.take() {
-                (false, owed.end_id)
+            let end_id = if let Some(owed) = p.owed.take() {
+                owed.end_id
             } else if refresh && p.stream.is_none() {
-                (true, None)
+                None
             } else {
                 continue;
             };
@@ -609,7 +612,6 @@ impl Core {
             p.stream = Some(TableStream {
                 table: table.clone(),
                 pos: 0,
-                owned_only,
                 end_id,
                 superseded: HashSet::with_hasher(hasher),
             });
@@ -646,12 +648,10 @@ impl Core {
                 stream.pos += 1;
                 let key = flow_id(&record);
                 let owned = !record.synced || adopted.contains(&key);
-                if (stream.owned_only && !owned) || stream.superseded.contains(&key) {
+                if !owned || stream.superseded.contains(&key) {
                     continue;
                 }
-                if owned {
-                    record.expires_in_secs = record.expires_in_secs.saturating_add(grace);
-                }
+                record.expires_in_secs = record.expires_in_secs.saturating_add(grace);
                 entries.push(Entry {
                     record,
                     closed: false,
