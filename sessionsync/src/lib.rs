@@ -11,5 +11,7 @@
 
 pub mod codec;
 pub mod core;
+pub mod driver;
 
 pub use crate::core::{Apply, Config, ConfigError, Core, DropReason, Drops, Output, PeerStats};
+pub use crate::driver::{ALPN, SessionSource, SyncHandle};
