@@ -1,4 +1,17 @@
-//! Session sync between nodes: a sans-IO protocol core (codec, batching, bulk sync) and a thin
-//! QUIC driver. Depends on `dataplane` only.
+//! Session sync between nodes: every node sends the sessions it owns to every peer, so that any
+//! node can carry on a flow another node started (DESIGN §2, §3).
 //!
-//! Empty until the session-sync issue lands; the crate exists so the workspace layering is fixed now.
+//! * [`codec`]: the wire format (versioned, length-capped MessagePack frames).
+//! * [`core`]: the protocol as a sans-IO state machine — batching, coalescing, epochs and
+//!   sequence numbers, bulk sync, refresh, bounded queues. It performs no I/O and reads no
+//!   clock; it never panics on any input.
+//! * [`driver`]: runs the core for one node over QUIC connections the node provides.
+//!
+//! Depends on `dataplane` only, for the session record it carries.
+
+pub mod codec;
+pub mod core;
+pub mod driver;
+
+pub use crate::core::{Apply, Config, ConfigError, Core, DropReason, Drops, Output, PeerStats};
+pub use crate::driver::{ALPN, SessionSource, SyncHandle};

@@ -1,0 +1,348 @@
+//! The driver over real loopback QUIC with mutual TLS: three nodes in one process, real
+//! `dataplane::Engine`s receiving what peers send.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dataplane::sched::{MaglevParams, SchedulerKind};
+use dataplane::{
+    BackendConfig, Engine, EngineConfig, FlowState, Instant, L4Proto, ServiceConfig, SessionEvent,
+    SessionRecord, Snapshot, TcpState, Timeouts,
+};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::RootCertStore;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::WebPkiClientVerifier;
+use sessionsync::{ALPN, Apply, Config, SyncHandle};
+use tokio::sync::mpsc;
+
+const SESSIONS: u32 = 100_000;
+const NOW: Instant = Instant::from_secs(1000);
+
+struct Ca {
+    cert: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        Ca {
+            cert: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A loopback endpoint for `name`: mutual TLS with this CA, ALPN `lbc-sync/1`.
+    fn endpoint(&self, name: &str) -> (Endpoint, quinn::ClientConfig) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let chain = vec![cert.der().clone()];
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let mut roots = RootCertStore::empty();
+        roots.add(self.cert.clone()).unwrap();
+        let roots = Arc::new(roots);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .unwrap();
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .unwrap();
+        server.alpn_protocols = vec![ALPN.to_vec()];
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        client.alpn_protocols = vec![ALPN.to_vec()];
+        let server =
+            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server).unwrap()));
+        let endpoint =
+            Endpoint::server(server, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+        let client =
+            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).unwrap()));
+        (endpoint, client)
+    }
+}
+
+fn record(n: u32) -> SessionRecord {
+    SessionRecord {
+        proto: L4Proto::Tcp,
+        client: SocketAddr::from(([10, 0, (n >> 16) as u8, 1], n as u16)),
+        vip: "198.18.100.1:80".parse().unwrap(),
+        local: SocketAddr::from(([198, 19, 200, (n >> 16) as u8], n as u16)),
+        backend: "198.18.3.10:8080".parse().unwrap(),
+        state: FlowState::Tcp(TcpState::Established),
+        window: Default::default(),
+        expires_in_secs: 900,
+        synced: false,
+    }
+}
+
+fn engine(lip: Ipv4Addr) -> Arc<Engine> {
+    let service = ServiceConfig {
+        vip: "198.18.100.1:80".parse().unwrap(),
+        proto: L4Proto::Tcp,
+        scheduler: SchedulerKind::Rr,
+        timeouts: Timeouts::default(),
+        toa: false,
+        backends: vec![BackendConfig {
+            addr: "198.18.3.10:8080".parse().unwrap(),
+            weight: 1,
+            healthy: true,
+        }],
+    };
+    let snap = Snapshot::new(1, &[service], MaglevParams::default(), None).unwrap();
+    Engine::new(
+        EngineConfig {
+            max_sessions_v4: 2 * SESSIONS,
+            max_sessions_v6: 16,
+            local_addrs: vec![lip.into()],
+            ..EngineConfig::default()
+        },
+        snap,
+    )
+    .unwrap()
+}
+
+type Key = (SocketAddr, SocketAddr, SocketAddr, FlowState);
+
+fn keys(records: impl IntoIterator<Item = SessionRecord>) -> HashSet<Key> {
+    records
+        .into_iter()
+        .map(|r| (r.client, r.local, r.backend, r.state))
+        .collect()
+}
+
+/// A node: its engine (sessions synced from peers), the sessions its own traffic made (an
+/// engine creates those only from packets, so the test keeps them beside it), and sync.
+struct Node {
+    name: &'static str,
+    engine: Arc<Engine>,
+    owned: Arc<Mutex<HashMap<SocketAddr, SessionRecord>>>,
+    events: mpsc::Sender<SessionEvent>,
+    sync: SyncHandle,
+    endpoint: Endpoint,
+    client: quinn::ClientConfig,
+}
+
+impl Node {
+    fn start(ca: &Ca, name: &'static str, epoch: u64, config: Config) -> Node {
+        let engine = engine(Ipv4Addr::new(198, 19, 201, 1));
+        let owned: Arc<Mutex<HashMap<SocketAddr, SessionRecord>>> = Arc::default();
+        let (events, rx) = mpsc::channel(2 * SESSIONS as usize);
+        let source = {
+            let (engine, owned) = (engine.clone(), owned.clone());
+            move || {
+                let mut all: Vec<SessionRecord> = owned.lock().unwrap().values().copied().collect();
+                all.extend(engine.sessions(NOW));
+                all
+            }
+        };
+        let target = engine.clone();
+        let sync = SyncHandle::start(name, epoch, config, rx, source, move |a| match a {
+            Apply::Install(r) => {
+                target.install(NOW, &r).unwrap();
+            }
+            Apply::Remove(r) => {
+                target.remove(&r);
+            }
+        })
+        .unwrap();
+        sync.set_peers(&["a", "b", "c"]);
+        let (endpoint, client) = ca.endpoint(name);
+        Node {
+            name,
+            engine,
+            owned,
+            events,
+            sync,
+            endpoint,
+            client,
+        }
+    }
+
+    async fn create(&self, n: u32) {
+        for i in 0..n {
+            let r = record(i);
+            self.owned.lock().unwrap().insert(r.client, r);
+            self.events.send(SessionEvent::Created(r)).await.unwrap();
+        }
+    }
+
+    async fn close(&self, n: u32) {
+        for i in 0..n {
+            let r = record(i);
+            self.owned.lock().unwrap().remove(&r.client);
+            self.events.send(SessionEvent::Closed(r)).await.unwrap();
+        }
+    }
+
+    fn owned_keys(&self) -> HashSet<Key> {
+        keys(self.owned.lock().unwrap().values().copied())
+    }
+}
+
+/// `x` dials `y`; both hand the connection to their sync.
+async fn link(x: &Node, y: &Node) {
+    let accept = {
+        let endpoint = y.endpoint.clone();
+        tokio::spawn(async move {
+            let incoming = endpoint.accept().await.unwrap();
+            incoming.await.unwrap()
+        })
+    };
+    let dialled: Connection = x
+        .endpoint
+        .connect_with(x.client.clone(), y.endpoint.local_addr().unwrap(), y.name)
+        .unwrap()
+        .await
+        .unwrap();
+    let accepted = accept.await.unwrap();
+    x.sync.add_connection(y.name, dialled);
+    y.sync.add_connection(x.name, accepted);
+}
+
+/// Waits for `done`, up to a deadline generous enough for a slow CI machine.
+async fn wait(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..6000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn cluster(ca: &Ca, config: Config) -> [Node; 3] {
+    let nodes = [
+        Node::start(ca, "a", 1, config.clone()),
+        Node::start(ca, "b", 1, Config::default()),
+        Node::start(ca, "c", 1, Config::default()),
+    ];
+    link(&nodes[0], &nodes[1]).await;
+    link(&nodes[0], &nodes[2]).await;
+    link(&nodes[1], &nodes[2]).await;
+    for n in &nodes {
+        let sync = &n.sync;
+        wait("warm", || sync.is_warm()).await;
+    }
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_sessions_created_and_closed_on_a_follow_on_b_and_c() {
+    let ca = Ca::new();
+    let [a, b, c] = cluster(&ca, Config::default()).await;
+    a.create(SESSIONS).await;
+    for peer in [&b, &c] {
+        let engine = &peer.engine;
+        wait("sessions on peer", || {
+            engine.session_count() == SESSIONS as usize
+        })
+        .await;
+        assert_eq!(
+            keys(peer.engine.sessions(NOW)),
+            a.owned_keys(),
+            "{}",
+            peer.name
+        );
+        assert!(peer.engine.sessions(NOW).iter().all(|r| r.synced));
+    }
+    a.close(SESSIONS).await;
+    for peer in [&b, &c] {
+        let engine = &peer.engine;
+        wait("sessions removed on peer", || engine.session_count() == 0).await;
+    }
+    let stats = a.sync.stats();
+    assert!(stats.iter().all(|s| s.connected && s.dropped.total() == 0));
+    assert!(
+        stats
+            .iter()
+            .all(|s| s.sent_entries >= 2 * u64::from(SESSIONS))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_restarted_node_bulk_syncs_to_the_owners_table() {
+    let ca = Ca::new();
+    let [a, b, c] = cluster(&ca, Config::default()).await;
+    a.create(SESSIONS).await;
+    let engine = &b.engine;
+    wait("sessions on b", || {
+        engine.session_count() == SESSIONS as usize
+    })
+    .await;
+    drop(b);
+    // B comes back empty, in a later epoch.
+    let b = Node::start(&ca, "b", 2, Config::default());
+    assert!(!b.sync.is_warm());
+    link(&a, &b).await;
+    link(&b, &c).await;
+    let sync = &b.sync;
+    wait("b warm", || sync.is_warm()).await;
+    assert_eq!(keys(b.engine.sessions(NOW)), a.owned_keys());
+    assert!(a.sync.stats().iter().all(|s| s.bulk_complete));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_queue_overflow_resyncs_with_nothing_missing() {
+    let ca = Ca::new();
+    // Events arrive in bursts far larger than A's queues: they overflow.
+    let tight = Config {
+        batch_entries: 256,
+        queue_entries: 1024,
+        ..Config::default()
+    };
+    let [a, b, c] = cluster(&ca, tight).await;
+    a.create(SESSIONS).await;
+    for peer in [&b, &c] {
+        let engine = &peer.engine;
+        wait("sessions on peer", || {
+            engine.session_count() == SESSIONS as usize
+        })
+        .await;
+        assert_eq!(
+            keys(peer.engine.sessions(NOW)),
+            a.owned_keys(),
+            "{}",
+            peer.name
+        );
+    }
+    let stats = a.sync.stats();
+    assert!(
+        stats
+            .iter()
+            .any(|s| s.resyncs > 0 && s.dropped.queue_overflow > 0),
+        "{stats:?}"
+    );
+    assert!(stats.iter().all(|s| s.queue_depth <= 1024));
+}
