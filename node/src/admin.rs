@@ -48,6 +48,7 @@ pub(crate) struct Admin {
 #[derive(Debug)]
 pub(crate) struct ClusterAdmin {
     pub(crate) cluster: RaftCluster,
+    pub(crate) sync: Arc<crate::sync::NodeSync>,
     pub(crate) endpoint: Arc<crate::quic::Endpoint>,
     pub(crate) serve_counters: Arc<consensus::ServeCounters>,
     /// This node as the first member.
@@ -121,6 +122,7 @@ impl Admin {
     pub(crate) fn local_status(&self) -> NodeStatus {
         let mut status = self.node.status();
         if let Some(c) = &self.cluster {
+            status.sync = Some(c.sync.status());
             let me = c.cluster.local_report();
             let config = c.cluster.local_config();
             status.cluster = Some(ClusterStatus {
@@ -163,6 +165,7 @@ async fn status(State(admin): State<Admin>, Query(q): Query<StatusQuery>) -> Jso
     }
     let mut status = admin.node.status();
     if let Some(c) = &admin.cluster {
+        status.sync = Some(c.sync.status());
         let (read, mut nodes) = tokio::join!(
             c.cluster.read(STATUS_READ_TIMEOUT),
             c.cluster.reports(STATUS_REPORT_TIMEOUT)

@@ -128,6 +128,44 @@ pub(crate) struct NodeStatus {
     /// The cluster, for a node that is a member of one.
     #[serde(default)]
     pub(crate) cluster: Option<ClusterStatus>,
+    /// Session sync, for a cluster member.
+    #[serde(default)]
+    pub(crate) sync: Option<SyncStatus>,
+}
+
+/// Session sync on this node.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SyncStatus {
+    /// Every current peer's table has arrived since it connected (a node starts cold).
+    pub(crate) warm: bool,
+    /// This run's epoch (peers reject what an earlier run sent).
+    pub(crate) epoch: u64,
+    /// Peers' updates installed in the engine, removed from it, and refused by it.
+    pub(crate) installed: u64,
+    pub(crate) removed: u64,
+    pub(crate) refused: u64,
+    pub(crate) peers: Vec<SyncPeer>,
+}
+
+/// Session sync with one peer.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SyncPeer {
+    pub(crate) peer: String,
+    pub(crate) connected: bool,
+    /// The peer's table has arrived whole since it connected.
+    pub(crate) bulk_complete: bool,
+    /// Session updates sent to and received from the peer.
+    pub(crate) sent: u64,
+    pub(crate) received: u64,
+    /// Updates and frames dropped, every reason together.
+    pub(crate) dropped: u64,
+    /// Updates waiting to be sent.
+    pub(crate) queue_depth: u64,
+    /// Times the peer's queue overflowed and it was sent the whole table again.
+    pub(crate) resyncs: u64,
+    /// From an event on its owner to its update applied here: the last one, and the largest.
+    pub(crate) lag_last_us: u64,
+    pub(crate) lag_max_us: u64,
 }
 
 impl NodeStatus {

@@ -1,6 +1,6 @@
-//! The node as a member of a replicated cluster (DESIGN §4): its QUIC endpoint carries the Raft
-//! RPCs of `consensus`, and every configuration the cluster commits becomes this node's service
-//! set, local addresses and routes.
+//! The node as a member of a replicated cluster (DESIGN §3, §4): its QUIC endpoint carries the
+//! Raft RPCs of `consensus` and session sync, and every configuration the cluster commits
+//! becomes this node's service set, local addresses, routes and sync peers.
 //!
 //! The conversion between the cluster's configuration model (`consensus::config`) and the node's
 //! own (`crate::config`, built on `dataplane` types) lives here, in both directions: committed
@@ -16,13 +16,15 @@ use anyhow::{Context, Result, ensure};
 use consensus::config::{self as cc, ClusterConfig, Command};
 use consensus::{Member, NodeId};
 use dataplane::sched::{MaglevParams, SchedulerKind};
-use dataplane::{BackendConfig, L4Proto, ServiceConfig};
+use dataplane::{BackendConfig, Engine, L4Proto, ServiceConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info_span};
 
 use crate::config::{self, ClusterSettings, HealthCheck, Probe, ServiceSet};
+use crate::packet_io::EventSink;
 use crate::quic::{self, PeerConnection};
+use crate::sync::NodeSync;
 
 /// The cluster handle of a node: Raft over the node's QUIC endpoint.
 pub(crate) type RaftCluster = consensus::Cluster<QuicDialer>;
@@ -47,10 +49,11 @@ impl consensus::Dialer for QuicDialer {
     }
 }
 
-/// A running cluster member: the Raft node and the endpoint that serves it.
+/// A running cluster member: the Raft node, session sync, and the endpoint that serves both.
 #[derive(Debug)]
 pub(crate) struct ClusterNode {
     pub(crate) cluster: RaftCluster,
+    pub(crate) sync: Arc<NodeSync>,
     pub(crate) endpoint: Arc<quic::Endpoint>,
     pub(crate) serve_counters: Arc<consensus::ServeCounters>,
     accept: JoinHandle<()>,
@@ -58,12 +61,14 @@ pub(crate) struct ClusterNode {
 
 impl ClusterNode {
     /// Loads the node's certificate (it must name `name`), binds the QUIC endpoint, opens the
-    /// Raft storage and starts serving peers. Returns the node and the configurations it
-    /// applies, starting with the one restored from disk.
+    /// Raft storage, starts session sync over `engine` and starts serving peers. Returns the
+    /// node, the configurations it applies (starting with the one restored from disk), and the
+    /// inbox of session events for the packet workers.
     pub(crate) async fn start(
         name: &str,
         settings: &ClusterSettings,
-    ) -> Result<(ClusterNode, watch::Receiver<Arc<ClusterConfig>>)> {
+        engine: &Arc<Engine>,
+    ) -> Result<(ClusterNode, watch::Receiver<Arc<ClusterConfig>>, EventSink)> {
         let tls = quic::NodeTls::load(&settings.ca, &settings.cert, &settings.key)?;
         ensure!(
             tls.name() == name,
@@ -126,22 +131,32 @@ impl ClusterNode {
                 );
             })
         };
+        let (sync, events) = NodeSync::start(name, engine)?;
+        let sync_handler: quic::Handler = {
+            let sync = sync.clone();
+            Arc::new(move |conn: PeerConnection| sync.accept(conn))
+        };
         let accept = {
             let endpoint = endpoint.clone();
             tokio::spawn(async move {
                 endpoint
-                    .serve(HashMap::from([(quic::ALPN_RAFT.to_vec(), handler)]))
+                    .serve(HashMap::from([
+                        (quic::ALPN_RAFT.to_vec(), handler),
+                        (quic::ALPN_SYNC.to_vec(), sync_handler),
+                    ]))
                     .await;
             })
         };
         Ok((
             ClusterNode {
                 cluster,
+                sync,
                 endpoint,
                 serve_counters,
                 accept,
             },
             configs,
+            events,
         ))
     }
 

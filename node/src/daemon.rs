@@ -87,11 +87,14 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
     let node_name = config.node.name.clone();
     let file_lips = config.node.local_addrs.clone();
     // A cluster member runs the committed configuration; a standalone node its file.
+    let mut events = None;
     let mut mode = match &config.cluster {
         Some(settings) => {
-            let (member, configs) = ClusterNode::start(&node_name, settings).await?;
+            let (member, configs, sink) = ClusterNode::start(&node_name, settings, &engine).await?;
+            events = Some(sink);
             let admin = ClusterAdmin {
                 cluster: member.cluster.clone(),
+                sync: member.sync.clone(),
                 endpoint: member.endpoint.clone(),
                 serve_counters: member.serve_counters.clone(),
                 me: cluster::self_node(&node_name, settings, &file_lips),
@@ -138,7 +141,7 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
     let state = Arc::new(NodeState::new(node_name.clone(), engine, initial)?);
 
     let dataplane = tokio::task::block_in_place(|| {
-        packet_io::start(&dataplane_spec, state.engine().clone(), None)
+        packet_io::start(&dataplane_spec, state.engine().clone(), events)
     })
     .context("starting packet I/O")?;
     state.set_dataplane(dataplane);
@@ -180,8 +183,23 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
     let services = match &mode {
         Mode::Standalone(source) => source.subscribe(),
         Mode::Cluster {
-            configs, services, ..
+            configs,
+            services,
+            member,
+            ..
         } => {
+            tasks.spawn(
+                member
+                    .sync
+                    .clone()
+                    .follow(
+                        state.name().to_owned(),
+                        member.endpoint.clone(),
+                        configs.clone(),
+                        stop_rx.clone(),
+                    )
+                    .instrument(info_span!("sync")),
+            );
             tasks.spawn(
                 follow_cluster(
                     state.clone(),

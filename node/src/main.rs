@@ -23,6 +23,7 @@ mod render;
 mod replay;
 mod source;
 mod state;
+mod sync;
 mod tls;
 
 use std::io::{self, Write};

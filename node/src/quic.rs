@@ -38,7 +38,7 @@ use crate::tls;
 /// The ALPN of Raft RPCs.
 pub(crate) const ALPN_RAFT: &[u8] = b"lbc-raft/1";
 /// The ALPN of session sync.
-pub(crate) const ALPN_SYNC: &[u8] = b"lbc-sync/1";
+pub(crate) const ALPN_SYNC: &[u8] = sessionsync::ALPN;
 /// Every protocol a node serves.
 pub(crate) const ALPNS: &[&[u8]] = &[ALPN_RAFT, ALPN_SYNC];
 

@@ -9,7 +9,9 @@ use serde::Serialize;
 use consensus::Role;
 use consensus::config::{ClusterConfig, HealthCheck, Scheduler};
 
-use crate::api::{ClusterStatus, NodeStatus, SessionEntry, SessionList, scheduler_name};
+use crate::api::{
+    ClusterStatus, NodeStatus, SessionEntry, SessionList, SyncStatus, scheduler_name,
+};
 use crate::replay::{Report, proto_name};
 
 /// Any output as JSON, one document, ending with a newline.
@@ -190,6 +192,53 @@ fn cluster_table(s: &mut String, c: &ClusterStatus) {
     s.push('\n');
 }
 
+fn sync_table(s: &mut String, sync: &SyncStatus) {
+    let _ = writeln!(
+        s,
+        "session sync: {}; from peers: {} installed, {} removed, {} refused",
+        if sync.warm {
+            "warm"
+        } else {
+            "COLD (a peer's table has not arrived yet)"
+        },
+        sync.installed,
+        sync.removed,
+        sync.refused
+    );
+    let _ = writeln!(
+        s,
+        "  {:<16} {:<9} {:<5} {:>10} {:>10} {:>8} {:>6} {:>8} {:>10} {:>10}",
+        "Peer",
+        "Connected",
+        "Bulk",
+        "Sent",
+        "Received",
+        "Dropped",
+        "Queue",
+        "Resyncs",
+        "Lag(ms)",
+        "LagMax(ms)"
+    );
+    let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
+    for p in &sync.peers {
+        let _ = writeln!(
+            s,
+            "  {:<16} {:<9} {:<5} {:>10} {:>10} {:>8} {:>6} {:>8} {:>10} {:>10}",
+            p.peer,
+            if p.connected { "yes" } else { "NO" },
+            if p.bulk_complete { "done" } else { "-" },
+            p.sent,
+            p.received,
+            p.dropped,
+            p.queue_depth,
+            p.resyncs,
+            ms(p.lag_last_us),
+            ms(p.lag_max_us),
+        );
+    }
+    s.push('\n');
+}
+
 /// `lbcluster service list`: the cluster's services laid out like `ipvsadm -Ln`.
 pub(crate) fn services_text(cfg: &ClusterConfig) -> String {
     let mut s = String::new();
@@ -247,6 +296,9 @@ pub(crate) fn status_text(st: &NodeStatus) -> String {
     let mut s = String::new();
     if let Some(c) = &st.cluster {
         cluster_table(&mut s, c);
+    }
+    if let Some(sync) = &st.sync {
+        sync_table(&mut s, sync);
     }
     let down = st.backends_down();
     let _ = writeln!(

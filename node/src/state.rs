@@ -246,6 +246,7 @@ impl NodeState {
                 .as_ref()
                 .map_or_else(Vec::new, |d| d.stats().workers),
             cluster: None,
+            sync: None,
         }
     }
 }

@@ -70,7 +70,7 @@ pub(crate) struct DataplaneSpec {
 }
 
 /// Where packet workers send their session events: session sync's inbox.
-pub(crate) type EventSink = tokio::sync::mpsc::Sender<Vec<dataplane::SessionEvent>>;
+pub(crate) type EventSink = tokio::sync::mpsc::Sender<dataplane::SessionEvent>;
 
 /// Counters of one packet worker, as `lbcluster status` shows them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

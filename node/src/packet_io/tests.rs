@@ -378,10 +378,10 @@ fn test_udp_through_tun_and_stop_cleans_up() {
         "session created event drained: {io:?}"
     );
     // ... and handed to session sync's inbox.
-    let batch = events_rx.try_recv().expect("a batch of session events");
+    let event = events_rx.try_recv().expect("a session event");
     assert!(
-        matches!(batch.first(), Some(dataplane::SessionEvent::Created(r)) if r.vip == SocketAddr::new(VIP4.into(), 53)),
-        "{batch:?}"
+        matches!(event, dataplane::SessionEvent::Created(r) if r.vip == SocketAddr::new(VIP4.into(), 53)),
+        "{event:?}"
     );
     assert_eq!(io.events_dropped, 0);
     // Liveness advances while idle.

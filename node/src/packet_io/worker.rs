@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use dataplane::{Packet, SessionEvent, Verdict};
+use dataplane::{Packet, Verdict};
 
 use super::{EventSink, PacketIo, WorkerIoStats};
 use crate::clock::now;
@@ -63,16 +63,18 @@ fn bump(c: &AtomicU64, by: u64) {
 /// Hands the worker's session events to session sync (if it runs); a full channel drops them,
 /// counted (the owner's periodic refresh repairs what a peer missed).
 fn forward_events(worker: &mut dataplane::Worker, sink: Option<&EventSink>, c: &WorkerCounters) {
-    let events: Vec<SessionEvent> = worker.drain_events().collect();
-    if events.is_empty() {
-        return;
+    let (mut drained, mut dropped) = (0, 0);
+    for event in worker.drain_events() {
+        drained += 1;
+        if let Some(sink) = sink
+            && sink.try_send(event).is_err()
+        {
+            dropped += 1;
+        }
     }
-    let n = events.len() as u64;
-    bump(&c.events_drained, n);
-    if let Some(sink) = sink
-        && sink.try_send(events).is_err()
-    {
-        bump(&c.events_dropped, n);
+    if drained > 0 {
+        bump(&c.events_drained, drained);
+        bump(&c.events_dropped, dropped);
     }
 }
 
