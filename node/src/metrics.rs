@@ -24,7 +24,8 @@ use consensus::Role;
 
 use crate::admin::Admin;
 use crate::api::{
-    BackendStatus, ClusterStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, WorkerIoStats,
+    BackendStatus, ClusterStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, SyncPeer,
+    SyncStatus, WorkerIoStats,
 };
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -328,14 +329,80 @@ fn families(s: &NodeStatus) -> Vec<Family> {
         },
     ]
     .into_iter()
-    .chain(
-        s.cluster
-            .as_ref()
-            .map(cluster_families)
-            .into_iter()
-            .flatten(),
-    )
+    .chain(s.cluster.iter().flat_map(cluster_families))
+    .chain(s.sync.iter().flat_map(sync_families))
     .collect()
+}
+
+/// Session sync: warm or cold, and per peer.
+fn sync_families(sync: &SyncStatus) -> Vec<Family> {
+    let per_peer = |f: fn(&SyncPeer) -> u64| {
+        sync.peers
+            .iter()
+            .map(|p| (vec![("peer", p.peer.clone())], f(p)))
+            .collect()
+    };
+    vec![
+        Family {
+            name: "lbcluster_sync_warm",
+            help: "1 once every peer's session table has arrived since it connected, else 0.",
+            kind: Kind::Gauge,
+            samples: vec![(vec![], u64::from(sync.warm))],
+        },
+        Family {
+            name: "lbcluster_sync_peer_connected",
+            help: "1 while the session sync connection to a peer is up.",
+            kind: Kind::Gauge,
+            samples: per_peer(|p| u64::from(p.connected)),
+        },
+        Family {
+            name: "lbcluster_sync_updates_total",
+            help: "Session updates exchanged with a peer, by direction.",
+            kind: Kind::Counter,
+            samples: sync
+                .peers
+                .iter()
+                .flat_map(|p| {
+                    [("sent", p.sent), ("received", p.received)].map(|(d, v)| {
+                        (
+                            vec![("peer", p.peer.clone()), ("direction", d.to_owned())],
+                            v,
+                        )
+                    })
+                })
+                .collect(),
+        },
+        Family {
+            name: "lbcluster_sync_dropped_total",
+            help: "Session updates and frames of a peer dropped, every reason together.",
+            kind: Kind::Counter,
+            samples: per_peer(|p| p.dropped),
+        },
+        Family {
+            name: "lbcluster_sync_queue_depth",
+            help: "Session updates waiting to be sent to a peer.",
+            kind: Kind::Gauge,
+            samples: per_peer(|p| p.queue_depth),
+        },
+        Family {
+            name: "lbcluster_sync_resyncs_total",
+            help: "Times a peer's queue overflowed and it was sent the whole table again.",
+            kind: Kind::Counter,
+            samples: per_peer(|p| p.resyncs),
+        },
+        Family {
+            name: "lbcluster_sync_applied_total",
+            help: "Peers' session updates applied to the engine, by result.",
+            kind: Kind::Counter,
+            samples: [
+                ("installed", sync.installed),
+                ("removed", sync.removed),
+                ("refused", sync.refused),
+            ]
+            .map(|(r, v)| (vec![("result", r.to_owned())], v))
+            .to_vec(),
+        },
+    ]
 }
 
 /// The cluster member's own Raft state and its QUIC endpoint's peers.
@@ -438,6 +505,55 @@ fn per_family(v4: usize, v6: usize) -> Vec<Sample> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn test_sync_families() {
+        let sync = SyncStatus {
+            warm: true,
+            epoch: 1,
+            installed: 10,
+            removed: 4,
+            refused: 1,
+            peers: vec![SyncPeer {
+                peer: "n2".to_owned(),
+                connected: true,
+                bulk_complete: true,
+                sent: 7,
+                received: 9,
+                dropped: 2,
+                queue_depth: 3,
+                resyncs: 1,
+                lag_last_us: 100,
+                lag_max_us: 900,
+            }],
+        };
+        let text = samples(&sync_families(&sync));
+        for want in [
+            "lbcluster_sync_warm{} 1",
+            "lbcluster_sync_peer_connected{peer=n2} 1",
+            "lbcluster_sync_updates_total{peer=n2,direction=sent} 7",
+            "lbcluster_sync_updates_total{peer=n2,direction=received} 9",
+            "lbcluster_sync_dropped_total{peer=n2} 2",
+            "lbcluster_sync_queue_depth{peer=n2} 3",
+            "lbcluster_sync_applied_total{result=refused} 1",
+        ] {
+            assert!(text.iter().any(|t| t == want), "{want} not in {text:#?}");
+        }
+    }
+
+    /// Every sample as `name{k=v,...} value`.
+    fn samples(families: &[Family]) -> Vec<String> {
+        families
+            .iter()
+            .flat_map(|f| {
+                f.samples.iter().map(|(labels, v)| {
+                    let labels: Vec<String> =
+                        labels.iter().map(|(k, l)| format!("{k}={l}")).collect();
+                    format!("{}{{{}}} {v}", f.name, labels.join(","))
+                })
+            })
+            .collect()
+    }
+
     /// A cluster member exports its own Raft state and its QUIC peers' outcomes.
     #[test]
     fn test_cluster_families() {
@@ -470,16 +586,7 @@ mod tests {
                 ..Default::default()
             },
         };
-        let text: Vec<String> = cluster_families(&cluster)
-            .iter()
-            .flat_map(|f| {
-                f.samples.iter().map(|(labels, v)| {
-                    let labels: Vec<String> =
-                        labels.iter().map(|(k, l)| format!("{k}={l}")).collect();
-                    format!("{}{{{}}} {v}", f.name, labels.join(","))
-                })
-            })
-            .collect();
+        let text = samples(&cluster_families(&cluster));
         for want in [
             "lbcluster_raft_term{} 3",
             "lbcluster_raft_leader{} 1",

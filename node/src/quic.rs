@@ -687,12 +687,16 @@ mod tests {
         let reason = refusal(impostor.endpoint.connect(a.addr, "a", ALPN_RAFT).await).await;
         assert!(reason.contains("UnknownIssuer"), "{reason}");
         assert_eq!(a.endpoint.counters().refused_untrusted_ca, 1);
+        // The same for session sync: the check comes before any protocol.
+        let reason = refusal(impostor.endpoint.connect(a.addr, "a", ALPN_SYNC).await).await;
+        assert!(reason.contains("UnknownIssuer"), "{reason}");
+        assert_eq!(a.endpoint.counters().refused_untrusted_ca, 2);
 
         // a dials a node of the other cluster: a refuses its server certificate.
         let foreign = start(identity(other.path(), other.path(), "b"), both);
         let err = a.endpoint.connect(foreign.addr, "b", ALPN_RAFT).await;
         assert!(err.is_err());
-        assert_eq!(a.endpoint.counters().refused_untrusted_ca, 2);
+        assert_eq!(a.endpoint.counters().refused_untrusted_ca, 3);
 
         // A genuine member that is not the node a meant to dial is refused too.
         let b = start(
@@ -711,7 +715,7 @@ mod tests {
         assert_eq!(
             a.endpoint.counters(),
             CounterValues {
-                refused_untrusted_ca: 3,
+                refused_untrusted_ca: 4,
                 ..CounterValues::default()
             }
         );

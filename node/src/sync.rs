@@ -7,10 +7,10 @@
 //! Connections: of two members, the one whose name sorts first dials, the other accepts, so a
 //! pair has one connection; a lost connection is dialled again within [`REDIAL`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use consensus::ClusterConfig;
@@ -29,6 +29,8 @@ use crate::quic::{self, PeerConnection};
 const INBOX: usize = 1 << 16;
 /// How often the connections to peers are checked and lost ones dialled again.
 const REDIAL: Duration = Duration::from_millis(500);
+/// A peer's table from which nothing has arrived for this long is asked for again.
+const BULK_RETRY: Duration = Duration::from_secs(2);
 /// A dial that takes longer than this has failed.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -112,14 +114,35 @@ impl NodeSync {
         mut stop: watch::Receiver<bool>,
     ) {
         let mut tick = tokio::time::interval(REDIAL);
+        // Connected peers whose table has not arrived: since when nothing came from them, and
+        // what had come by then.
+        let mut waiting: HashMap<String, (Instant, u64)> = HashMap::new();
         loop {
             let config = configs.borrow_and_update().clone();
             let peers: Vec<_> = config.nodes.values().filter(|n| n.name != me).collect();
             let names: Vec<&str> = peers.iter().map(|n| n.name.as_str()).collect();
             self.handle.set_peers(&names);
-            let connected: HashSet<String> = self
-                .handle
-                .stats()
+            let stats = self.handle.stats();
+            // A table request can be lost (sent before the peer knew of this node): one that
+            // brought nothing for a while is asked again. A table still streaming is not.
+            waiting.retain(|peer, _| {
+                stats
+                    .iter()
+                    .any(|p| p.peer == *peer && p.connected && !p.bulk_complete)
+            });
+            for p in stats.iter().filter(|p| p.connected && !p.bulk_complete) {
+                let (since, seen) = waiting
+                    .entry(p.peer.clone())
+                    .or_insert((Instant::now(), p.received_batches));
+                if p.received_batches != *seen {
+                    (*since, *seen) = (Instant::now(), p.received_batches);
+                } else if since.elapsed() >= BULK_RETRY {
+                    debug!(peer = %p.peer, "asking again for the peer's session table");
+                    self.handle.request_bulk(&p.peer);
+                    *since = Instant::now();
+                }
+            }
+            let connected: HashSet<String> = stats
                 .into_iter()
                 .filter(|p| p.connected)
                 .map(|p| p.peer)

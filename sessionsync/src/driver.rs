@@ -182,10 +182,22 @@ impl SyncHandle {
     }
 
     /// The peer set (node names; this node's own name is ignored). Connections of peers that
-    /// left are closed.
+    /// left are closed; a connection that arrived before its peer joined the set counts from
+    /// now.
     pub fn set_peers<S: AsRef<str>>(&self, names: &[S]) {
-        lock(&self.shared.core).set_peers(names);
         let mut links = lock(&self.shared.links);
+        {
+            let mut core = lock(&self.shared.core);
+            let known: Vec<String> = core.stats().into_iter().map(|p| p.peer).collect();
+            core.set_peers(names);
+            // A connection accepted before its peer was in the set (the peer learnt of this
+            // node first) is this peer's transport now.
+            for name in names.iter().map(AsRef::as_ref) {
+                if links.contains_key(name) && !known.iter().any(|k| k == name) {
+                    core.peer_connected(name);
+                }
+            }
+        }
         let gone: Vec<String> = links
             .keys()
             .filter(|k| !names.iter().any(|n| n.as_ref() == k.as_str()))
@@ -196,6 +208,8 @@ impl SyncHandle {
                 link.stop();
             }
         }
+        drop(links);
+        self.shared.wake_writers();
     }
 
     /// A connection to `peer` (authenticated by the node, ALPN [`ALPN`]); replaces the previous

@@ -346,3 +346,22 @@ async fn test_queue_overflow_resyncs_with_nothing_missing() {
     );
     assert!(stats.iter().all(|s| s.queue_depth <= 1024));
 }
+
+/// A connection that arrives before its peer is in the set (the peer learnt of this node
+/// first) counts once the peer joins the set: the node asks for its table and turns warm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_connection_before_the_peer_is_known_counts_once_it_is() {
+    let ca = Ca::new();
+    let a = Node::start(&ca, "a", 1, Config::default());
+    let b = Node::start(&ca, "b", 1, Config::default());
+    a.sync.set_peers(&["b"]);
+    b.sync.set_peers::<&str>(&[]);
+    link(&a, &b).await;
+    a.create(100).await;
+    b.sync.set_peers(&["a"]);
+    wait("b warm", || b.sync.is_warm()).await;
+    wait("b holds a's sessions", || b.engine.session_count() == 100).await;
+    // a's own request went to a node that did not know it yet; asked again, it is answered.
+    a.sync.request_bulk("b");
+    wait("a warm", || a.sync.is_warm()).await;
+}

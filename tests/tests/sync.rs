@@ -26,12 +26,34 @@ fn long_lived_connections_survive_their_node_being_cut_off() -> Result<()> {
         s.lab.tcp_echo_check("client", target, 1000)
     })?;
 
-    let streams = site.start_streams(target, 20, 10)?;
+    let mut site = site;
+    let streams = site.start_streams(target, 20, 12)?;
     // Let the connections establish and their sessions reach the peers.
-    std::thread::sleep(Duration::from_secs(3));
-    let (_, st) = site.status(2)?;
-    let synced = st["sessions"]["count"].as_u64().unwrap_or(0);
-    ensure!(synced >= 20, "n2 holds {synced} sessions: {st}");
+    std::thread::sleep(Duration::from_secs(2));
+    site.wait_for("n2 warm with the flows", Duration::from_secs(10), |s| {
+        let (_, st) = s.status(2)?;
+        let held = st["sessions"]["count"].as_u64().unwrap_or(0);
+        ensure!(
+            st["sync"]["warm"] == true && held >= 20,
+            "{held} sessions: {}",
+            st["sync"]
+        );
+        Ok(())
+    })?;
+
+    // n3 restarts: it starts cold, pulls the tables of n1 and n2, then is warm with the flows.
+    site.stop_node(3)?;
+    site.start_node(3)?;
+    site.wait_for("n3 warm with the flows", Duration::from_secs(15), |s| {
+        let (_, st) = s.status(3)?;
+        let held = st["sessions"]["count"].as_u64().unwrap_or(0);
+        ensure!(
+            st["sync"]["warm"] == true && held >= 20,
+            "{held} sessions: {}",
+            st["sync"]
+        );
+        Ok(())
+    })?;
 
     site.cut_links(1)?;
     site.move_routes(1, 2)?;
