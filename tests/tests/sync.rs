@@ -10,6 +10,24 @@ use anyhow::{Result, ensure};
 use tests::cluster::ClusterSite;
 use tests::site::VIP;
 
+/// Waits until node k's session sync is warm and it holds at least `flows` sessions.
+fn warm_with_flows(site: &ClusterSite, k: usize, flows: u64) -> Result<()> {
+    site.wait_for(
+        &format!("n{k} warm with the flows"),
+        Duration::from_secs(15),
+        |s| {
+            let (_, st) = s.status(k)?;
+            let held = st["sessions"]["count"].as_u64().unwrap_or(0);
+            ensure!(
+                st["sync"]["warm"] == true && held >= flows,
+                "{held} sessions: {}",
+                st["sync"]
+            );
+            Ok(())
+        },
+    )
+}
+
 #[test]
 fn long_lived_connections_survive_their_node_being_cut_off() -> Result<()> {
     let site = ClusterSite::start(3, 3, 2)?;
