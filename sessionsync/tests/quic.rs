@@ -11,87 +11,16 @@ use dataplane::{
     BackendConfig, Engine, EngineConfig, FlowState, Instant, L4Proto, ServiceConfig, SessionEvent,
     SessionRecord, Snapshot, TcpState, Timeouts,
 };
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, Endpoint};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use rustls::RootCertStore;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::WebPkiClientVerifier;
-use sessionsync::{ALPN, Apply, Config, SyncHandle};
+use quinn::Endpoint;
+use sessionsync::{Apply, Config, SyncHandle};
 use tokio::sync::mpsc;
+
+use support::Ca;
+
+mod support;
 
 const SESSIONS: u32 = 100_000;
 const NOW: Instant = Instant::from_secs(1000);
-
-struct Ca {
-    cert: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "test CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            cert: cert.der().clone(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A loopback endpoint for `name`: mutual TLS with this CA, ALPN `lbc-sync/1`.
-    fn endpoint(&self, name: &str) -> (Endpoint, quinn::ClientConfig) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let chain = vec![cert.der().clone()];
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let mut roots = RootCertStore::empty();
-        roots.add(self.cert.clone()).unwrap();
-        let roots = Arc::new(roots);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .unwrap();
-        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain.clone(), key.clone_key())
-            .unwrap();
-        server.alpn_protocols = vec![ALPN.to_vec()];
-        let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap();
-        client.alpn_protocols = vec![ALPN.to_vec()];
-        let server =
-            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server).unwrap()));
-        let endpoint =
-            Endpoint::server(server, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
-        let client =
-            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).unwrap()));
-        (endpoint, client)
-    }
-}
 
 fn record(n: u32) -> SessionRecord {
     SessionRecord {
@@ -213,20 +142,7 @@ impl Node {
 
 /// `x` dials `y`; both hand the connection to their sync.
 async fn link(x: &Node, y: &Node) {
-    let accept = {
-        let endpoint = y.endpoint.clone();
-        tokio::spawn(async move {
-            let incoming = endpoint.accept().await.unwrap();
-            incoming.await.unwrap()
-        })
-    };
-    let dialled: Connection = x
-        .endpoint
-        .connect_with(x.client.clone(), y.endpoint.local_addr().unwrap(), y.name)
-        .unwrap()
-        .await
-        .unwrap();
-    let accepted = accept.await.unwrap();
+    let (dialled, accepted) = support::connect(&x.endpoint, &x.client, &y.endpoint, y.name).await;
     x.sync.add_connection(y.name, dialled);
     y.sync.add_connection(x.name, accepted);
 }
