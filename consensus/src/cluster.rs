@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, Fatal, InitializeError, RaftError};
@@ -145,6 +145,10 @@ pub struct NodeReport {
     pub leader: Option<NodeId>,
     /// Whether the node is a voter in the membership as the node asking knows it.
     pub voter: bool,
+    /// Whether the node's session tables are complete (warm), as its [warm probe]
+    /// (Cluster::set_warm_probe) says; `None` without one.
+    #[serde(default)]
+    pub warm: Option<bool>,
 }
 
 /// A request carried out by the leader.
@@ -233,7 +237,12 @@ struct Inner<D> {
     applied: watch::Receiver<Arc<ClusterConfig>>,
     log: LogReader,
     deadlines: Deadlines,
+    /// Set once by the node: whether it is warm, for its reports.
+    warm: OnceLock<WarmProbe>,
 }
+
+/// Tells whether the node is warm (its session sync has every peer's table).
+pub type WarmProbe = Box<dyn Fn() -> bool + Send + Sync>;
 
 impl<D> Clone for Cluster<D> {
     fn clone(&self) -> Self {
@@ -324,6 +333,7 @@ impl<D: Dialer> Cluster<D> {
             applied: applied.clone(),
             log: reader,
             deadlines,
+            warm: OnceLock::new(),
         };
         Ok((
             Cluster {
@@ -568,7 +578,13 @@ impl<D: Dialer> Cluster<D> {
             config_version: Some(self.local_config().version),
             leader: known_leader(&metrics),
             voter,
+            warm: self.inner.warm.get().map(|probe| probe()),
         }
+    }
+
+    /// Makes this node's reports say whether it is warm; set once (later calls are ignored).
+    pub fn set_warm_probe(&self, probe: WarmProbe) {
+        let _ = self.inner.warm.set(probe);
     }
 
     /// One report per node in the applied configuration and the Raft membership (and this
@@ -1003,6 +1019,7 @@ fn unreachable_report(id: NodeId, member: Member) -> NodeReport {
         config_version: None,
         leader: None,
         voter: false,
+        warm: None,
     }
 }
 

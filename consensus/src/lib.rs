@@ -24,7 +24,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use cluster::{Cluster, ClusterError, Deadlines, NodeReport, Role, node_id};
+pub use cluster::{Cluster, ClusterError, Deadlines, NodeReport, Role, WarmProbe, node_id};
 pub use config::{ClusterConfig, Command, ConfigError, NodeId};
 pub use store::{ConfigStateMachine, LogReader, LogStore, SnapshotBuilder, StoreError};
 pub use transport::{Dialer, QuicNetwork, ServeCounters, serve_connection};

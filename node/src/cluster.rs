@@ -132,6 +132,10 @@ impl ClusterNode {
             })
         };
         let (sync, events) = NodeSync::start(name, engine)?;
+        {
+            let sync = sync.clone();
+            cluster.set_warm_probe(Box::new(move || sync.is_warm()));
+        }
         let sync_handler: quic::Handler = {
             let sync = sync.clone();
             Arc::new(move |conn: PeerConnection| sync.accept(conn))

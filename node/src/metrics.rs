@@ -574,6 +574,7 @@ mod tests {
                 config_version: Some(12),
                 leader: Some(7),
                 voter: true,
+                warm: Some(true),
             }],
             quic: crate::quic::CounterValues {
                 refused_untrusted_ca: 2,

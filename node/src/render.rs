@@ -163,7 +163,7 @@ fn cluster_table(s: &mut String, c: &ClusterStatus) {
     }
     let _ = writeln!(
         s,
-        "  {:<16} {:<24} {:<9} {:<9} {:>6} {:>8} {:>8} {:>7}",
+        "  {:<16} {:<24} {:<9} {:<9} {:>6} {:>8} {:>8} {:>7}  Sync",
         "Node", "Address", "Reachable", "Role", "Term", "Commit", "Applied", "Version"
     );
     let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
@@ -178,7 +178,7 @@ fn cluster_table(s: &mut String, c: &ClusterStatus) {
         };
         let _ = writeln!(
             s,
-            "  {:<16} {:<24} {:<9} {:<9} {:>6} {:>8} {:>8} {:>7}",
+            "  {:<16} {:<24} {:<9} {:<9} {:>6} {:>8} {:>8} {:>7}  {}",
             n.name,
             n.addr.to_string(),
             if n.reachable { "yes" } else { "NO" },
@@ -187,6 +187,11 @@ fn cluster_table(s: &mut String, c: &ClusterStatus) {
             opt(n.committed),
             opt(n.applied),
             opt(n.config_version),
+            match n.warm {
+                Some(true) => "warm",
+                Some(false) => "COLD",
+                None => "-",
+            },
         );
     }
     s.push('\n');

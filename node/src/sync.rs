@@ -183,10 +183,15 @@ impl NodeSync {
         self.handle.shutdown();
     }
 
+    /// Whether every current peer's table has arrived since it connected.
+    pub(crate) fn is_warm(&self) -> bool {
+        self.handle.is_warm()
+    }
+
     /// Sync as `lbcluster status` shows it.
     pub(crate) fn status(&self) -> SyncStatus {
         SyncStatus {
-            warm: self.handle.is_warm(),
+            warm: self.is_warm(),
             epoch: self.epoch,
             installed: self.applied.installed.load(Ordering::Relaxed),
             removed: self.applied.removed.load(Ordering::Relaxed),

@@ -53,6 +53,24 @@ fn long_lived_connections_survive_their_node_being_cut_off() -> Result<()> {
     site.stop_node(3)?;
     site.start_node(3)?;
     warm_with_flows(&site, 3, 20)?;
+    // Every node's row in the cluster view says warm.
+    site.wait_for(
+        "every node warm in n1's view",
+        Duration::from_secs(10),
+        |s| {
+            let (_, st) = s.status(1)?;
+            let rows = st["cluster"]["nodes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            ensure!(
+                rows.len() == 3 && rows.iter().all(|n| n["warm"] == true),
+                "{}",
+                st["cluster"]
+            );
+            Ok(())
+        },
+    )?;
 
     ensure!(
         streams.is_running(),
