@@ -149,6 +149,9 @@ pub struct NodeReport {
     /// (Cluster::set_warm_probe) says; `None` without one.
     #[serde(default)]
     pub warm: Option<bool>,
+    /// Whether the configuration (as the node asking knows it) has the node drained.
+    #[serde(default)]
+    pub drained: bool,
 }
 
 /// A request carried out by the leader.
@@ -579,6 +582,11 @@ impl<D: Dialer> Cluster<D> {
             leader: known_leader(&metrics),
             voter,
             warm: self.inner.warm.get().map(|probe| probe()),
+            drained: self
+                .local_config()
+                .nodes
+                .get(&self.id())
+                .is_some_and(|n| n.drained),
         }
     }
 
@@ -632,6 +640,7 @@ impl<D: Dialer> Cluster<D> {
             .into_values()
             .map(|report| NodeReport {
                 voter: voters.contains(&report.id),
+                drained: config.nodes.get(&report.id).is_some_and(|n| n.drained),
                 ..report
             })
             .collect()
@@ -1020,6 +1029,7 @@ fn unreachable_report(id: NodeId, member: Member) -> NodeReport {
         leader: None,
         voter: false,
         warm: None,
+        drained: false,
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -38,21 +38,11 @@ pub struct Node {
     pub quic_addr: SocketAddr,
     /// The local addresses the node owns for Full-NAT source addresses.
     pub lips: Vec<IpAddr>,
-    pub bgp: Option<BgpSettings>,
-}
-
-/// Per-node BGP session settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BgpSettings {
-    pub local_as: u32,
-    pub router_id: Ipv4Addr,
-    pub neighbors: Vec<BgpNeighbor>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BgpNeighbor {
-    pub addr: IpAddr,
-    pub remote_as: u32,
+    /// Drained: the node withdraws its VIPs (after announcing them with the graceful-shutdown
+    /// community for a moment) and keeps forwarding what still reaches it. Its BGP sessions
+    /// themselves are host settings, in its own config file.
+    #[serde(default)]
+    pub drained: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -239,6 +229,11 @@ pub enum Command {
         addr: SocketAddr,
     },
     SetSettings(Settings),
+    /// Drains (`true`) or undrains a node.
+    SetDrain {
+        id: NodeId,
+        drained: bool,
+    },
 }
 
 /// Why a command was rejected. Each says what is wrong; none changes the configuration.
@@ -302,7 +297,7 @@ impl ClusterConfig {
     pub fn validate(&self, command: &Command) -> Result<(), ConfigError> {
         match command {
             Command::AddNode(node) => self.check_new_node(node),
-            Command::RemoveNode { id } => self.node(*id).map(drop),
+            Command::RemoveNode { id } | Command::SetDrain { id, .. } => self.node(*id).map(drop),
             Command::AddService(service) => {
                 if self.service(&service.key).is_ok() {
                     return Err(ConfigError::DuplicateService { key: service.key });
@@ -388,6 +383,11 @@ impl ClusterConfig {
                 }
             }
             Command::SetSettings(settings) => self.settings = *settings,
+            Command::SetDrain { id, drained } => {
+                if let Some(node) = self.nodes.get_mut(id) {
+                    node.drained = *drained;
+                }
+            }
         }
         self.version += 1;
         Ok(())
@@ -582,7 +582,7 @@ mod tests {
             name: name.to_owned(),
             quic_addr: SocketAddr::from(([10, 0, 0, id as u8], 7000)),
             lips: lips.iter().map(|l| l.parse().unwrap()).collect(),
-            bgp: None,
+            drained: false,
         }
     }
 
@@ -652,6 +652,34 @@ mod tests {
         let version = config.version;
         config.apply(&command).unwrap();
         assert_eq!(config.version, version + 1);
+    }
+
+    #[test]
+    fn test_drain_and_undrain_a_node() {
+        let mut config = base();
+        accepted(
+            &mut config,
+            Command::SetDrain {
+                id: 2,
+                drained: true,
+            },
+        );
+        assert!(config.node(2).unwrap().drained);
+        accepted(
+            &mut config,
+            Command::SetDrain {
+                id: 2,
+                drained: false,
+            },
+        );
+        assert!(!config.node(2).unwrap().drained);
+        assert_eq!(
+            rejected(Command::SetDrain {
+                id: 9,
+                drained: true
+            }),
+            ConfigError::UnknownNode { id: 9 }
+        );
     }
 
     #[test]

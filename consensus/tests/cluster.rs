@@ -101,7 +101,7 @@ fn add_node(id: NodeId) -> Command {
         name: format!("n{id}"),
         quic_addr: member(id).quic_addr,
         lips: vec![format!("198.19.0.{id}").parse().unwrap()],
-        bgp: None,
+        drained: false,
     })
 }
 

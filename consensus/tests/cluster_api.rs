@@ -28,7 +28,7 @@ fn config_node(name: &str, addr: SocketAddr, lip: u8) -> config::Node {
         name: name.to_owned(),
         quic_addr: addr,
         lips: vec![[198, 19, 0, lip].into()],
-        bgp: None,
+        drained: false,
     }
 }
 

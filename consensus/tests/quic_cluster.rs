@@ -139,7 +139,7 @@ fn entries_of(sizes: &[usize]) -> AppendEntriesRequest<TypeConfig> {
                 name: "x".repeat(size),
                 quic_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 7000)),
                 lips: Vec::new(),
-                bgp: None,
+                drained: false,
             })),
         })
         .collect();

@@ -229,7 +229,7 @@ async fn add_node(
         name: spec.name,
         quic_addr: spec.addr,
         lips: spec.lips,
-        bgp: None,
+        drained: false,
     };
     let version = c.cluster.add_node(node).await?;
     admin.written(version).await

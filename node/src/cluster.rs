@@ -183,7 +183,7 @@ pub(crate) fn self_node(name: &str, settings: &ClusterSettings, lips: &[IpAddr])
         name: name.to_owned(),
         quic_addr: settings.listen,
         lips: lips.to_vec(),
-        bgp: None,
+        drained: false,
     }
 }
 

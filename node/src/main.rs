@@ -78,6 +78,11 @@ enum Command {
     /// Add, change or delete a service's backends.
     #[command(subcommand)]
     Backend(manage::BackendCommand),
+    /// Drain a node: announce its VIPs with the graceful-shutdown community (65535:0), wait,
+    /// then withdraw them; its established flows carry on through the other nodes.
+    Drain(manage::DrainArgs),
+    /// Undo `drain`: the node announces its VIPs again.
+    Undrain(manage::DrainArgs),
     /// Work with config files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -281,6 +286,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Node(cmd) => manage::node(cmd).map(|()| ExitCode::SUCCESS),
         Command::Service(cmd) => manage::service(cmd).map(|()| ExitCode::SUCCESS),
         Command::Backend(cmd) => manage::backend(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Drain(args) => manage::drain(args, true).map(|()| ExitCode::SUCCESS),
+        Command::Undrain(args) => manage::drain(args, false).map(|()| ExitCode::SUCCESS),
         Command::Sessions(args) => {
             let path = match args.vip {
                 Some(vip) => format!("{SESSIONS_PATH}?vip={vip}"),

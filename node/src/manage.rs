@@ -48,6 +48,14 @@ pub(crate) struct NodeAddArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct DrainArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// The node's name.
+    name: String,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct NodeRemoveArgs {
     #[command(flatten)]
     socket: SocketArg,
@@ -350,6 +358,29 @@ pub(crate) fn node(cmd: NodeCommand) -> Result<()> {
             ))
         }
     }
+}
+
+/// `drain NODE` (`drained`) or `undrain NODE`: the node's VIPs are withdrawn (after a moment
+/// with the graceful-shutdown community) or announced again; the state is replicated, so it
+/// survives restarts.
+pub(crate) fn drain(args: DrainArgs, drained: bool) -> Result<()> {
+    let config = read_config(&args.socket.socket)?;
+    let Some(node) = config.nodes.values().find(|n| n.name == args.name) else {
+        bail!("no node named {:?} in the cluster", args.name);
+    };
+    let what = if drained {
+        format!("draining node {}: its VIPs are withdrawn", args.name)
+    } else {
+        format!("undrained node {}: its VIPs are announced again", args.name)
+    };
+    commit(
+        &args.socket.socket,
+        &Command::SetDrain {
+            id: node.id,
+            drained,
+        },
+        &what,
+    )
 }
 
 pub(crate) fn service(cmd: ServiceCommand) -> Result<()> {

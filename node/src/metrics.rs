@@ -575,6 +575,7 @@ mod tests {
                 leader: Some(7),
                 voter: true,
                 warm: Some(true),
+                drained: false,
             }],
             quic: crate::quic::CounterValues {
                 refused_untrusted_ca: 2,

@@ -187,10 +187,13 @@ fn cluster_table(s: &mut String, c: &ClusterStatus) {
             opt(n.committed),
             opt(n.applied),
             opt(n.config_version),
-            match n.warm {
-                Some(true) => "warm",
-                Some(false) => "COLD",
-                None => "-",
+            match (n.warm, n.drained) {
+                (Some(true), false) => "warm",
+                (Some(true), true) => "warm, drained",
+                (Some(false), false) => "COLD",
+                (Some(false), true) => "COLD, drained",
+                (None, false) => "-",
+                (None, true) => "drained",
             },
         );
     }

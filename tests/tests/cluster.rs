@@ -152,6 +152,24 @@ fn three_nodes_agree_and_survive_the_leader_being_killed() -> Result<()> {
     .ok()?;
     let others: Vec<usize> = (1..=3).filter(|&k| k != leader).collect();
     agreed(&site, &others)?;
+    // Drain state is replicated: set through one node, every node's view has it.
+    let drained = others[1];
+    let drained_in = |view: usize, want: bool| {
+        site.wait_for("the drain state", CONVERGE, |s| {
+            let (_, st) = s.status(view)?;
+            let row = node_row(&st, &format!("n{drained}"))
+                .context("row")?
+                .clone();
+            ensure!(row["drained"] == want, "{row}");
+            Ok(())
+        })
+    };
+    site.cli(others[0], &["drain", &format!("n{drained}")])?
+        .ok()?;
+    drained_in(drained, true)?;
+    site.cli(drained, &["undrain", &format!("n{drained}")])?
+        .ok()?;
+    drained_in(others[0], false)?;
 
     // The old leader comes back and catches up.
     site.start_node(leader)?;
