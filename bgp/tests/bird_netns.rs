@@ -9,16 +9,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bgp::{
-    Announce, Applied, Applier, BgpError, Bird, Peer, ProtoState, ProtocolState, render,
-};
+use bgp::{Announce, Applied, Applier, BgpError, Bird, Peer, ProtoState, ProtocolState, render};
 use tokio::sync::watch;
 
 /// Generous: the test waits for states, it does not measure how fast they come.
 const DEADLINE: Duration = Duration::from_secs(20);
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("`ip` not found");
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("`ip` not found");
     assert!(
         out.status.success(),
         "ip {args:?}: {} (this test needs root)",
@@ -119,7 +120,9 @@ async fn wait_for(bird: &Bird, what: &str, ok: impl Fn(&[ProtocolState]) -> bool
 }
 
 fn vip4_routes(p: &[ProtocolState]) -> Option<u32> {
-    p.iter().find(|p| p.name == "vip4").map(|p| p.routes().imported)
+    p.iter()
+        .find(|p| p.name == "vip4")
+        .map(|p| p.routes().imported)
 }
 
 #[tokio::test]
@@ -170,7 +173,10 @@ async fn apply_read_and_refuse_with_a_real_bird() {
     let BgpError::Invalid(msg) = &err else {
         panic!("expected Invalid, got {err:?}");
     };
-    assert!(msg.contains("bird.conf.tmp"), "bird's message names the file: {msg}");
+    assert!(
+        msg.contains("bird.conf.tmp"),
+        "bird's message names the file: {msg}"
+    );
     assert_eq!(
         std::fs::read_to_string(bird.config_path()).unwrap(),
         render(&one_vip).unwrap()
@@ -233,4 +239,3 @@ async fn apply_read_and_refuse_with_a_real_bird() {
     stop_tx.send_replace(true);
     applier.join().await;
 }
-

@@ -30,9 +30,17 @@ fn cases() -> Vec<(&'static str, Announce)> {
         ..base()
     };
     let dual = Announce {
-        vips: vec![ip("198.19.255.1"), ip("2001:db8:100::1"), ip("198.19.255.2")],
+        vips: vec![
+            ip("198.19.255.1"),
+            ip("2001:db8:100::1"),
+            ip("198.19.255.2"),
+        ],
         own_lips: vec![ip("198.19.200.1"), ip("2001:db8:200::1")],
-        backup_lips: vec![ip("198.19.200.3"), ip("198.19.200.2"), ip("2001:db8:200::2")],
+        backup_lips: vec![
+            ip("198.19.200.3"),
+            ip("198.19.200.2"),
+            ip("2001:db8:200::2"),
+        ],
         peers: vec![upstream(), {
             let mut p = Peer::new("r1v6", ip("2001:db8:2::1"), 65000);
             p.local_addr = Some(ip("2001:db8:2::2"));
@@ -97,7 +105,12 @@ fn rendered_configs_match_golden_files() {
         }
         let want = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
-        assert_eq!(text, want, "{name}: rendered config differs from {}", path.display());
+        assert_eq!(
+            text,
+            want,
+            "{name}: rendered config differs from {}",
+            path.display()
+        );
     }
 }
 
@@ -174,7 +187,10 @@ fn strings_that_could_inject_config_are_refused() {
         }];
         let msg = refused(&a);
         assert!(msg.contains("password"), "{pw:?}");
-        assert!(pw.is_empty() || !msg.contains(pw), "the password leaks into {msg:?}");
+        assert!(
+            pw.is_empty() || !msg.contains(pw),
+            "the password leaks into {msg:?}"
+        );
     }
 }
 

@@ -28,7 +28,9 @@ fn bird2_output() {
     let names: Vec<_> = ps.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(
         names,
-        ["device1", "vip4", "vip6", "own4", "own6", "backup4", "backup6", "lbc_bfd", "peer_r1"]
+        [
+            "device1", "vip4", "vip6", "own4", "own6", "backup4", "backup6", "lbc_bfd", "peer_r1"
+        ]
     );
 
     let vip4 = find(&ps, "vip4");
