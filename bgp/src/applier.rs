@@ -26,7 +26,7 @@ pub struct Applier {
 impl Applier {
     /// Starts the task (in the `bgp` span). It applies at most once per `interval`, always the
     /// newest announcement, retries transient failures, and ends when `stop` turns true or its
-    /// sender is gone.
+    /// sender is gone. Call it within a Tokio runtime.
     pub fn spawn(bird: Arc<Bird>, interval: Duration, stop: watch::Receiver<bool>) -> Applier {
         let (desired, desired_rx) = watch::channel(None);
         let (outcome_tx, outcome) = watch::channel(None);

@@ -86,7 +86,9 @@ impl Bird {
 
     /// Applies a complete config text: unless BIRD already runs it, writes it to a temporary
     /// file beside the config, validates it with `bird -p`, renames it over the config and runs
-    /// `birdc configure`. A config BIRD rejects leaves the old file in place.
+    /// `birdc configure`. A config BIRD rejects leaves the old file in place. When the daemon
+    /// cannot be reached the new file stays in place (BIRD loads it when it starts) and the
+    /// next apply reloads it.
     pub async fn apply_config(&self, config: &str) -> Result<Applied, BgpError> {
         if self.loaded().as_deref() == Some(config) {
             return Ok(Applied::Unchanged);
@@ -190,8 +192,13 @@ impl Bird {
         let mut cmd = Command::new(&self.birdc_bin);
         cmd.arg("-s").arg(&self.socket_path).args(args);
         let command = args.join(" ");
+        let what = format!(
+            "{} -s {} {command}",
+            self.birdc_bin.display(),
+            self.socket_path.display()
+        );
         let out = self
-            .run(cmd, &command, || {
+            .run(cmd, &what, || {
                 BgpError::BirdcMissing(self.birdc_bin.clone())
             })
             .await?;
@@ -236,7 +243,6 @@ impl Bird {
             Ok(Err(e)) => Err(BgpError::io(format!("waiting for {what}"), &e)),
             // Dropping the future drops the child, which kills it (kill_on_drop).
             Err(_) => Err(BgpError::Timeout {
-                socket: self.socket_path.clone(),
                 command: what.to_string(),
                 timeout_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
             }),

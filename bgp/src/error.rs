@@ -29,12 +29,10 @@ pub enum BgpError {
         /// What birdc said.
         message: String,
     },
-    /// birdc did not finish in time: the daemon is hung or overloaded.
-    #[error("BIRD did not answer `{command}` on {socket} within {timeout_ms} ms")]
+    /// `birdc` (or `bird -p`) did not finish in time: the daemon is hung or overloaded.
+    #[error("`{command}` did not finish within {timeout_ms} ms: BIRD is hung or overloaded")]
     Timeout {
-        /// The control socket asked.
-        socket: PathBuf,
-        /// The birdc command.
+        /// The command line that was killed.
         command: String,
         /// The limit that passed.
         timeout_ms: u64,
