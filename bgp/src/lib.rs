@@ -1,4 +1,23 @@
-//! BGP announcements through BIRD: pure config rendering plus `birdc` control. Depends on nothing
-//! in the workspace.
+//! BGP announcements through BIRD 2: pure config rendering plus `birdc` control. Depends on
+//! nothing in the workspace: the node describes what to announce in a plain [`Announce`].
 //!
-//! Empty until the BGP issue lands; the crate exists so the workspace layering is fixed now.
+//! * [`render`] turns an [`Announce`] into BIRD's whole config file; it performs no I/O and
+//!   rejects anything BIRD would misread (DESIGN §5, TESTBED "Owner and backup routes").
+//! * [`Bird`] writes a config atomically after `bird -p` accepted it and calls
+//!   `birdc configure`; [`Applier`] runs that in the background, coalescing bursts.
+//! * [`parse_show_protocols`] reads `birdc show protocols all` (BIRD 2 and 3); it never panics.
+//!
+//! Failures are [`BgpError`]s that name the failing part (binary missing, socket missing, daemon
+//! not answering, config rejected); nothing here panics on any input.
+
+mod applier;
+mod bird;
+mod error;
+mod render;
+mod show;
+
+pub use applier::{Applier, DEFAULT_INTERVAL};
+pub use bird::{Applied, Bird, DEFAULT_TIMEOUT};
+pub use error::BgpError;
+pub use render::{Announce, Bfd, GRACEFUL_SHUTDOWN, PEER_PREFIX, Peer, render};
+pub use show::{ChannelState, ProtoState, ProtocolState, RouteCounts, parse_show_protocols};
