@@ -215,7 +215,7 @@ fn render_peer(out: &mut String, local_as: u32, p: &Peer) {
     let _ = writeln!(out, "  neighbor {} as {};", p.addr, p.remote_as);
     let _ = writeln!(
         out,
-        "  hold time {}; keepalive time {}; connect retry time {CONNECT_RETRY_SECS}; error wait time 1, 10;",
+        "  hold time {}; keepalive time {}; start delay time 1; connect retry time {CONNECT_RETRY_SECS}; error wait time 1, 10;",
         p.hold_secs, p.keepalive_secs
     );
     if let Some(pw) = &p.password {

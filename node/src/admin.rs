@@ -49,6 +49,8 @@ pub(crate) struct Admin {
 pub(crate) struct ClusterAdmin {
     pub(crate) cluster: RaftCluster,
     pub(crate) sync: Arc<crate::sync::NodeSync>,
+    /// Absent without `[bgp]`.
+    pub(crate) announcer: Option<Arc<crate::announce::Announcer>>,
     pub(crate) endpoint: Arc<crate::quic::Endpoint>,
     pub(crate) serve_counters: Arc<consensus::ServeCounters>,
     /// This node as the first member.
@@ -166,6 +168,9 @@ async fn status(State(admin): State<Admin>, Query(q): Query<StatusQuery>) -> Jso
     let mut status = admin.node.status();
     if let Some(c) = &admin.cluster {
         status.sync = Some(c.sync.status());
+        if let Some(a) = &c.announcer {
+            status.bgp = Some(a.status(admin.node.vips_configured()).await);
+        }
         let (read, mut nodes) = tokio::join!(
             c.cluster.read(STATUS_READ_TIMEOUT),
             c.cluster.reports(STATUS_REPORT_TIMEOUT)

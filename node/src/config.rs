@@ -32,7 +32,26 @@ pub(crate) struct Config {
     /// Present when the node is a member of a replicated cluster: its services then come from
     /// the cluster configuration, and the file's services only bootstrap it (`cluster init`).
     pub(crate) cluster: Option<ClusterSettings>,
+    /// Present when the node announces its VIPs and LIPs over BGP through a local BIRD.
+    pub(crate) bgp: Option<BgpSettings>,
     pub(crate) services: ServiceSet,
+}
+
+/// `[bgp]`: the node's BIRD and its BGP sessions (host settings; the drain state is replicated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BgpSettings {
+    /// The BIRD config file the node writes (whole) and BIRD reads.
+    pub(crate) bird_config: PathBuf,
+    /// BIRD's control socket (`birdc -s`).
+    pub(crate) bird_socket: PathBuf,
+    pub(crate) local_as: u32,
+    pub(crate) router_id: std::net::Ipv4Addr,
+    /// How long a drain announces the VIPs with the graceful-shutdown community before it
+    /// withdraws them.
+    pub(crate) drain_wait: Duration,
+    pub(crate) communities: Vec<(u16, u16)>,
+    pub(crate) med: Option<u32>,
+    pub(crate) peers: Vec<bgp::Peer>,
 }
 
 /// `[cluster]`: how the node takes part in the replicated configuration.
@@ -201,6 +220,7 @@ struct File {
     #[serde(default)]
     maglev: MaglevFile,
     cluster: Option<ClusterFile>,
+    bgp: Option<BgpFile>,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<ServiceFile>>,
 }
@@ -242,6 +262,122 @@ impl Default for AdminFile {
 
 fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BgpFile {
+    bird_config: PathBuf,
+    bird_socket: PathBuf,
+    local_as: u32,
+    router_id: std::net::Ipv4Addr,
+    #[serde(default = "default_drain_wait_ms")]
+    drain_wait_ms: u64,
+    #[serde(default)]
+    communities: Vec<[u16; 2]>,
+    med: Option<u32>,
+    #[serde(default, rename = "peer")]
+    peers: Vec<BgpPeerFile>,
+}
+
+fn default_drain_wait_ms() -> u64 {
+    3000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BgpPeerFile {
+    name: String,
+    addr: IpAddr,
+    remote_as: u32,
+    local_addr: Option<IpAddr>,
+    #[serde(default = "default_hold_secs")]
+    hold_secs: u16,
+    #[serde(default = "default_keepalive_secs")]
+    keepalive_secs: u16,
+    #[serde(default)]
+    bfd: bool,
+    #[serde(default = "default_bfd_interval_ms")]
+    bfd_interval_ms: u32,
+    #[serde(default = "default_bfd_multiplier")]
+    bfd_multiplier: u8,
+    /// A file holding the TCP-MD5 password (secrets by path, never in this file).
+    password_file: Option<PathBuf>,
+}
+
+fn default_hold_secs() -> u16 {
+    3
+}
+
+fn default_keepalive_secs() -> u16 {
+    1
+}
+
+fn default_bfd_interval_ms() -> u32 {
+    100
+}
+
+fn default_bfd_multiplier() -> u8 {
+    3
+}
+
+fn check_bgp(b: BgpFile, device: &str) -> Result<BgpSettings, Invalid> {
+    for (key, path) in [
+        ("bgp.bird_config", &b.bird_config),
+        ("bgp.bird_socket", &b.bird_socket),
+    ] {
+        if path.as_os_str().is_empty() {
+            return Err(invalid(key, "must not be empty"));
+        }
+    }
+    let mut peers = Vec::with_capacity(b.peers.len());
+    for (i, p) in b.peers.into_iter().enumerate() {
+        let key = format!("bgp.peer[{i}]");
+        let password = match &p.password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        invalid(
+                            format!("{key}.password_file"),
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        peers.push(bgp::Peer {
+            name: p.name,
+            addr: p.addr,
+            remote_as: p.remote_as,
+            local_addr: p.local_addr,
+            hold_secs: p.hold_secs,
+            keepalive_secs: p.keepalive_secs,
+            bfd: p.bfd.then_some(bgp::Bfd {
+                interval_ms: p.bfd_interval_ms,
+                multiplier: p.bfd_multiplier,
+            }),
+            password,
+        });
+    }
+    let settings = BgpSettings {
+        bird_config: b.bird_config,
+        bird_socket: b.bird_socket,
+        local_as: b.local_as,
+        router_id: b.router_id,
+        drain_wait: Duration::from_millis(b.drain_wait_ms),
+        communities: b.communities.into_iter().map(|[a, v]| (a, v)).collect(),
+        med: b.med,
+        peers,
+    };
+    // The renderer knows what BIRD accepts: render once with everything announced.
+    let mut probe = bgp::Announce::new(settings.router_id, settings.local_as, device);
+    probe.communities.clone_from(&settings.communities);
+    probe.med = settings.med;
+    probe.peers.clone_from(&settings.peers);
+    bgp::render(&probe).map_err(|e| invalid("bgp", e.to_string()))?;
+    Ok(settings)
 }
 
 #[derive(Debug, Deserialize)]
@@ -420,6 +556,13 @@ fn parse(text: &str, version: u64) -> Result<Config, Invalid> {
         return Err(invalid("admin.socket", "must not be empty"));
     }
     let cluster = file.cluster.map(check_cluster).transpose()?;
+    let bgp = file.bgp.map(|b| check_bgp(b, &node.tun)).transpose()?;
+    if bgp.is_some() && cluster.is_none() {
+        return Err(invalid(
+            "bgp",
+            "needs [cluster]: what a node announces follows the cluster (drain, sync warm-up)",
+        ));
+    }
     let maglev = MaglevParams {
         seed: file.maglev.seed,
         table_size: file.maglev.table_size,
@@ -454,6 +597,7 @@ fn parse(text: &str, version: u64) -> Result<Config, Invalid> {
         node,
         admin,
         cluster,
+        bgp,
         services: set,
     })
 }

@@ -21,6 +21,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use consensus::ClusterConfig;
 
 use crate::admin::{Admin, ClusterAdmin};
+use crate::announce::Announcer;
 use crate::cluster::{self, ClusterNode};
 use crate::packet_io::{self, DataplaneSpec};
 use crate::source::{ConfigFileSource, Reloaded};
@@ -95,6 +96,10 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
             let admin = ClusterAdmin {
                 cluster: member.cluster.clone(),
                 sync: member.sync.clone(),
+                announcer: config
+                    .bgp
+                    .clone()
+                    .map(|b| Announcer::new(b, config.node.tun.clone())),
                 endpoint: member.endpoint.clone(),
                 serve_counters: member.serve_counters.clone(),
                 me: cluster::self_node(&node_name, settings, &file_lips),
@@ -186,7 +191,7 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
             configs,
             services,
             member,
-            ..
+            admin: cluster_admin,
         } => {
             tasks.spawn(
                 member
@@ -200,6 +205,14 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
                     )
                     .instrument(info_span!("sync")),
             );
+            if let Some(announcer) = &cluster_admin.announcer {
+                tasks.spawn(announcer.clone().run(
+                    state.clone(),
+                    member.sync.clone(),
+                    configs.clone(),
+                    stop_rx.clone(),
+                ));
+            }
             tasks.spawn(
                 follow_cluster(
                     state.clone(),

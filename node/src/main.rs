@@ -8,6 +8,7 @@
 //! be reached.
 
 mod admin;
+mod announce;
 mod api;
 mod client;
 mod clock;

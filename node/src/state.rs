@@ -142,6 +142,19 @@ impl NodeState {
         Ok(())
     }
 
+    /// Distinct VIPs of the services now.
+    pub(crate) fn vips_configured(&self) -> usize {
+        let set = self.service_set();
+        let vips: HashSet<std::net::IpAddr> =
+            set.services.iter().map(|s| s.config.vip.ip()).collect();
+        vips.len()
+    }
+
+    /// The version of the service set the data plane runs.
+    pub(crate) fn running_version(&self) -> u64 {
+        *self.running_version.borrow()
+    }
+
     /// Waits until the data plane runs service set `version` or a later one; false if it did
     /// not within `timeout`.
     pub(crate) async fn wait_running(&self, version: u64, timeout: Duration) -> bool {
@@ -247,6 +260,7 @@ impl NodeState {
                 .map_or_else(Vec::new, |d| d.stats().workers),
             cluster: None,
             sync: None,
+            bgp: None,
         }
     }
 }

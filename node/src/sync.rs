@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -31,6 +31,9 @@ const INBOX: usize = 1 << 16;
 const REDIAL: Duration = Duration::from_millis(500);
 /// A peer's table from which nothing has arrived for this long is asked for again.
 const BULK_RETRY: Duration = Duration::from_secs(2);
+/// A node whose peers are not all reachable turns warm this long after its start once every
+/// peer it reached has sent its table.
+const COLD_GRACE: Duration = Duration::from_secs(5);
 /// A dial that takes longer than this has failed.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -51,6 +54,9 @@ pub(crate) struct NodeSync {
     epoch: u64,
     /// Peers a dial is running for.
     dialing: Arc<Mutex<HashSet<String>>>,
+    started: Instant,
+    /// Latched by [`NodeSync::is_warm`].
+    warm: AtomicBool,
 }
 
 impl NodeSync {
@@ -95,6 +101,8 @@ impl NodeSync {
             applied,
             epoch,
             dialing: Arc::default(),
+            started: Instant::now(),
+            warm: AtomicBool::new(false),
         });
         Ok((sync, tx))
     }
@@ -183,9 +191,25 @@ impl NodeSync {
         self.handle.shutdown();
     }
 
-    /// Whether every current peer's table has arrived since it connected.
+    /// Warm: the node has the tables of its peers. It turns warm once every peer's table has
+    /// arrived, or, after [`COLD_GRACE`], once the table of every peer it could reach has (a
+    /// member that is down must not keep the others cold); and it stays warm: a peer that goes
+    /// and comes back is asked for its table again, but what the node holds stays valid.
     pub(crate) fn is_warm(&self) -> bool {
-        self.handle.is_warm()
+        if self.warm.load(Ordering::Relaxed) {
+            return true;
+        }
+        let warm = self.handle.is_warm()
+            || (self.started.elapsed() >= COLD_GRACE
+                && self
+                    .handle
+                    .stats()
+                    .iter()
+                    .all(|p| !p.connected || p.bulk_complete));
+        if warm {
+            self.warm.store(true, Ordering::Relaxed);
+        }
+        warm
     }
 
     /// Sync as `lbcluster status` shows it.

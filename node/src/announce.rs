@@ -1,0 +1,299 @@
+//! What the node announces over BGP (DESIGN §2, §5), kept in BIRD by the `bgp` crate's applier.
+//!
+//! * Nothing while the node is cold (its session tables not complete) or not yet in the
+//!   committed configuration: a node that (re)joins pulls the sessions first, then announces.
+//! * Its own LIPs as preferred routes and every other node's LIPs as backup routes (AS-path
+//!   prepended), so return traffic follows a failed node's LIPs to the survivors.
+//! * A VIP only while the data plane runs the committed configuration, the node is not drained,
+//!   and a service on that VIP has a healthy backend with weight above 0. Every route goes via the
+//!   TUN device with `check link`, so a dead data plane withdraws them all.
+//! * Drain: the VIPs first carry the graceful-shutdown community (65535:0) for `drain_wait`, then
+//!   are withdrawn; the LIP routes stay, so flows still returning to this node's LIPs arrive.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bgp::{Announce, Applier, Bird};
+use consensus::{ClusterConfig, NodeId};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::api::{BgpPeerStatus, BgpStatus};
+use crate::config::BgpSettings;
+use crate::state::{NodeState, service_key};
+use crate::sync::NodeSync;
+
+/// How often the announcement is worked out again (health, warm-up and drain change without a
+/// configuration change).
+const TICK: Duration = Duration::from_millis(50);
+
+/// The node's BGP side.
+#[derive(Debug)]
+pub(crate) struct Announcer {
+    settings: BgpSettings,
+    device: String,
+    bird: Arc<Bird>,
+    /// The announcement last handed to the applier.
+    current: Mutex<Option<Announce>>,
+}
+
+/// What the policy looks at, at one moment.
+#[derive(Debug)]
+struct Inputs<'a> {
+    config: &'a ClusterConfig,
+    me: NodeId,
+    warm: bool,
+    /// The data plane runs the committed configuration.
+    running: bool,
+    /// VIPs with a service that has a healthy backend of weight above 0.
+    healthy_vips: BTreeSet<IpAddr>,
+    /// Drained for at least the drain wait.
+    drain_done: bool,
+}
+
+impl Announcer {
+    pub(crate) fn new(settings: BgpSettings, device: String) -> Arc<Announcer> {
+        let bird = Arc::new(Bird::new(&settings.bird_config, &settings.bird_socket));
+        Arc::new(Announcer {
+            settings,
+            device,
+            bird,
+            current: Mutex::new(None),
+        })
+    }
+
+    /// The announcement for `inputs`.
+    fn desired(&self, inputs: &Inputs<'_>) -> Announce {
+        let s = &self.settings;
+        let mut a = Announce::new(s.router_id, s.local_as, self.device.clone());
+        a.communities.clone_from(&s.communities);
+        a.med = s.med;
+        a.peers.clone_from(&s.peers);
+        let Some(me) = inputs.config.nodes.get(&inputs.me) else {
+            return a;
+        };
+        if !inputs.warm {
+            return a;
+        }
+        a.own_lips.clone_from(&me.lips);
+        a.backup_lips = inputs
+            .config
+            .nodes
+            .values()
+            .filter(|n| n.id != inputs.me)
+            .flat_map(|n| n.lips.iter().copied())
+            .collect();
+        a.graceful_shutdown = me.drained;
+        if inputs.running && !(me.drained && inputs.drain_done) {
+            a.vips = inputs.healthy_vips.iter().copied().collect();
+        }
+        a
+    }
+
+    /// Keeps BIRD on the desired announcement until `stop`.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        state: Arc<NodeState>,
+        sync: Arc<NodeSync>,
+        configs: watch::Receiver<Arc<ClusterConfig>>,
+        stop: watch::Receiver<bool>,
+    ) {
+        let applier = Applier::spawn(self.bird.clone(), bgp::DEFAULT_INTERVAL, stop.clone());
+        let me = consensus::node_id(state.name());
+        let mut drained_since: Option<Instant> = None;
+        let mut tick = tokio::time::interval(TICK);
+        let mut stop = stop;
+        loop {
+            let config = configs.borrow().clone();
+            let drained = config.nodes.get(&me).is_some_and(|n| n.drained);
+            let since = match (drained, drained_since) {
+                (false, _) => None,
+                (true, None) => Some(Instant::now()),
+                (true, Some(t)) => Some(t),
+            };
+            drained_since = since;
+            let inputs = Inputs {
+                config: &config,
+                me,
+                warm: sync.is_warm(),
+                running: state.running_version() >= config.version,
+                healthy_vips: healthy_vips(&state),
+                drain_done: since.is_some_and(|t| t.elapsed() >= self.settings.drain_wait),
+            };
+            let desired = self.desired(&inputs);
+            let changed = self.current.lock().as_ref() != Some(&desired);
+            if changed {
+                applier.set(desired.clone());
+                *self.current.lock() = Some(desired);
+            }
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                _ = tick.tick() => {}
+            }
+        }
+        applier.join().await;
+    }
+
+    /// BGP as `lbcluster status` shows it: BIRD's sessions and what is announced.
+    pub(crate) async fn status(&self, vips_configured: usize) -> BgpStatus {
+        let current = self.current.lock().clone();
+        let (peers, bird_error) = match self.bird.show_protocols().await {
+            Ok(protocols) => (
+                protocols
+                    .iter()
+                    .filter_map(|p| {
+                        let name = p.peer_name()?;
+                        Some(BgpPeerStatus {
+                            name: name.to_owned(),
+                            addr: p.neighbor,
+                            remote_as: p.neighbor_as,
+                            established: p.is_established(),
+                            state: p.bgp_state.clone().unwrap_or_else(|| p.info.clone()),
+                            since: p.since.clone(),
+                            bfd: p.bfd,
+                            exported: p.routes().exported,
+                        })
+                    })
+                    .collect(),
+                None,
+            ),
+            Err(e) => (Vec::new(), Some(e.to_string())),
+        };
+        BgpStatus {
+            vips_announced: current.as_ref().map_or_else(Vec::new, |a| a.vips.clone()),
+            vips_configured,
+            graceful_shutdown: current.as_ref().is_some_and(|a| a.graceful_shutdown),
+            lips_announced: current.as_ref().map_or(0, |a| a.own_lips.len()),
+            peers,
+            bird_error,
+        }
+    }
+}
+
+/// The VIPs with a service that has a healthy backend of weight above 0.
+fn healthy_vips(state: &NodeState) -> BTreeSet<IpAddr> {
+    let set = state.service_set();
+    set.services
+        .iter()
+        .filter(|svc| {
+            let key = service_key(&svc.config);
+            svc.config
+                .backends
+                .iter()
+                .any(|b| b.weight > 0 && state.is_healthy(&(key, b.addr)))
+        })
+        .map(|svc| svc.config.vip.ip())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use consensus::config::{Command, Node};
+
+    fn settings() -> BgpSettings {
+        BgpSettings {
+            bird_config: "bird.conf".into(),
+            bird_socket: "bird.sock".into(),
+            local_as: 65100,
+            router_id: "198.18.51.2".parse().unwrap(),
+            drain_wait: Duration::from_secs(1),
+            communities: Vec::new(),
+            med: None,
+            peers: vec![bgp::Peer::new(
+                "router",
+                "198.18.51.1".parse().unwrap(),
+                65000,
+            )],
+        }
+    }
+
+    fn config() -> ClusterConfig {
+        let mut c = ClusterConfig::default();
+        for (name, lip, port) in [("n1", "198.19.200.1", 7946), ("n2", "198.19.200.2", 7947)] {
+            c.apply(&Command::AddNode(Node {
+                id: consensus::node_id(name),
+                name: name.into(),
+                quic_addr: format!("198.18.51.2:{port}").parse().unwrap(),
+                lips: vec![lip.parse().unwrap()],
+                drained: false,
+            }))
+            .unwrap();
+        }
+        c
+    }
+
+    fn inputs(config: &ClusterConfig) -> Inputs<'_> {
+        Inputs {
+            config,
+            me: consensus::node_id("n1"),
+            warm: true,
+            running: true,
+            healthy_vips: BTreeSet::from(["198.18.100.1".parse().unwrap()]),
+            drain_done: false,
+        }
+    }
+
+    #[test]
+    fn test_the_announcement_follows_the_policy() {
+        let a = Announcer::new(settings(), "lbc0".into());
+        let mut cfg = config();
+        let vip: IpAddr = "198.18.100.1".parse().unwrap();
+        let lip1: IpAddr = "198.19.200.1".parse().unwrap();
+        let lip2: IpAddr = "198.19.200.2".parse().unwrap();
+
+        let all = a.desired(&inputs(&cfg));
+        assert_eq!(
+            (all.vips.clone(), all.own_lips.clone()),
+            (vec![vip], vec![lip1])
+        );
+        assert_eq!(all.backup_lips, vec![lip2]);
+        assert!(!all.graceful_shutdown);
+        bgp::render(&all).unwrap();
+
+        // Cold, or not in the configuration: nothing at all.
+        let cold = a.desired(&Inputs {
+            warm: false,
+            ..inputs(&cfg)
+        });
+        assert!(cold.vips.is_empty() && cold.own_lips.is_empty() && cold.backup_lips.is_empty());
+        let stranger = a.desired(&Inputs {
+            me: consensus::node_id("n9"),
+            ..inputs(&cfg)
+        });
+        assert!(stranger.vips.is_empty() && stranger.own_lips.is_empty());
+
+        // No healthy backend, or the data plane behind the configuration: LIPs but no VIP.
+        let unhealthy = a.desired(&Inputs {
+            healthy_vips: BTreeSet::new(),
+            ..inputs(&cfg)
+        });
+        assert!(unhealthy.vips.is_empty());
+        assert_eq!(unhealthy.own_lips, vec![lip1]);
+        let behind = a.desired(&Inputs {
+            running: false,
+            ..inputs(&cfg)
+        });
+        assert!(behind.vips.is_empty());
+
+        // Drain: graceful shutdown first, then the VIPs go; the LIPs stay.
+        cfg.apply(&Command::SetDrain {
+            id: consensus::node_id("n1"),
+            drained: true,
+        })
+        .unwrap();
+        let draining = a.desired(&inputs(&cfg));
+        assert!(draining.graceful_shutdown);
+        assert_eq!(draining.vips, vec![vip]);
+        let drained = a.desired(&Inputs {
+            drain_done: true,
+            ..inputs(&cfg)
+        });
+        assert!(drained.vips.is_empty());
+        assert_eq!(drained.own_lips, vec![lip1]);
+        bgp::render(&drained).unwrap();
+    }
+}
