@@ -50,6 +50,7 @@ pub struct BgpOptions {
 /// The running BIRD instances of a lab: the router's and one per node.
 #[derive(Debug)]
 pub struct Bgp {
+    options: BgpOptions,
     router: LabProcess,
     /// Node k's BIRD at index k-1, `None` while it is stopped.
     nodes: Vec<Option<LabProcess>>,
@@ -182,6 +183,17 @@ impl Bgp {
     /// Starts the router's BIRD, then each node's (writing a minimal node configuration — router
     /// id and `protocol device` — where the node has none yet).
     pub fn start(lab: &Lab, options: BgpOptions) -> Result<Bgp> {
+        let found = Command::new("bird")
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        ensure!(
+            found,
+            "the lab's BGP needs `bird`: apt-get install -y bird2"
+        );
         let config = lab.router_bird_config();
         std::fs::write(&config, router_config(lab, options))
             .with_context(|| format!("write {}", config.display()))?;
@@ -193,6 +205,7 @@ impl Bgp {
             &lab.dir().join("router-bird.pid"),
         )?;
         let mut bgp = Bgp {
+            options,
             router,
             nodes: (0..lab.spec().nodes).map(|_| None).collect(),
         };
@@ -200,6 +213,11 @@ impl Bgp {
             bgp.start_node_bird(lab, k)?;
         }
         Ok(bgp)
+    }
+
+    /// What the BIRD instances were started with.
+    pub fn options(&self) -> BgpOptions {
+        self.options
     }
 
     /// The router's BIRD log so far.
@@ -388,7 +406,7 @@ impl Lab {
 }
 
 #[cfg(test)]
-mod test {
+mod tests {
     use super::parse_next_hops;
 
     #[test]
