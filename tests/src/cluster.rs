@@ -1,8 +1,8 @@
 //! A cluster site: the lab with N lbcluster nodes that share one configuration through Raft
 //! over their QUIC endpoints (mutual TLS with a cluster CA made by `lbcluster tls`), managed
 //! only through `lbcluster` commands. Node 1 bootstraps the cluster (`cluster init`) with the
-//! services of its file; the others join with `node add`. VIPs and LIPs are routed by hand
-//! until BGP exists.
+//! services of its file; the others join with `node add`. VIPs and LIPs are routed by hand,
+//! or, with [`ClusterOptions::bgp`], announced by the nodes through BIRD to the router's BIRD.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
+use crate::bgp::{Bgp, BgpOptions, HOLD_SECS, KEEPALIVE_SECS, NODE_AS, ROUTER_AS};
 use crate::lab::{Lab, LabProcess, LabSpec};
 use crate::site::{VIP, lbcluster_bin, run_node};
 
@@ -51,12 +52,31 @@ pub struct ChangeLatencies {
     pub versions: Vec<u64>,
 }
 
+/// How long a node waits after withdrawing its VIPs before it stops (`[bgp] drain_wait_ms`).
+pub const DRAIN_WAIT_MS: u64 = 1000;
+
+/// What [`ClusterSite::start_with`] builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterOptions {
+    /// Node namespaces `n1..=nodes`.
+    pub nodes: usize,
+    /// How many of them form the cluster at the start (`n1..=members`).
+    pub members: usize,
+    /// Backend namespaces.
+    pub backends: usize,
+    /// BGP through BIRD (the router's and one per node, each node's daemon configuring its
+    /// own) instead of routes set by hand.
+    pub bgp: Option<BgpOptions>,
+}
+
 /// A lab whose nodes form one cluster.
 #[derive(Debug)]
 pub struct ClusterSite {
     pub lab: Lab,
     /// Node k's daemon at index k-1, `None` while it is stopped.
     nodes: Vec<Option<LabProcess>>,
+    /// The BIRD instances, with [`ClusterOptions::bgp`].
+    bgp: Option<Bgp>,
 }
 
 /// The answer of one `lbcluster` command.
@@ -99,14 +119,34 @@ impl ClusterSite {
     /// backends' HTTP servers), `node add` for each of the others, and routes the VIP to node
     /// 1 and each node's LIPs to it.
     pub fn start(nodes: usize, members: usize, backends: usize) -> Result<ClusterSite> {
+        Self::start_with(ClusterOptions {
+            nodes,
+            members,
+            backends,
+            bgp: None,
+        })
+    }
+
+    /// Like [`ClusterSite::start`]; with [`ClusterOptions::bgp`] it first starts the router's
+    /// BIRD and each node's, gives every node a `[bgp]` section (its BIRD's config file and
+    /// socket, one peer: the router) and routes nothing by hand: the nodes announce.
+    pub fn start_with(options: ClusterOptions) -> Result<ClusterSite> {
+        let ClusterOptions {
+            nodes,
+            members,
+            backends,
+            bgp,
+        } = options;
         ensure!(
             (1..=nodes).contains(&members),
             "{members} members of {nodes} nodes"
         );
         let lab = Lab::up(LabSpec { nodes, backends })?;
+        let bgp = bgp.map(|o| Bgp::start(&lab, o)).transpose()?;
         let mut site = ClusterSite {
             nodes: (0..nodes).map(|_| None).collect(),
             lab,
+            bgp,
         };
         site.lbc(&[
             "tls",
@@ -132,6 +172,9 @@ impl ClusterSite {
                     site.log(k)
                 )
             })?;
+        }
+        if site.bgp.is_some() {
+            return Ok(site);
         }
         site.lab.route_to_node(IpAddr::V4(VIP), 1)?;
         for k in 1..=nodes {
@@ -206,7 +249,7 @@ cert = "{tls}/n{k}.pem"
 key = "{tls}/n{k}.key"
 heartbeat_ms = 100
 election_timeout_ms = [400, 800]
-
+{bgp}
 [[service]]
 vip = "{VIP}:80"
 proto = "tcp"
@@ -219,9 +262,73 @@ scheduler = "rr"
             data = dir.join(format!("n{k}-raft")).display(),
             ca = ca_dir.join("ca.pem").display(),
             tls = tls.display(),
+            bgp = self.bgp_section(k),
         );
         std::fs::write(self.config_path(k), config)?;
         Ok(())
+    }
+
+    /// Node k's `[bgp]` section (empty without BGP): its BIRD's files, and the router as its
+    /// one peer.
+    fn bgp_section(&self, k: usize) -> String {
+        let Some(bgp) = &self.bgp else {
+            return String::new();
+        };
+        let bfd = if bgp.options().bfd {
+            "bfd = true\n"
+        } else {
+            ""
+        };
+        format!(
+            r#"
+[bgp]
+bird_config = "{config}"
+bird_socket = "{socket}"
+local_as = {NODE_AS}
+router_id = "{uplink}"
+drain_wait_ms = {DRAIN_WAIT_MS}
+[[bgp.peer]]
+name = "router"
+addr = "{gateway}"
+remote_as = {ROUTER_AS}
+hold_secs = {HOLD_SECS}
+keepalive_secs = {KEEPALIVE_SECS}
+{bfd}"#,
+            config = self.bird_config(k).display(),
+            socket = self.bird_socket(k).display(),
+            uplink = self.lab.node_uplink(k),
+            gateway = self.lab.node_gateway(k),
+        )
+    }
+
+    /// Node k's BIRD configuration file (written by its daemon).
+    pub fn bird_config(&self, k: usize) -> PathBuf {
+        self.lab.node_bird_config(k)
+    }
+
+    /// Node k's BIRD control socket.
+    pub fn bird_socket(&self, k: usize) -> PathBuf {
+        self.lab.node_bird_socket(k)
+    }
+
+    /// The BIRD instances, if the site was started with BGP.
+    pub fn bgp(&self) -> Option<&Bgp> {
+        self.bgp.as_ref()
+    }
+
+    /// Kills node k's BIRD (SIGKILL): the router drops its routes when the session closes.
+    pub fn kill_node_bird(&mut self, k: usize) -> Result<()> {
+        self.bgp
+            .as_mut()
+            .context("the site runs without BGP")?
+            .kill_node_bird(k);
+        Ok(())
+    }
+
+    /// Starts node k's BIRD again with the configuration its daemon wrote.
+    pub fn start_node_bird(&mut self, k: usize) -> Result<()> {
+        let bgp = self.bgp.as_mut().context("the site runs without BGP")?;
+        bgp.start_node_bird(&self.lab, k)
     }
 
     fn config_path(&self, k: usize) -> PathBuf {

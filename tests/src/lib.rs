@@ -2,6 +2,7 @@
 //!
 //! * [`lab`] builds and removes the topology (client, router, N one-armed nodes, M backends
 //!   behind the router) and runs processes inside it.
+//! * [`bgp`] runs BIRD in the router and the nodes: BGP with ECMP, optionally BFD.
 //! * [`site`] is the lab with a running lbcluster node in front of two backends.
 //! * [`backend`] is the real server the lab runs in every backend namespace (HTTP on 8080, TCP
 //!   echo on 9000, UDP echo on 5353) and the matching clients; the `lab-backend` binary wraps it.
@@ -10,10 +11,11 @@
 //! `tcp-echo`, `tcp-echo-check`, `udp-echo`).
 //!
 //! Needs root and these Debian packages: `iproute2` (ip), `ethtool` (tx checksum offload off on
-//! the node uplinks), `procps` (sysctl, kill).
+//! the node uplinks), `procps` (sysctl, kill); `bird2` (bird, birdc) for [`bgp`].
 
 pub mod backend;
 pub mod bench;
+pub mod bgp;
 pub mod cluster;
 pub mod lab;
 pub mod site;
