@@ -144,6 +144,11 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
         routes,
     };
     let state = Arc::new(NodeState::new(node_name.clone(), engine, initial)?);
+    if let Mode::Cluster { admin, .. } = &mode
+        && let Some(announcer) = &admin.announcer
+    {
+        announcer.withdraw_all().await;
+    }
 
     let dataplane = tokio::task::block_in_place(|| {
         packet_io::start(&dataplane_spec, state.engine().clone(), events)

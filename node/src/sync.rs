@@ -55,6 +55,8 @@ pub(crate) struct NodeSync {
     /// Peers a dial is running for.
     dialing: Arc<Mutex<HashSet<String>>>,
     started: Instant,
+    /// The committed configuration lists this node, so the peer set is the real one.
+    peers_known: AtomicBool,
     /// Latched by [`NodeSync::is_warm`].
     warm: AtomicBool,
 }
@@ -102,6 +104,7 @@ impl NodeSync {
             epoch,
             dialing: Arc::default(),
             started: Instant::now(),
+            peers_known: AtomicBool::new(false),
             warm: AtomicBool::new(false),
         });
         Ok((sync, tx))
@@ -130,6 +133,9 @@ impl NodeSync {
             let peers: Vec<_> = config.nodes.values().filter(|n| n.name != me).collect();
             let names: Vec<&str> = peers.iter().map(|n| n.name.as_str()).collect();
             self.handle.set_peers(&names);
+            if config.nodes.values().any(|n| n.name == me) {
+                self.peers_known.store(true, Ordering::Relaxed);
+            }
             let stats = self.handle.stats();
             // A table request can be lost (sent before the peer knew of this node): one that
             // brought nothing for a while is asked again. A table still streaming is not.
@@ -198,6 +204,11 @@ impl NodeSync {
     pub(crate) fn is_warm(&self) -> bool {
         if self.warm.load(Ordering::Relaxed) {
             return true;
+        }
+        // Until the node finds itself in the configuration it does not know its peers yet (a
+        // restart restores the configuration from disk a moment after sync starts).
+        if !self.peers_known.load(Ordering::Relaxed) {
+            return false;
         }
         let warm = self.handle.is_warm()
             || (self.started.elapsed() >= COLD_GRACE

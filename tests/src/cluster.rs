@@ -587,6 +587,23 @@ keepalive_secs = {KEEPALIVE_SECS}
         Ok(())
     }
 
+    /// Makes node k silently stop answering: nftables in its namespace drops everything on its
+    /// uplink, both ways (no TCP reset, no link change: only timers or BFD notice).
+    pub fn silence(&self, k: usize) -> Result<()> {
+        let dev = crate::lab::NODE_UPLINK_IF;
+        let rules = format!(
+            "table inet lbc_silence {{\n\
+               chain input {{ type filter hook input priority 0; iifname \"{dev}\" drop; }}\n\
+               chain output {{ type filter hook output priority 0; oifname \"{dev}\" drop; }}\n\
+             }}\n"
+        );
+        let path = self.lab.dir().join(format!("n{k}-silence.nft"));
+        std::fs::write(&path, rules)?;
+        self.lab
+            .exec(&format!("n{k}"), &["nft", "-f", &path.to_string_lossy()])?;
+        Ok(())
+    }
+
     /// Cuts node k off from the cluster's QUIC traffic with nftables in its namespace (its
     /// data plane keeps running).
     pub fn partition(&self, k: usize) -> Result<()> {
