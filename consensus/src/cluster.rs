@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -152,6 +152,37 @@ pub struct NodeReport {
     /// Whether the configuration (as the node asking knows it) has the node drained.
     #[serde(default)]
     pub drained: bool,
+    /// The node's BGP side, as its [probe](Cluster::set_probes) says; `None` without one.
+    #[serde(default)]
+    pub bgp: Option<BgpReport>,
+}
+
+/// A node's BGP sessions and announcements, for the cluster view.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpReport {
+    pub peers: Vec<BgpPeerReport>,
+    /// The VIPs announced now, of how many configured.
+    pub vips_announced: Vec<IpAddr>,
+    pub vips_configured: u32,
+    /// Own LIPs announced as preferred routes.
+    pub lips_announced: u32,
+    /// The VIPs carry the graceful-shutdown community (the node is draining).
+    pub graceful_shutdown: bool,
+    /// Why the node could not ask its BGP daemon, if it could not.
+    pub error: Option<String>,
+}
+
+/// One BGP session of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpPeerReport {
+    pub name: String,
+    pub addr: Option<IpAddr>,
+    pub remote_as: Option<u32>,
+    pub established: bool,
+    pub state: String,
+    pub since: String,
+    pub bfd: Option<bool>,
+    pub exported: u32,
 }
 
 /// A request carried out by the leader.
@@ -240,12 +271,23 @@ struct Inner<D> {
     applied: watch::Receiver<Arc<ClusterConfig>>,
     log: LogReader,
     deadlines: Deadlines,
-    /// Set once by the node: whether it is warm, for its reports.
-    warm: OnceLock<WarmProbe>,
+    /// Set once by the node: what its reports say beyond Raft.
+    probes: OnceLock<Probes>,
 }
 
-/// Tells whether the node is warm (its session sync has every peer's table).
-pub type WarmProbe = Box<dyn Fn() -> bool + Send + Sync>;
+/// What a node's reports say beyond Raft, asked when a report is made.
+pub struct Probes {
+    /// Whether the node is warm (its session sync has its peers' tables).
+    pub warm: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Its BGP side, if it has one.
+    pub bgp: Box<dyn Fn() -> Option<BgpReport> + Send + Sync>,
+}
+
+impl fmt::Debug for Probes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Probes").finish_non_exhaustive()
+    }
+}
 
 impl<D> Clone for Cluster<D> {
     fn clone(&self) -> Self {
@@ -336,7 +378,7 @@ impl<D: Dialer> Cluster<D> {
             applied: applied.clone(),
             log: reader,
             deadlines,
-            warm: OnceLock::new(),
+            probes: OnceLock::new(),
         };
         Ok((
             Cluster {
@@ -581,7 +623,8 @@ impl<D: Dialer> Cluster<D> {
             config_version: Some(self.local_config().version),
             leader: known_leader(&metrics),
             voter,
-            warm: self.inner.warm.get().map(|probe| probe()),
+            warm: self.inner.probes.get().map(|p| (p.warm)()),
+            bgp: self.inner.probes.get().and_then(|p| (p.bgp)()),
             drained: self
                 .local_config()
                 .nodes
@@ -590,9 +633,10 @@ impl<D: Dialer> Cluster<D> {
         }
     }
 
-    /// Makes this node's reports say whether it is warm; set once (later calls are ignored).
-    pub fn set_warm_probe(&self, probe: WarmProbe) {
-        let _ = self.inner.warm.set(probe);
+    /// Makes this node's reports say whether it is warm and how its BGP side is; set once
+    /// (later calls are ignored).
+    pub fn set_probes(&self, probes: Probes) {
+        let _ = self.inner.probes.set(probes);
     }
 
     /// One report per node in the applied configuration and the Raft membership (and this
@@ -1030,6 +1074,7 @@ fn unreachable_report(id: NodeId, member: Member) -> NodeReport {
         voter: false,
         warm: None,
         drained: false,
+        bgp: None,
     }
 }
 

@@ -24,7 +24,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use cluster::{Cluster, ClusterError, Deadlines, NodeReport, Role, WarmProbe, node_id};
+pub use cluster::{
+    BgpPeerReport, BgpReport, Cluster, ClusterError, Deadlines, NodeReport, Probes, Role, node_id,
+};
 pub use config::{ClusterConfig, Command, ConfigError, NodeId};
 pub use store::{ConfigStateMachine, LogReader, LogStore, SnapshotBuilder, StoreError};
 pub use transport::{Dialer, QuicNetwork, ServeCounters, serve_connection};

@@ -125,6 +125,7 @@ impl Admin {
         let mut status = self.node.status();
         if let Some(c) = &self.cluster {
             status.sync = Some(c.sync.status());
+            status.bgp = c.announcer.as_ref().map(|a| a.report());
             let me = c.cluster.local_report();
             let config = c.cluster.local_config();
             status.cluster = Some(ClusterStatus {
@@ -168,9 +169,7 @@ async fn status(State(admin): State<Admin>, Query(q): Query<StatusQuery>) -> Jso
     let mut status = admin.node.status();
     if let Some(c) = &admin.cluster {
         status.sync = Some(c.sync.status());
-        if let Some(a) = &c.announcer {
-            status.bgp = Some(a.status(admin.node.vips_configured()).await);
-        }
+        status.bgp = c.announcer.as_ref().map(|a| a.report());
         let (read, mut nodes) = tokio::join!(
             c.cluster.read(STATUS_READ_TIMEOUT),
             c.cluster.reports(STATUS_REPORT_TIMEOUT)

@@ -16,12 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bgp::{Announce, Applier, Bird};
-use consensus::{ClusterConfig, NodeId};
+use consensus::{BgpPeerReport, BgpReport, ClusterConfig, NodeId};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::api::{BgpPeerStatus, BgpStatus};
 use crate::config::BgpSettings;
 use crate::state::{NodeState, service_key};
 use crate::sync::NodeSync;
@@ -29,6 +28,8 @@ use crate::sync::NodeSync;
 /// How often the announcement is worked out again (health, warm-up and drain change without a
 /// configuration change).
 const TICK: Duration = Duration::from_millis(50);
+/// How often BIRD is asked for its sessions, for status and reports.
+const REFRESH: Duration = Duration::from_secs(1);
 
 /// The node's BGP side.
 #[derive(Debug)]
@@ -38,6 +39,8 @@ pub(crate) struct Announcer {
     bird: Arc<Bird>,
     /// The announcement last handed to the applier.
     current: Mutex<Option<Announce>>,
+    /// BIRD's sessions and what is announced, refreshed every [`REFRESH`].
+    report: Mutex<BgpReport>,
 }
 
 /// What the policy looks at, at one moment.
@@ -62,6 +65,7 @@ impl Announcer {
             device,
             bird,
             current: Mutex::new(None),
+            report: Mutex::new(BgpReport::default()),
         })
     }
 
@@ -119,6 +123,7 @@ impl Announcer {
         let me = consensus::node_id(state.name());
         let mut drained_since: Option<Instant> = None;
         let mut tick = tokio::time::interval(TICK);
+        let mut refreshed: Option<Instant> = None;
         let mut stop = stop;
         loop {
             let config = configs.borrow().clone();
@@ -143,6 +148,10 @@ impl Announcer {
                 applier.set(desired.clone());
                 *self.current.lock() = Some(desired);
             }
+            if changed || refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
+                self.refresh(state.vips_configured()).await;
+                refreshed = Some(Instant::now());
+            }
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
                 _ = tick.tick() => {}
@@ -151,17 +160,21 @@ impl Announcer {
         applier.join().await;
     }
 
-    /// BGP as `lbcluster status` shows it: BIRD's sessions and what is announced.
-    pub(crate) async fn status(&self, vips_configured: usize) -> BgpStatus {
+    /// BGP as `lbcluster status` shows it (at most [`REFRESH`] old).
+    pub(crate) fn report(&self) -> BgpReport {
+        self.report.lock().clone()
+    }
+
+    /// Asks BIRD for its sessions and records them with what is announced now.
+    async fn refresh(&self, vips_configured: usize) {
         let current = self.current.lock().clone();
-        let (peers, bird_error) = match self.bird.show_protocols().await {
+        let (peers, error) = match self.bird.show_protocols().await {
             Ok(protocols) => (
                 protocols
                     .iter()
                     .filter_map(|p| {
-                        let name = p.peer_name()?;
-                        Some(BgpPeerStatus {
-                            name: name.to_owned(),
+                        Some(BgpPeerReport {
+                            name: p.peer_name()?.to_owned(),
                             addr: p.neighbor,
                             remote_as: p.neighbor_as,
                             established: p.is_established(),
@@ -176,14 +189,15 @@ impl Announcer {
             ),
             Err(e) => (Vec::new(), Some(e.to_string())),
         };
-        BgpStatus {
-            vips_announced: current.as_ref().map_or_else(Vec::new, |a| a.vips.clone()),
-            vips_configured,
-            graceful_shutdown: current.as_ref().is_some_and(|a| a.graceful_shutdown),
-            lips_announced: current.as_ref().map_or(0, |a| a.own_lips.len()),
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        *self.report.lock() = BgpReport {
             peers,
-            bird_error,
-        }
+            vips_announced: current.as_ref().map_or_else(Vec::new, |a| a.vips.clone()),
+            vips_configured: count(vips_configured),
+            lips_announced: count(current.as_ref().map_or(0, |a| a.own_lips.len())),
+            graceful_shutdown: current.as_ref().is_some_and(|a| a.graceful_shutdown),
+            error,
+        };
     }
 }
 

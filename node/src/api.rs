@@ -133,38 +133,7 @@ pub(crate) struct NodeStatus {
     pub(crate) sync: Option<SyncStatus>,
     /// BGP, for a node with `[bgp]`.
     #[serde(default)]
-    pub(crate) bgp: Option<BgpStatus>,
-}
-
-/// What the node announces and its BGP sessions, as BIRD reports them.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct BgpStatus {
-    pub(crate) vips_announced: Vec<IpAddr>,
-    /// Distinct VIPs of the configuration.
-    pub(crate) vips_configured: usize,
-    /// The VIPs carry the graceful-shutdown community (draining).
-    pub(crate) graceful_shutdown: bool,
-    /// Own LIPs announced as preferred routes.
-    pub(crate) lips_announced: usize,
-    pub(crate) peers: Vec<BgpPeerStatus>,
-    /// Why BIRD could not be asked (not installed, socket wrong, daemon down).
-    pub(crate) bird_error: Option<String>,
-}
-
-/// One BGP session of the node.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct BgpPeerStatus {
-    pub(crate) name: String,
-    pub(crate) addr: Option<IpAddr>,
-    pub(crate) remote_as: Option<u32>,
-    pub(crate) established: bool,
-    /// BIRD's words for the session state (`Established`, `Active`, `Connect`, …).
-    pub(crate) state: String,
-    /// Since when the session is in that state, as BIRD prints it.
-    pub(crate) since: String,
-    pub(crate) bfd: Option<bool>,
-    /// Routes exported to the peer.
-    pub(crate) exported: u32,
+    pub(crate) bgp: Option<consensus::BgpReport>,
 }
 
 /// Session sync on this node.

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info_span};
 
+use crate::announce::Announcer;
 use crate::config::{self, ClusterSettings, HealthCheck, Probe, ServiceSet};
 use crate::packet_io::EventSink;
 use crate::quic::{self, PeerConnection};
@@ -68,6 +69,7 @@ impl ClusterNode {
         name: &str,
         settings: &ClusterSettings,
         engine: &Arc<Engine>,
+        announcer: Option<Arc<Announcer>>,
     ) -> Result<(ClusterNode, watch::Receiver<Arc<ClusterConfig>>, EventSink)> {
         let tls = quic::NodeTls::load(&settings.ca, &settings.cert, &settings.key)?;
         ensure!(
@@ -134,7 +136,11 @@ impl ClusterNode {
         let (sync, events) = NodeSync::start(name, engine)?;
         {
             let sync = sync.clone();
-            cluster.set_warm_probe(Box::new(move || sync.is_warm()));
+            let announcer = announcer.clone();
+            cluster.set_probes(consensus::Probes {
+                warm: Box::new(move || sync.is_warm()),
+                bgp: Box::new(move || announcer.as_ref().map(|a| a.report())),
+            });
         }
         let sync_handler: quic::Handler = {
             let sync = sync.clone();

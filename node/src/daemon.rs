@@ -91,15 +91,17 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
     let mut events = None;
     let mut mode = match &config.cluster {
         Some(settings) => {
-            let (member, configs, sink) = ClusterNode::start(&node_name, settings, &engine).await?;
+            let announcer = config
+                .bgp
+                .clone()
+                .map(|b| Announcer::new(b, config.node.tun.clone()));
+            let (member, configs, sink) =
+                ClusterNode::start(&node_name, settings, &engine, announcer.clone()).await?;
             events = Some(sink);
             let admin = ClusterAdmin {
                 cluster: member.cluster.clone(),
                 sync: member.sync.clone(),
-                announcer: config
-                    .bgp
-                    .clone()
-                    .map(|b| Announcer::new(b, config.node.tun.clone())),
+                announcer,
                 endpoint: member.endpoint.clone(),
                 serve_counters: member.serve_counters.clone(),
                 me: cluster::self_node(&node_name, settings, &file_lips),

@@ -198,6 +198,10 @@ struct StatusArgs {
     /// Only this node's own view of the cluster: no linearizable read, no peer reports.
     #[arg(long)]
     local: bool,
+    /// `bgp`: every node's BGP sessions (peer, ASN, state, since, BFD, routes exported) and
+    /// announcements instead of the overview.
+    #[arg(value_enum)]
+    view: Option<StatusView>,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -239,6 +243,11 @@ struct ReplayArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StatusView {
+    Bgp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
     Text,
     Json,
@@ -271,9 +280,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 STATUS_PATH.to_owned()
             };
             let status: NodeStatus = client::get(&args.socket.socket, &path)?;
-            let out = match args.output {
-                Output::Text => render::status_text(&status),
-                Output::Json => render::json(&status)?,
+            let out = match (args.output, args.view) {
+                (Output::Text, None) => render::status_text(&status),
+                (Output::Text, Some(StatusView::Bgp)) => render::bgp_text(&status),
+                (Output::Json, _) => render::json(&status)?,
             };
             write_stdout(&out)?;
             let nodes_down = status.cluster.as_ref().map_or(0, |c| c.nodes_down());

@@ -331,7 +331,42 @@ fn families(s: &NodeStatus) -> Vec<Family> {
     .into_iter()
     .chain(s.cluster.iter().flat_map(cluster_families))
     .chain(s.sync.iter().flat_map(sync_families))
+    .chain(s.bgp.iter().flat_map(bgp_families))
     .collect()
+}
+
+/// BGP: sessions and announcements.
+fn bgp_families(b: &consensus::BgpReport) -> Vec<Family> {
+    vec![
+        Family {
+            name: "lbcluster_bgp_peer_established",
+            help: "1 while the BGP session with a peer is established.",
+            kind: Kind::Gauge,
+            samples: b
+                .peers
+                .iter()
+                .map(|p| (vec![("peer", p.name.clone())], u64::from(p.established)))
+                .collect(),
+        },
+        Family {
+            name: "lbcluster_bgp_vips_announced",
+            help: "VIPs this node announces now.",
+            kind: Kind::Gauge,
+            samples: vec![(vec![], b.vips_announced.len() as u64)],
+        },
+        Family {
+            name: "lbcluster_bgp_vips_configured",
+            help: "VIPs of the configuration.",
+            kind: Kind::Gauge,
+            samples: vec![(vec![], u64::from(b.vips_configured))],
+        },
+        Family {
+            name: "lbcluster_bgp_graceful_shutdown",
+            help: "1 while the VIPs carry the graceful-shutdown community (draining).",
+            kind: Kind::Gauge,
+            samples: vec![(vec![], u64::from(b.graceful_shutdown))],
+        },
+    ]
 }
 
 /// Session sync: warm or cold, and per peer.
@@ -576,6 +611,7 @@ mod tests {
                 voter: true,
                 warm: Some(true),
                 drained: false,
+                bgp: None,
             }],
             quic: crate::quic::CounterValues {
                 refused_untrusted_ca: 2,

@@ -163,8 +163,17 @@ fn cluster_table(s: &mut String, c: &ClusterStatus) {
     }
     let _ = writeln!(
         s,
-        "  {:<16} {:<24} {:<9} {:<9} {:>6} {:>8} {:>8} {:>7}  Sync",
-        "Node", "Address", "Reachable", "Role", "Term", "Commit", "Applied", "Version"
+        "  {:<16} {:<24} {:<9} {:<9} {:>6} {:>8} {:>8} {:>7}  {:<14} {:<16} Sync",
+        "Node",
+        "Address",
+        "Reachable",
+        "Role",
+        "Term",
+        "Commit",
+        "Applied",
+        "Version",
+        "BGP peers",
+        "VIPs announced"
     );
     let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
     for n in &c.nodes {
@@ -176,9 +185,22 @@ fn cluster_table(s: &mut String, c: &ClusterStatus) {
             Some(Role::Learner) => "learner",
             Some(Role::Shutdown) => "shutdown",
         };
+        let (peers, vips) = n.bgp.as_ref().map_or_else(
+            || ("-".to_owned(), "-".to_owned()),
+            |b| {
+                (
+                    format!(
+                        "{}/{} up",
+                        b.peers.iter().filter(|p| p.established).count(),
+                        b.peers.len()
+                    ),
+                    format!("{}/{}", b.vips_announced.len(), b.vips_configured),
+                )
+            },
+        );
         let _ = writeln!(
             s,
-            "  {:<16} {:<24} {:<9} {:<9} {:>6} {:>8} {:>8} {:>7}  {}",
+            "  {:<16} {:<24} {:<9} {:<9} {:>6} {:>8} {:>8} {:>7}  {:<14} {:<16} {}",
             n.name,
             n.addr.to_string(),
             if n.reachable { "yes" } else { "NO" },
@@ -187,6 +209,8 @@ fn cluster_table(s: &mut String, c: &ClusterStatus) {
             opt(n.committed),
             opt(n.applied),
             opt(n.config_version),
+            peers,
+            vips,
             match (n.warm, n.drained) {
                 (Some(true), false) => "warm",
                 (Some(true), true) => "warm, drained",
@@ -245,6 +269,72 @@ fn sync_table(s: &mut String, sync: &SyncStatus) {
         );
     }
     s.push('\n');
+}
+
+/// `lbcluster status bgp`: every BGP session of every node, as the nodes report them (this
+/// node's own when it is not a cluster member).
+pub(crate) fn bgp_text(st: &NodeStatus) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<16} {:<10} {:<24} {:>6} {:<12} {:<20} {:<5} {:>8}",
+        "Node", "Peer", "Address", "ASN", "State", "Since", "BFD", "Exported"
+    );
+    let mine;
+    let nodes: Vec<(&str, Option<&consensus::BgpReport>)> = match &st.cluster {
+        Some(c) => c
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.bgp.as_ref()))
+            .collect(),
+        None => {
+            mine = st.bgp.as_ref();
+            vec![(st.node.as_str(), mine)]
+        }
+    };
+    for (node, bgp) in nodes {
+        let Some(b) = bgp else {
+            let _ = writeln!(s, "{node:<16} (no BGP report)");
+            continue;
+        };
+        if let Some(e) = &b.error {
+            let _ = writeln!(s, "{node:<16} BIRD: {e}");
+        }
+        for p in &b.peers {
+            let _ = writeln!(
+                s,
+                "{:<16} {:<10} {:<24} {:>6} {:<12} {:<20} {:<5} {:>8}",
+                node,
+                p.name,
+                p.addr.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+                p.remote_as
+                    .map_or_else(|| "-".to_owned(), |a| a.to_string()),
+                p.state,
+                p.since,
+                match p.bfd {
+                    Some(true) => "up",
+                    Some(false) => "down",
+                    None => "-",
+                },
+                p.exported
+            );
+        }
+        let vips: Vec<String> = b.vips_announced.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            s,
+            "{node:<16} announces {} of {} VIPs{} ({}), {} own LIPs",
+            b.vips_announced.len(),
+            b.vips_configured,
+            if b.graceful_shutdown {
+                " with graceful shutdown"
+            } else {
+                ""
+            },
+            vips.join(", "),
+            b.lips_announced
+        );
+    }
+    s
 }
 
 /// `lbcluster service list`: the cluster's services laid out like `ipvsadm -Ln`.

@@ -40,6 +40,33 @@ fn sessions(site: &ClusterSite, k: usize) -> Result<u64> {
 #[test]
 fn ecmp_lip_owner_and_backup_routes_and_health_gated_vip() -> Result<()> {
     let site = site(false)?;
+    // Every node reports its session with the router and the VIP announced.
+    site.wait_for("every node's BGP row", SETTLE, |s| {
+        let (_, st) = s.status(1)?;
+        let rows = st["cluster"]["nodes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        ensure!(rows.len() == 3, "{st}");
+        for row in &rows {
+            let bgp = &row["bgp"];
+            ensure!(
+                bgp["peers"][0]["established"] == true
+                    && bgp["vips_announced"].as_array().map(Vec::len) == Some(1),
+                "{row}"
+            );
+        }
+        Ok(())
+    })?;
+    let listing = site.cli(2, &["status", "bgp"])?.ok()?;
+    for k in 1..=3 {
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.starts_with(&format!("n{k} ")) && l.contains("Established")),
+            "{listing}"
+        );
+    }
     // Owners: each LIP has exactly one next hop, its node.
     for k in 1..=3 {
         site.lab.wait_next_hops(IpAddr::V4(lip(k)), &[k], SETTLE)?;
@@ -151,6 +178,16 @@ fn drain_without_resets_undrain_and_bird_killed() -> Result<()> {
     );
     // Its own LIP stays with it (return traffic of its flows).
     site.lab.wait_next_hops(IpAddr::V4(lip(2)), &[2], SETTLE)?;
+    site.wait_for("n2 reports the drain", SETTLE, |s| {
+        let (_, st) = s.status(2)?;
+        let bgp = &st["bgp"];
+        ensure!(
+            bgp["graceful_shutdown"] == true
+                && bgp["vips_announced"].as_array().map(Vec::len) == Some(0),
+            "{bgp}"
+        );
+        Ok(())
+    })?;
 
     ensure!(
         streams.is_running(),
@@ -181,9 +218,13 @@ fn bfd_detects_a_silent_node() -> Result<()> {
     let site = site(true)?;
     let started = Instant::now();
     site.silence(3)?;
+    let silent = Instant::now();
     site.lab.wait_next_hops(IpAddr::V4(VIP), &[1, 2], SETTLE)?;
     let took = started.elapsed();
-    println!("BFD 100 ms x 3: silent n3's next hop gone after {took:?}");
+    println!(
+        "BFD 100 ms x 3: silent n3's next hop gone {:?} after its drop rules were in place ({took:?} after the command that installs them started)",
+        silent.elapsed()
+    );
     assert!(took <= Duration::from_secs(2), "{took:?}");
     Ok(())
 }
