@@ -17,7 +17,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tests::cluster::ClusterSite;
+use std::time::Duration;
+
+use tests::bgp::BgpOptions;
+use tests::cluster::{ClusterOptions, ClusterSite};
 use tests::lab::{Lab, LabSpec, unique_prefix};
 use tests::site::VIP;
 
@@ -102,12 +105,28 @@ fn main() -> Result<()> {
 
 fn demo(requests: u32, scheduler: &str) -> Result<()> {
     println!(
-        "== building the lab: client, router, nodes n1-n3, backends b1 and b2; a cluster CA and \
-         node certificates (`lbcluster tls`); `lbcluster cluster init` on n1 (its file's service \
-         {VIP}:80), `lbcluster node add` n2 and n3"
+        "== building the lab: client, router (BIRD, ECMP), nodes n1-n3 (lbcluster + BIRD, BFD), \
+         backends b1 and b2; a cluster CA and node certificates (`lbcluster tls`); `lbcluster \
+         cluster init` on n1 (its file's service {VIP}:80), `lbcluster node add` n2 and n3"
     );
-    let site = ClusterSite::start(3, 3, 2)?;
+    let site = ClusterSite::start_with(ClusterOptions {
+        nodes: 3,
+        members: 3,
+        backends: 2,
+        bgp: Some(BgpOptions { bfd: true }),
+    })?;
     print!("{}", site.lab.describe());
+    println!("\n== waiting for the router's BGP route to the VIP over all three nodes");
+    let took = site
+        .lab
+        .wait_next_hops(IpAddr::V4(VIP), &[1, 2, 3], Duration::from_secs(30))?;
+    let hops: Vec<String> = site
+        .lab
+        .router_next_hops(IpAddr::V4(VIP))?
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    println!("   after {took:?}: {VIP} via {}", hops.join(", "));
     let vip80 = format!("{VIP}:80");
     let vip53 = format!("{VIP}:53");
     let mut changes: Vec<Vec<String>> = vec![
@@ -146,7 +165,7 @@ fn demo(requests: u32, scheduler: &str) -> Result<()> {
         println!("\n== on n{k}: lbcluster {}", args.join(" "));
         print!("   {}", site.cli(k, &args)?.ok()?);
     }
-    println!("\n== {requests} HTTP requests from the client to {vip80} (routed to n1)");
+    println!("\n== {requests} HTTP requests from the client to {vip80} (ECMP over n1-n3)");
     let mut answers: BTreeMap<String, u32> = BTreeMap::new();
     let addr = SocketAddr::new(IpAddr::V4(VIP), 80);
     for _ in 0..requests {
@@ -174,6 +193,8 @@ fn demo(requests: u32, scheduler: &str) -> Result<()> {
     let status = site.cli(1, &["status"])?;
     print!("{}", status.stdout);
     eprint!("{}", status.stderr);
+    println!("\n== lbcluster status bgp (on n2)");
+    print!("{}", site.cli(2, &["status", "bgp"])?.ok()?);
     println!("\n== lbcluster sessions (on n1)");
     print!("{}", site.cli(1, &["sessions"])?.ok()?);
     println!("\n== removing the lab");
