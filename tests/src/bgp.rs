@@ -183,17 +183,7 @@ impl Bgp {
     /// Starts the router's BIRD, then each node's (writing a minimal node configuration — router
     /// id and `protocol device` — where the node has none yet).
     pub fn start(lab: &Lab, options: BgpOptions) -> Result<Bgp> {
-        let found = Command::new("bird")
-            .arg("--version")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        ensure!(
-            found,
-            "the lab's BGP needs `bird`: apt-get install -y bird2"
-        );
+        crate::lab::require_tool("bird", "--version", "bird2")?;
         let config = lab.router_bird_config();
         std::fs::write(&config, router_config(lab, options))
             .with_context(|| format!("write {}", config.display()))?;

@@ -239,18 +239,24 @@ fn check_tools() -> Result<()> {
         ("sysctl", "procps"),
         ("ethtool", "ethtool"),
     ] {
-        let found = Command::new(tool)
-            .arg(if tool == "ip" { "-V" } else { "--version" })
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        ensure!(
-            found,
-            "the lab needs `{tool}`: apt-get install -y {package}"
-        );
+        require_tool(tool, if tool == "ip" { "-V" } else { "--version" }, package)?;
     }
+    Ok(())
+}
+
+/// Fails unless `tool version_arg` runs, naming the Debian package that has it.
+pub fn require_tool(tool: &str, version_arg: &str, package: &str) -> Result<()> {
+    let found = Command::new(tool)
+        .arg(version_arg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    ensure!(
+        found,
+        "the lab needs `{tool}`: apt-get install -y {package}"
+    );
     Ok(())
 }
 
