@@ -18,5 +18,6 @@ pub mod bench;
 pub mod bgp;
 pub mod cluster;
 pub mod lab;
+pub mod load;
 pub mod site;
 pub mod streams;

@@ -10,6 +10,8 @@
 //! * `lab-backend streams ADDR --conns N --seconds S [--interval-ms I]` — N long-lived
 //!   connections through a TCP echo server with content checks for S seconds; prints a JSON
 //!   report (resets, content errors, stalls, bytes verified) and fails unless all completed.
+//! * `lab-backend load --streams-to ADDR --conns N --http-to ADDR --rate R --seconds S` — the
+//!   streams above plus R new short HTTP connections per second; prints a JSON report.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -18,7 +20,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tests::backend::{self, Backend};
-use tests::streams;
+use tests::{load, streams};
 
 #[derive(Debug, Parser)]
 #[command(about = "The lab's backend server and its clients")]
@@ -46,6 +48,19 @@ enum Command {
     TcpEchoCheck { addr: SocketAddr, bytes: usize },
     /// Send a message to a UDP echo server and print the answer.
     UdpEcho { addr: SocketAddr, message: String },
+    /// Long-lived streams and new short HTTP connections at a rate; print a JSON report.
+    Load {
+        #[arg(long)]
+        streams_to: SocketAddr,
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=2000))]
+        conns: u32,
+        #[arg(long)]
+        http_to: SocketAddr,
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=5000))]
+        rate: u32,
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+        seconds: u64,
+    },
     /// Keep long-lived connections through a TCP echo server, checking every byte; print a
     /// JSON report.
     Streams {
@@ -78,6 +93,23 @@ fn main() -> Result<()> {
             format!("{bytes} bytes echoed intact\n").into_bytes()
         }
         Command::UdpEcho { addr, message } => backend::udp_echo(addr, message.as_bytes(), timeout)?,
+        Command::Load {
+            streams_to,
+            conns,
+            http_to,
+            rate,
+            seconds,
+        } => {
+            let report = load::run(load::LoadSpec {
+                streams_target: streams_to,
+                streams: conns as usize,
+                http_target: http_to,
+                rate,
+                duration: Duration::from_secs(seconds),
+            });
+            println!("{report}");
+            Vec::new()
+        }
         Command::Streams {
             addr,
             conns,

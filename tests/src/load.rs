@@ -1,0 +1,176 @@
+//! The lab's load generator: long-lived TCP streams with content checks ([`crate::streams`])
+//! together with a steady rate of new short HTTP connections, for a set duration. Reports the
+//! streams' resets, stalls and bytes verified, and for the short connections the failures (with
+//! when they happened) and latency percentiles. Bounded in count, rate and time.
+
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::backend::http_get;
+use crate::streams;
+
+/// At most this many new connections per second.
+pub const MAX_RATE: u32 = 5000;
+/// Threads that open the short connections.
+const WORKERS: usize = 64;
+/// A short connection that takes longer than this has failed.
+const SHORT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One short connection: when it started (from the start of the run), how long it took, and
+/// what went wrong if it failed.
+#[derive(Debug, Clone)]
+pub struct Short {
+    pub at: Duration,
+    pub latency: Duration,
+    pub error: Option<String>,
+}
+
+/// What to run.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadSpec {
+    /// The TCP echo service the long-lived connections go through.
+    pub streams_target: SocketAddr,
+    pub streams: usize,
+    /// The HTTP service the short connections `GET /` from.
+    pub http_target: SocketAddr,
+    /// New connections per second.
+    pub rate: u32,
+    pub duration: Duration,
+}
+
+/// Runs `spec` and returns its report as JSON: `streams` (see [`streams::to_json`]) and `short`.
+pub fn run(spec: LoadSpec) -> Value {
+    let duration = spec.duration.min(streams::MAX_DURATION);
+    let rate = spec.rate.clamp(1, MAX_RATE);
+    let streams_thread = std::thread::spawn(move || {
+        streams::run(
+            spec.streams_target,
+            spec.streams,
+            duration,
+            Duration::from_millis(20),
+        )
+    });
+    let shorts = short_connections(spec.http_target, rate, duration);
+    let reports = streams_thread.join().unwrap_or_default();
+    json!({
+        "streams": streams::to_json(&reports),
+        "short": short_json(&shorts, rate),
+    })
+}
+
+/// Opens `rate` connections per second for `duration`, each a `GET /`.
+fn short_connections(target: SocketAddr, rate: u32, duration: Duration) -> Vec<Short> {
+    let start = Instant::now();
+    let (tx, rx) = mpsc::channel::<Duration>();
+    let rx = Arc::new(Mutex::new(rx));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (rx, results) = (rx.clone(), results.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    let Ok(at) = next else { break };
+                    let began = Instant::now();
+                    let error = http_get(target, "/", SHORT_TIMEOUT)
+                        .err()
+                        .map(|e| format!("{e:#}"));
+                    let short = Short {
+                        at,
+                        latency: began.elapsed(),
+                        error,
+                    };
+                    results
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(short);
+                }
+            })
+        })
+        .collect();
+    let interval = Duration::from_secs(1) / rate;
+    let total = u64::from(rate) * duration.as_secs().max(1);
+    for i in 0..total {
+        let due = interval * u32::try_from(i).unwrap_or(u32::MAX);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        if tx.send(start.elapsed()).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    for w in workers {
+        let _ = w.join();
+    }
+    let mut shorts = std::mem::take(&mut *results.lock().unwrap_or_else(PoisonError::into_inner));
+    shorts.sort_by_key(|s| s.at);
+    shorts
+}
+
+fn short_json(shorts: &[Short], rate: u32) -> Value {
+    let mut ok: Vec<Duration> = shorts
+        .iter()
+        .filter(|s| s.error.is_none())
+        .map(|s| s.latency)
+        .collect();
+    ok.sort_unstable();
+    let pct = |p: usize| {
+        ok.get((ok.len() * p / 100).min(ok.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    let failures: Vec<Value> = shorts
+        .iter()
+        .filter_map(|s| {
+            s.error
+                .as_ref()
+                .map(|e| json!({ "at_ms": s.at.as_millis(), "error": e }))
+        })
+        .take(100)
+        .collect();
+    json!({
+        "rate": rate,
+        "attempted": shorts.len(),
+        "failed": shorts.iter().filter(|s| s.error.is_some()).count(),
+        "latency_ms": { "p50": pct(50), "p99": pct(99), "max": ok.last().map_or(0.0, |d| d.as_secs_f64() * 1e3) },
+        "failures": failures,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Backend, Ports};
+    use std::net::{IpAddr, Ipv4Addr};
+
+    #[test]
+    fn streams_and_short_connections_against_a_local_backend() {
+        let backend = Backend::bind(
+            "l1",
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            Ports {
+                http: 0,
+                tcp_echo: 0,
+                udp_echo: 0,
+            },
+        )
+        .unwrap();
+        let ports = backend.ports().unwrap();
+        backend.start();
+        let local = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        let report = run(LoadSpec {
+            streams_target: local(ports.tcp_echo),
+            streams: 3,
+            http_target: local(ports.http),
+            rate: 50,
+            duration: Duration::from_secs(1),
+        });
+        assert_eq!(report["streams"]["completed"], 3, "{report}");
+        assert_eq!(report["short"]["attempted"], 50, "{report}");
+        assert_eq!(report["short"]["failed"], 0, "{report}");
+    }
+}
