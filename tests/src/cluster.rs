@@ -553,8 +553,39 @@ keepalive_secs = {KEEPALIVE_SECS}
         )
     }
 
-    /// Waits (at most `timeout`) for a [`ClusterSite::start_streams`] run to end and returns
-    /// its JSON report.
+    /// Starts `lab-backend load` in the client namespace: `conns` long-lived streams through
+    /// the echo service at `streams_to` and `rate` new HTTP connections per second to
+    /// `http_to`, for `seconds`. Its report comes from [`ClusterSite::streams_report`].
+    pub fn start_load(
+        &self,
+        streams_to: SocketAddr,
+        http_to: SocketAddr,
+        conns: u32,
+        rate: u32,
+        seconds: u64,
+    ) -> Result<LabProcess> {
+        let bin = crate::lab::backend_binary()?;
+        self.lab.spawn(
+            "client",
+            &[
+                &bin.to_string_lossy(),
+                "load",
+                "--streams-to",
+                &streams_to.to_string(),
+                "--conns",
+                &conns.to_string(),
+                "--http-to",
+                &http_to.to_string(),
+                "--rate",
+                &rate.to_string(),
+                "--seconds",
+                &seconds.to_string(),
+            ],
+        )
+    }
+
+    /// Waits (at most `timeout`) for a [`ClusterSite::start_streams`] or
+    /// [`ClusterSite::start_load`] run to end and returns its JSON report.
     pub fn streams_report(&self, streams: &LabProcess, timeout: Duration) -> Result<Value> {
         ensure!(
             streams.wait_timeout(timeout).is_some(),
