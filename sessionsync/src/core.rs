@@ -18,10 +18,12 @@
 //!   within an epoch a sequence number not above the last one (replayed or reordered-late). A
 //!   higher epoch is the peer restarted: its sequence starts afresh. A gap (a batch lost) is
 //!   accepted and answered with a bulk request, so whatever was lost comes back.
-//! * **Bulk sync** answers a peer's request with the sessions this node owns or has adopted,
-//!   not its synced copies: each live node speaks for its own flows, so a copy never echoes
-//!   back over its owner's newer state. A joining node thus gets every flow some live node
-//!   carries; an idle flow of a dead node that nobody adopted is not passed on.
+//! * **Bulk sync** answers a peer's request with every session this node holds, its synced
+//!   copies too: the peer may be the owner of flows it lost in a restart, or the owner may be
+//!   gone, and the joining node must be able to carry all of them. Refreshes and resyncs carry
+//!   only what this node speaks for (owned and adopted), so a copy does not keep echoing over its
+//!   owner's newer state; a copy in a bulk answer may be older than the owner's, which the
+//!   owner's next update corrects.
 //! * **Refresh.** Every `refresh_interval` the core asks the node for its table
 //!   ([`Output::TableWanted`]) and streams the owned and adopted sessions to each peer through
 //!   the same cursor as bulk sync: one shared snapshot, read a batch at a time as the transport
@@ -648,10 +650,17 @@ impl Core {
                 stream.pos += 1;
                 let key = flow_id(&record);
                 let owned = !record.synced || adopted.contains(&key);
-                if !owned || stream.superseded.contains(&key) {
+                // A bulk answer (the peer joined or came back) carries every session held, the
+                // synced copies too: the peer may be the owner of flows it lost in a restart,
+                // or they may belong to a node that is gone. Refreshes and resyncs carry only
+                // what this node speaks for.
+                let bulk = stream.end_id.is_some();
+                if !(owned || bulk) || stream.superseded.contains(&key) {
                     continue;
                 }
-                record.expires_in_secs = record.expires_in_secs.saturating_add(grace);
+                if owned {
+                    record.expires_in_secs = record.expires_in_secs.saturating_add(grace);
+                }
                 entries.push(Entry {
                     record,
                     closed: false,

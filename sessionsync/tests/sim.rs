@@ -383,6 +383,42 @@ fn test_bulk_sync_completes_and_flips_warm() {
     assert!(net.nodes[1].core.is_warm());
 }
 
+/// An owner that restarts (new epoch, empty table) gets its own flows back from its peers' bulk
+/// answers, which carry the synced copies too: the return traffic of those flows will reach it
+/// again once it announces its LIPs.
+#[test]
+fn test_a_restarted_owner_gets_its_flows_back_in_bulk_answers() {
+    let mut net = Net::new(&["a", "b", "c"], small());
+    net.connect_all();
+    let now = net.now;
+    for n in 0..200 {
+        net.nodes[0].event(now, SessionEvent::Created(record(n, TcpState::Established)));
+    }
+    net.run(Duration::from_millis(50));
+    assert_eq!(net.nodes[1].table.len(), 200);
+    // a restarts: a new core with a higher epoch and an empty table.
+    let names: Vec<String> = net.nodes.iter().map(|n| n.name.clone()).collect();
+    let mut fresh = Core::new("a", 999, small(), net.now).unwrap();
+    fresh.set_peers(&names);
+    for name in &names {
+        fresh.peer_connected(name);
+    }
+    net.nodes[0].core = fresh;
+    net.nodes[0].table.clear();
+    for other in 1..3 {
+        net.nodes[other].core.peer_disconnected("a");
+        net.nodes[other].core.peer_connected("a");
+    }
+    net.run(Duration::from_millis(50));
+    assert!(net.nodes[0].core.is_warm());
+    assert_eq!(net.nodes[0].table.len(), 200, "a's flows are back");
+    // A refresh still carries only what a node speaks for: b does not echo a's flows to c.
+    let sent_before: u64 = net.nodes[1].core.stats().iter().map(|p| p.sent_entries).sum();
+    net.run(small().refresh_interval + Duration::from_millis(50));
+    let sent_after: u64 = net.nodes[1].core.stats().iter().map(|p| p.sent_entries).sum();
+    assert_eq!(sent_after, sent_before, "b speaks for none of a's flows");
+}
+
 #[test]
 fn test_close_on_the_owner_removes_on_peers() {
     let mut net = Net::new(&["a", "b", "c"], small());
