@@ -413,9 +413,19 @@ fn test_a_restarted_owner_gets_its_flows_back_in_bulk_answers() {
     assert!(net.nodes[0].core.is_warm());
     assert_eq!(net.nodes[0].table.len(), 200, "a's flows are back");
     // A refresh still carries only what a node speaks for: b does not echo a's flows to c.
-    let sent_before: u64 = net.nodes[1].core.stats().iter().map(|p| p.sent_entries).sum();
+    let sent_before: u64 = net.nodes[1]
+        .core
+        .stats()
+        .iter()
+        .map(|p| p.sent_entries)
+        .sum();
     net.run(small().refresh_interval + Duration::from_millis(50));
-    let sent_after: u64 = net.nodes[1].core.stats().iter().map(|p| p.sent_entries).sum();
+    let sent_after: u64 = net.nodes[1]
+        .core
+        .stats()
+        .iter()
+        .map(|p| p.sent_entries)
+        .sum();
     assert_eq!(sent_after, sent_before, "b speaks for none of a's flows");
 }
 
