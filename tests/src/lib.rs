@@ -19,5 +19,6 @@ pub mod bgp;
 pub mod cluster;
 pub mod lab;
 pub mod load;
+pub mod scenarios;
 pub mod site;
 pub mod streams;

@@ -9,6 +9,9 @@
 //!   commands through every node, real HTTP and UDP traffic from the client through the VIP,
 //!   then `lbcluster service list`, `status` and `sessions`; everything is removed at the end.
 //!
+//! * `lbcluster-lab scenario hard-failure|restart-after-failure|scale-out|drain-and-remove|rolling-restart`
+//!   — one failover scenario under load, its timeline and figures.
+//!
 //! Needs root and the Debian packages `iproute2`, `ethtool` and `procps`; `lab-backend` must be
 //! built next to this binary (`cargo build -p tests --bins`).
 
@@ -22,6 +25,7 @@ use std::time::Duration;
 use tests::bgp::BgpOptions;
 use tests::cluster::{ClusterOptions, ClusterSite};
 use tests::lab::{Lab, LabSpec, unique_prefix};
+use tests::scenarios::{self, Scenario};
 use tests::site::VIP;
 
 #[derive(Debug, Parser)]
@@ -52,6 +56,12 @@ enum Command {
     Status {
         #[arg(long)]
         prefix: String,
+    },
+    /// Run a failover scenario under load (500 streams, 500 new connections/s) in a lab of
+    /// its own and print what happened and the load's figures.
+    Scenario {
+        #[arg(value_enum)]
+        name: Scenario,
     },
     /// Run a three-node cluster in a lab, configure it, send traffic through its VIP, show
     /// `lbcluster status`, clean up.
@@ -94,6 +104,18 @@ fn main() -> Result<()> {
                 println!("no namespaces with prefix {prefix}-");
             }
             print!("{status}");
+        }
+        Command::Scenario { name } => {
+            println!("== scenario {name:?}: building the lab, starting the load");
+            let report = scenarios::run(name)?;
+            for line in &report.timeline {
+                println!("   {line}");
+            }
+            println!("   {}", report.summary());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report.load["short"]["failures"])?
+            );
         }
         Command::Demo {
             requests,
