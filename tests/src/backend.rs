@@ -461,6 +461,30 @@ pub fn udp_echo(addr: SocketAddr, message: &[u8], timeout: Duration) -> Result<V
     bail!("no udp echo from {addr} within {timeout:?}")
 }
 
+/// For unit tests: a backend on loopback with free ports, running; its HTTP, TCP echo and UDP
+/// echo addresses.
+#[cfg(test)]
+pub(crate) fn start_local(name: &str) -> (SocketAddr, SocketAddr, SocketAddr) {
+    let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let backend = Backend::bind(
+        name,
+        ip,
+        Ports {
+            http: 0,
+            tcp_echo: 0,
+            udp_echo: 0,
+        },
+    )
+    .unwrap();
+    let ports = backend.ports().unwrap();
+    backend.start();
+    (
+        SocketAddr::new(ip, ports.http),
+        SocketAddr::new(ip, ports.tcp_echo),
+        SocketAddr::new(ip, ports.udp_echo),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,24 +492,7 @@ mod tests {
     const T: Duration = Duration::from_secs(3);
 
     fn start(name: &str) -> (SocketAddr, SocketAddr, SocketAddr) {
-        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let backend = Backend::bind(
-            name,
-            ip,
-            Ports {
-                http: 0,
-                tcp_echo: 0,
-                udp_echo: 0,
-            },
-        )
-        .unwrap();
-        let ports = backend.ports().unwrap();
-        backend.start();
-        (
-            SocketAddr::new(ip, ports.http),
-            SocketAddr::new(ip, ports.tcp_echo),
-            SocketAddr::new(ip, ports.udp_echo),
-        )
+        start_local(name)
     }
 
     #[test]

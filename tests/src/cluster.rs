@@ -538,19 +538,14 @@ keepalive_secs = {KEEPALIVE_SECS}
         conns: u32,
         seconds: u64,
     ) -> Result<LabProcess> {
-        let bin = crate::lab::backend_binary()?;
-        self.lab.spawn(
-            "client",
-            &[
-                &bin.to_string_lossy(),
-                "streams",
-                &target.to_string(),
-                "--conns",
-                &conns.to_string(),
-                "--seconds",
-                &seconds.to_string(),
-            ],
-        )
+        self.client_tool(&[
+            "streams",
+            &target.to_string(),
+            "--conns",
+            &conns.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ])
     }
 
     /// Starts `lab-backend load` in the client namespace: `conns` long-lived streams through
@@ -564,24 +559,28 @@ keepalive_secs = {KEEPALIVE_SECS}
         rate: u32,
         seconds: u64,
     ) -> Result<LabProcess> {
+        self.client_tool(&[
+            "load",
+            "--streams-to",
+            &streams_to.to_string(),
+            "--conns",
+            &conns.to_string(),
+            "--http-to",
+            &http_to.to_string(),
+            "--rate",
+            &rate.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ])
+    }
+
+    /// `lab-backend ARGS` in the client namespace.
+    fn client_tool(&self, args: &[&str]) -> Result<LabProcess> {
         let bin = crate::lab::backend_binary()?;
-        self.lab.spawn(
-            "client",
-            &[
-                &bin.to_string_lossy(),
-                "load",
-                "--streams-to",
-                &streams_to.to_string(),
-                "--conns",
-                &conns.to_string(),
-                "--http-to",
-                &http_to.to_string(),
-                "--rate",
-                &rate.to_string(),
-                "--seconds",
-                &seconds.to_string(),
-            ],
-        )
+        let bin = bin.to_string_lossy();
+        let mut cmd = vec![bin.as_ref()];
+        cmd.extend_from_slice(args);
+        self.lab.spawn("client", &cmd)
     }
 
     /// Waits (at most `timeout`) for a [`ClusterSite::start_streams`] or

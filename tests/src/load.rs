@@ -144,28 +144,14 @@ fn short_json(shorts: &[Short], rate: u32) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{Backend, Ports};
-    use std::net::{IpAddr, Ipv4Addr};
 
     #[test]
     fn streams_and_short_connections_against_a_local_backend() {
-        let backend = Backend::bind(
-            "l1",
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            Ports {
-                http: 0,
-                tcp_echo: 0,
-                udp_echo: 0,
-            },
-        )
-        .unwrap();
-        let ports = backend.ports().unwrap();
-        backend.start();
-        let local = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        let (http, echo, _) = crate::backend::start_local("l1");
         let report = run(LoadSpec {
-            streams_target: local(ports.tcp_echo),
+            streams_target: echo,
             streams: 3,
-            http_target: local(ports.http),
+            http_target: http,
             rate: 50,
             duration: Duration::from_secs(1),
         });

@@ -186,24 +186,10 @@ pub fn to_json(reports: &[ConnReport]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{Backend, Ports};
-    use std::net::{IpAddr, Ipv4Addr};
 
     #[test]
     fn streams_through_an_echo_server_complete_with_every_byte_verified() {
-        let backend = Backend::bind(
-            "s1",
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            Ports {
-                http: 0,
-                tcp_echo: 0,
-                udp_echo: 0,
-            },
-        )
-        .unwrap();
-        let port = backend.ports().unwrap().tcp_echo;
-        backend.start();
-        let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        let (_, target, _) = crate::backend::start_local("s1");
         let reports = run(
             target,
             4,
