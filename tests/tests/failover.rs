@@ -39,8 +39,9 @@ fn no_failed_connections(r: &ScenarioReport) {
     assert_eq!(r.load["short"]["failed"], 0, "{}", r.load["short"]);
 }
 
-/// The longest stall within 1 s, and new-connection failures only inside the second after
-/// the failure.
+/// The longest stall within 1 s, and new-connection failures only inside the failure's
+/// window: from a moment before it (a connection whose handshake was in flight through the
+/// failed node, its session not yet synced) to one second after it.
 fn failure_window(r: &ScenarioReport) {
     assert!(
         r.longest_stall() <= Duration::from_secs(1),
@@ -48,14 +49,19 @@ fn failure_window(r: &ScenarioReport) {
         r.longest_stall()
     );
     let at = r.failure_at.expect("the failure's time").as_millis();
+    let window = at.saturating_sub(IN_FLIGHT.as_millis())..at + 1000;
     for f in r.load["short"]["failures"].as_array().into_iter().flatten() {
         let t = f["at_ms"].as_u64().map(u128::from).unwrap_or(u128::MAX);
         assert!(
-            (at..at + 1000).contains(&t),
-            "failure at {t} ms, the failure at {at} ms: {f}"
+            window.contains(&t),
+            "failure at {t} ms outside {window:?}: {f}"
         );
     }
 }
+
+/// How long before the failure a new connection can have been in flight through the node that
+/// failed.
+const IN_FLIGHT: Duration = Duration::from_millis(250);
 
 #[test]
 fn hard_failure() -> Result<()> {
