@@ -86,22 +86,12 @@ pub(crate) fn text(r: &Report) -> String {
         }
     }
 
-    let _ = writeln!(s, "\nLocal addresses (LIP)");
-    let _ = writeln!(
-        s,
-        "  {:<20} {:<5} {:>8} {:>8}",
-        "address", "pro", "in use", "ports"
+    lip_table(
+        &mut s,
+        r.local_addrs
+            .iter()
+            .map(|u| (u.ip, proto_name(u.proto).to_string(), u.in_use, u.capacity)),
     );
-    for u in &r.local_addrs {
-        let _ = writeln!(
-            s,
-            "  {:<20} {:<5} {:>8} {:>8}",
-            u.ip.to_string(),
-            proto_name(u.proto),
-            u.in_use,
-            u.capacity
-        );
-    }
 
     let _ = writeln!(
         s,
@@ -382,6 +372,26 @@ pub(crate) fn services_text(cfg: &ClusterConfig) -> String {
     s
 }
 
+/// The local port usage per LIP and protocol: (address, protocol, in use, ports).
+fn lip_table(s: &mut String, rows: impl Iterator<Item = (std::net::IpAddr, String, u32, u32)>) {
+    let _ = writeln!(s, "\nLocal addresses (LIP)");
+    let _ = writeln!(
+        s,
+        "  {:<20} {:<5} {:>8} {:>8}",
+        "address", "pro", "in use", "ports"
+    );
+    for (ip, proto, in_use, capacity) in rows {
+        let _ = writeln!(
+            s,
+            "  {:<20} {:<5} {:>8} {:>8}",
+            ip.to_string(),
+            proto,
+            in_use,
+            capacity
+        );
+    }
+}
+
 /// `lbcluster sessions`.
 pub(crate) fn sessions_text(list: &SessionList) -> String {
     let mut s = String::new();
@@ -446,22 +456,12 @@ pub(crate) fn status_text(st: &NodeStatus) -> String {
             );
         }
     }
-    let _ = writeln!(s, "\nLocal addresses (LIP)");
-    let _ = writeln!(
-        s,
-        "  {:<20} {:<5} {:>8} {:>8}",
-        "address", "pro", "in use", "ports"
+    lip_table(
+        &mut s,
+        st.local_addrs
+            .iter()
+            .map(|u| (u.ip, u.proto.to_string(), u.in_use, u.capacity)),
     );
-    for u in &st.local_addrs {
-        let _ = writeln!(
-            s,
-            "  {:<20} {:<5} {:>8} {:>8}",
-            u.ip.to_string(),
-            u.proto,
-            u.in_use,
-            u.capacity
-        );
-    }
     let drops: Vec<_> = st.drops.iter().filter(|d| d.count > 0).collect();
     if !drops.is_empty() {
         let _ = writeln!(s, "\nDrops");
