@@ -157,7 +157,7 @@ const MIB: usize = 1 << 20;
 /// A single node and a client-only endpoint with its own certificate.
 async fn node_and_client(ca: &Ca) -> (TestNode, QuicNetwork<TestDialer>, TestDialer) {
     let node = TestNode::start(ca, "n1", Deadlines::default()).await;
-    let (endpoint, client) = ca.endpoint("n9");
+    let (endpoint, client) = ca.endpoint("n9", common::ALPN_RAFT);
     let dialer = TestDialer::new(&endpoint, &client);
     (
         node,
@@ -308,7 +308,7 @@ async fn test_rpc_errors_map_to_what_openraft_expects() {
     // A peer that takes requests but never answers: each RPC times out; after three in a row
     // the client drops the connection and dials again.
     node.endpoint.close(0u32.into(), b"replaced");
-    let (silent, _) = ca.endpoint("n4");
+    let (silent, _) = ca.endpoint("n4", common::ALPN_RAFT);
     let silent_member = Member {
         name: "n4".into(),
         quic_addr: silent.local_addr().unwrap(),

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use support::Ca;
+use testpki::Ca;
 
 /// Lag run: the rate, the warm-up and the measured span.
 const RATE: u64 = 100_000;
@@ -114,8 +114,8 @@ async fn pair(
     let b = SyncHandle::start("b", 1, config, none, Vec::new, move |u| probe.apply(u)).unwrap();
     a.set_peers(&["a", "b"]);
     b.set_peers(&["a", "b"]);
-    let (ea, client) = ca.endpoint("a");
-    let (eb, _) = ca.endpoint("b");
+    let (ea, client) = ca.endpoint("a", sessionsync::ALPN);
+    let (eb, _) = ca.endpoint("b", sessionsync::ALPN);
     let (dialled, accepted) = support::connect(&ea, &client, &eb, "b").await;
     a.add_connection("b", dialled.clone());
     b.add_connection("a", accepted);

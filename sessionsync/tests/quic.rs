@@ -15,7 +15,7 @@ use quinn::Endpoint;
 use sessionsync::{Apply, Config, SyncHandle};
 use tokio::sync::mpsc;
 
-use support::Ca;
+use testpki::Ca;
 
 mod support;
 
@@ -107,7 +107,7 @@ impl Node {
         })
         .unwrap();
         sync.set_peers(&["a", "b", "c"]);
-        let (endpoint, client) = ca.endpoint(name);
+        let (endpoint, client) = ca.endpoint(name, sessionsync::ALPN);
         Node {
             name,
             engine,

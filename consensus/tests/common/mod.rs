@@ -2,7 +2,7 @@
 //! nodes that run a [`Cluster`] behind an accept loop as the node daemon does.
 
 use std::error::Error;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use consensus::Command;
 use consensus::config::{
@@ -15,89 +15,14 @@ use consensus::{
     Cluster, ClusterConfig, Deadlines, Dialer, Member, ServeCounters, serve_connection,
 };
 use openraft::Config;
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use rustls::RootCertStore;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::WebPkiClientVerifier;
 use tempfile::TempDir;
 use tokio::sync::watch;
 
-const ALPN_RAFT: &[u8] = b"lbc-raft/1";
+/// The ALPN of Raft RPCs, as the node serves them.
+pub(crate) const ALPN_RAFT: &[u8] = b"lbc-raft/1";
 
-/// A cluster CA; hands out node certificates with the node name as DNS SAN.
-pub(crate) struct Ca {
-    cert: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    pub(crate) fn new() -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "test cluster CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            cert: cert.der().clone(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A QUIC endpoint on 127.0.0.1:0 for node `name`, mutual TLS with this CA, ALPN Raft.
-    pub(crate) fn endpoint(&self, name: &str) -> (Endpoint, quinn::ClientConfig) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let chain = vec![cert.der().clone()];
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let mut roots = RootCertStore::empty();
-        roots.add(self.cert.clone()).unwrap();
-        let roots = Arc::new(roots);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .unwrap();
-        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain.clone(), key.clone_key())
-            .unwrap();
-        server.alpn_protocols = vec![ALPN_RAFT.to_vec()];
-        let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap();
-        client.alpn_protocols = vec![ALPN_RAFT.to_vec()];
-
-        let server =
-            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server).unwrap()));
-        let endpoint =
-            Endpoint::server(server, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
-        let client =
-            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).unwrap()));
-        (endpoint, client)
-    }
-}
+pub(crate) use testpki::Ca;
 
 /// Dials with the node's endpoint, as the node does; counts its dials.
 #[derive(Clone)]
@@ -153,7 +78,7 @@ pub(crate) struct TestNode {
 impl TestNode {
     /// Starts node `name`, answering on its endpoint as the node's ALPN dispatch does.
     pub(crate) async fn start(ca: &Ca, name: &str, deadlines: Deadlines) -> TestNode {
-        let (endpoint, client) = ca.endpoint(name);
+        let (endpoint, client) = ca.endpoint(name, ALPN_RAFT);
         let member = Member {
             name: name.to_owned(),
             quic_addr: endpoint.local_addr().unwrap(),
