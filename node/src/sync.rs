@@ -7,7 +7,7 @@
 //! Connections: of two members, the one whose name sorts first dials, the other accepts, so a
 //! pair has one connection; a lost connection is dialled again within [`REDIAL`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,6 +29,8 @@ use crate::quic::{self, PeerConnection};
 const INBOX: usize = 1 << 16;
 /// How often the connections to peers are checked and lost ones dialled again.
 const REDIAL: Duration = Duration::from_millis(500);
+/// A peer's table from which nothing has arrived for this long is asked for again.
+const BULK_RETRY: Duration = Duration::from_secs(2);
 /// A node whose peers are not all reachable turns warm this long after its start once every
 /// peer it reached has sent its table.
 const COLD_GRACE: Duration = Duration::from_secs(5);
@@ -123,6 +125,9 @@ impl NodeSync {
         mut stop: watch::Receiver<bool>,
     ) {
         let mut tick = tokio::time::interval(REDIAL);
+        // Connected peers whose table has not arrived: since when nothing came from them, and
+        // what had come by then.
+        let mut waiting: HashMap<String, (Instant, u64)> = HashMap::new();
         loop {
             let config = configs.borrow_and_update().clone();
             let peers: Vec<_> = config.nodes.values().filter(|n| n.name != me).collect();
@@ -132,6 +137,25 @@ impl NodeSync {
                 self.peers_known.store(true, Ordering::Relaxed);
             }
             let stats = self.handle.stats();
+            // A table request can be lost (sent before the peer knew of this node): one that
+            // brought nothing for a while is asked again. A table still streaming is not.
+            waiting.retain(|peer, _| {
+                stats
+                    .iter()
+                    .any(|p| p.peer == *peer && p.connected && !p.bulk_complete)
+            });
+            for p in stats.iter().filter(|p| p.connected && !p.bulk_complete) {
+                let (since, seen) = waiting
+                    .entry(p.peer.clone())
+                    .or_insert((Instant::now(), p.received_batches));
+                if p.received_batches != *seen {
+                    (*since, *seen) = (Instant::now(), p.received_batches);
+                } else if since.elapsed() >= BULK_RETRY {
+                    debug!(peer = %p.peer, "asking again for the peer's session table");
+                    self.handle.request_bulk(&p.peer);
+                    *since = Instant::now();
+                }
+            }
             let connected: HashSet<String> = stats
                 .into_iter()
                 .filter(|p| p.connected)

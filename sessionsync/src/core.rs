@@ -74,9 +74,6 @@ pub struct Config {
     pub expiry_grace: Duration,
     /// Synced flows this node may adopt at most.
     pub max_adopted: usize,
-    /// A table asked of a peer from which nothing has come for this long is asked for again
-    /// (the request can be lost: the peer may not have known this node yet).
-    pub bulk_retry: Duration,
 }
 
 impl Default for Config {
@@ -88,7 +85,6 @@ impl Default for Config {
             refresh_interval: Duration::from_secs(30),
             expiry_grace: Duration::from_secs(60),
             max_adopted: 1 << 20,
-            bulk_retry: Duration::from_secs(2),
         }
     }
 }
@@ -102,8 +98,6 @@ pub enum ConfigError {
     QueueEntries(usize),
     #[error("refresh_interval must not be zero")]
     RefreshInterval,
-    #[error("bulk_retry must not be zero")]
-    BulkRetry,
 }
 
 /// What the node applies to its engine, in order.
@@ -275,8 +269,6 @@ struct Peer {
     /// The peer's epoch and the last sequence number accepted in it.
     inbound: Option<(u64, u64)>,
     awaiting_bulk: Option<u64>,
-    /// While awaiting a table: when the peer was last heard from (set at the first timeout).
-    bulk_heard: Option<Instant>,
     rtt: Duration,
     lag_sum: Duration,
     lag_count: u32,
@@ -304,7 +296,6 @@ impl Peer {
             send_request: None,
             inbound: None,
             awaiting_bulk: None,
-            bulk_heard: None,
             rtt: Duration::ZERO,
             lag_sum: Duration::ZERO,
             lag_count: 0,
@@ -405,8 +396,6 @@ pub struct Core {
     table_wanted: bool,
     refresh_due: bool,
     next_refresh: Instant,
-    /// When the core was made: a deadline already past.
-    started: Instant,
     foreign_frames: u64,
 }
 
@@ -423,9 +412,6 @@ impl Core {
         if config.refresh_interval.is_zero() {
             return Err(ConfigError::RefreshInterval);
         }
-        if config.bulk_retry.is_zero() {
-            return Err(ConfigError::BulkRetry);
-        }
         // A per-process random seed: flows are chosen by clients, so the maps must not be
         // floodable with crafted collisions.
         let seed = std::collections::hash_map::RandomState::new().hash_one(0);
@@ -433,7 +419,6 @@ impl Core {
             me: me.to_owned(),
             epoch,
             next_refresh: now + config.refresh_interval,
-            started: now,
             config,
             seed,
             peers: Vec::new(),
@@ -583,25 +568,12 @@ impl Core {
         record
     }
 
-    /// Flushes batches that waited long enough, asks again for a table that brought nothing
-    /// for `bulk_retry`, and starts a refresh when one is due.
+    /// Flushes batches that waited long enough and starts a refresh when one is due.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let (flush_after, bulk_retry) = (self.config.flush_after, self.config.bulk_retry);
+        let flush_after = self.config.flush_after;
         for p in &mut self.peers {
             if p.pending_since.is_some_and(|t| now >= t + flush_after) {
                 p.flush();
-            }
-            if !p.connected || p.awaiting_bulk.is_none() {
-                p.bulk_heard = None;
-                continue;
-            }
-            let heard = *p.bulk_heard.get_or_insert(now);
-            if now >= heard + bulk_retry {
-                let id = self.next_bulk_id;
-                self.next_bulk_id += 1;
-                p.send_request = Some(id);
-                p.awaiting_bulk = Some(id);
-                p.bulk_heard = Some(now);
             }
         }
         if now >= self.next_refresh {
@@ -615,22 +587,15 @@ impl Core {
 
     /// When [`Core::handle_timeout`] has something to do next.
     pub fn poll_timeout(&self) -> Instant {
-        let (flush_after, bulk_retry) = (self.config.flush_after, self.config.bulk_retry);
-        let flushes = self
-            .peers
+        let flush_after = self.config.flush_after;
+        self.peers
             .iter()
-            .filter_map(|p| p.pending_since.map(|t| t + flush_after));
-        // A table awaited but not yet timed wants a timeout at once, to start its clock.
-        let retries = self
-            .peers
-            .iter()
-            .filter(|p| p.connected && p.awaiting_bulk.is_some())
-            .map(|p| p.bulk_heard.map_or(self.started, |t| t + bulk_retry));
-        flushes.chain(retries).fold(self.next_refresh, Instant::min)
+            .filter_map(|p| p.pending_since.map(|t| t + flush_after))
+            .fold(self.next_refresh, Instant::min)
     }
 
-    /// The node's table, asked for by [`Output::TableWanted`]: a bulk answer streams all of it,
-    /// a refresh or resync what the node speaks for (see the module doc on bulk sync).
+    /// The node's table, asked for by [`Output::TableWanted`]. Only the sessions it owns or
+    /// has adopted are streamed (see the module doc on bulk sync).
     pub fn handle_table(&mut self, table: Vec<SessionRecord>) {
         let table: Arc<[SessionRecord]> = table.into();
         let refresh = std::mem::take(&mut self.refresh_due);
@@ -754,9 +719,6 @@ impl Core {
             return;
         };
         p.stats.received_bytes += frame.len() as u64;
-        if p.awaiting_bulk.is_some() {
-            p.bulk_heard = Some(now);
-        }
         let batch = match codec::decode(frame) {
             Ok(b) => b,
             Err(e) => {

@@ -262,8 +262,7 @@ impl SyncHandle {
         self.shared.wake_writers();
     }
 
-    /// Every current peer's table has arrived since it connected and is applied (a node
-    /// without peers is warm).
+    /// Every current peer's table has arrived since it connected (a node without peers is).
     pub fn is_warm(&self) -> bool {
         // Applies taken from the core are applied under this lock: wait for them, so warm
         // means the tables are in the engine.

@@ -383,30 +383,6 @@ fn test_bulk_sync_completes_and_flips_warm() {
     assert!(net.nodes[1].core.is_warm());
 }
 
-/// A table request the peer drops (it does not know the asking node yet) is asked again after
-/// `bulk_retry` without a word from the peer, and the asking node turns warm.
-#[test]
-fn test_a_lost_table_request_is_asked_again() {
-    let config = Config {
-        bulk_retry: Duration::from_millis(200),
-        ..small()
-    };
-    let mut net = Net::new(&["a", "b"], config);
-    net.nodes[1].table.insert(
-        key(&record(1, TcpState::Established)),
-        record(1, TcpState::Established),
-    );
-    net.nodes[0].core.set_peers(&["b"]);
-    net.nodes[0].core.peer_connected("b");
-    net.run(Duration::from_millis(50));
-    assert!(!net.nodes[0].core.is_warm(), "b dropped the request");
-    net.nodes[1].core.set_peers(&["a"]);
-    net.nodes[1].core.peer_connected("a");
-    net.run(Duration::from_millis(300));
-    assert!(net.nodes[0].core.is_warm());
-    assert_eq!(net.nodes[0].table.len(), 1);
-}
-
 /// An owner that restarts (new epoch, empty table) gets its own flows back from its peers' bulk
 /// answers, which carry the synced copies too: the return traffic of those flows will reach it
 /// again once it announces its LIPs.
