@@ -183,6 +183,16 @@ impl Bgp {
     /// Starts the router's BIRD, then each node's (writing a minimal node configuration — router
     /// id and `protocol device` — where the node has none yet).
     pub fn start(lab: &Lab, options: BgpOptions) -> Result<Bgp> {
+        let mut bgp = Self::start_router(lab, options)?;
+        for k in 1..=lab.spec().nodes {
+            bgp.start_node_bird(lab, k)?;
+        }
+        Ok(bgp)
+    }
+
+    /// Starts the router's BIRD only: the nodes' BIRDs are someone else's (Ansible starts them
+    /// in the deployment test).
+    pub fn start_router(lab: &Lab, options: BgpOptions) -> Result<Bgp> {
         crate::lab::require_tool("bird", "--version", "bird2")?;
         let config = lab.router_bird_config();
         std::fs::write(&config, router_config(lab, options))
@@ -194,15 +204,11 @@ impl Bgp {
             &lab.router_bird_socket(),
             &lab.dir().join("router-bird.pid"),
         )?;
-        let mut bgp = Bgp {
+        Ok(Bgp {
             options,
             router,
             nodes: (0..lab.spec().nodes).map(|_| None).collect(),
-        };
-        for k in 1..=lab.spec().nodes {
-            bgp.start_node_bird(lab, k)?;
-        }
-        Ok(bgp)
+        })
     }
 
     /// What the BIRD instances were started with.

@@ -538,19 +538,20 @@ keepalive_secs = {KEEPALIVE_SECS}
         conns: u32,
         seconds: u64,
     ) -> Result<LabProcess> {
-        self.client_tool(&[
-            "streams",
-            &target.to_string(),
-            "--conns",
-            &conns.to_string(),
-            "--seconds",
-            &seconds.to_string(),
-        ])
+        crate::load::client_tool(
+            &self.lab,
+            &[
+                "streams",
+                &target.to_string(),
+                "--conns",
+                &conns.to_string(),
+                "--seconds",
+                &seconds.to_string(),
+            ],
+        )
     }
 
-    /// Starts `lab-backend load` in the client namespace: `conns` long-lived streams through
-    /// the echo service at `streams_to` and `rate` new HTTP connections per second to
-    /// `http_to`, for `seconds`. Its report comes from [`ClusterSite::streams_report`].
+    /// Starts `lab-backend load` in the client namespace ([`crate::load::start`]).
     pub fn start_load(
         &self,
         streams_to: SocketAddr,
@@ -559,43 +560,13 @@ keepalive_secs = {KEEPALIVE_SECS}
         rate: u32,
         seconds: u64,
     ) -> Result<LabProcess> {
-        self.client_tool(&[
-            "load",
-            "--streams-to",
-            &streams_to.to_string(),
-            "--conns",
-            &conns.to_string(),
-            "--http-to",
-            &http_to.to_string(),
-            "--rate",
-            &rate.to_string(),
-            "--seconds",
-            &seconds.to_string(),
-        ])
-    }
-
-    /// `lab-backend ARGS` in the client namespace.
-    fn client_tool(&self, args: &[&str]) -> Result<LabProcess> {
-        let bin = crate::lab::backend_binary()?;
-        let bin = bin.to_string_lossy();
-        let mut cmd = vec![bin.as_ref()];
-        cmd.extend_from_slice(args);
-        self.lab.spawn("client", &cmd)
+        crate::load::start(&self.lab, streams_to, http_to, conns, rate, seconds)
     }
 
     /// Waits (at most `timeout`) for a [`ClusterSite::start_streams`] or
     /// [`ClusterSite::start_load`] run to end and returns its JSON report.
     pub fn streams_report(&self, streams: &LabProcess, timeout: Duration) -> Result<Value> {
-        ensure!(
-            streams.wait_timeout(timeout).is_some(),
-            "the streams did not end within {timeout:?}"
-        );
-        let log = streams.log();
-        let line = log
-            .lines()
-            .find(|l| l.starts_with('{'))
-            .with_context(|| format!("no report in {log:?}"))?;
-        Ok(serde_json::from_str(line)?)
+        crate::load::report(streams, timeout)
     }
 
     /// Takes node k's uplink down: the node is cut off from the router, its processes keep

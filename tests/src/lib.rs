@@ -17,6 +17,7 @@ pub mod backend;
 pub mod bench;
 pub mod bgp;
 pub mod cluster;
+pub mod deploy;
 pub mod lab;
 pub mod load;
 pub mod scenarios;

@@ -8,9 +8,11 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 
 use crate::backend::http_get;
+use crate::lab::{Lab, LabProcess};
 use crate::streams;
 
 /// At most this many new connections per second.
@@ -159,4 +161,57 @@ mod tests {
         assert_eq!(report["short"]["attempted"], 50, "{report}");
         assert_eq!(report["short"]["failed"], 0, "{report}");
     }
+}
+
+/// Starts `lab-backend load` in `lab`'s client namespace: `conns` long-lived streams through
+/// the echo service at `streams_to` and `rate` new HTTP connections per second to `http_to`,
+/// for `seconds`. Its report comes from [`report`].
+pub fn start(
+    lab: &Lab,
+    streams_to: SocketAddr,
+    http_to: SocketAddr,
+    conns: u32,
+    rate: u32,
+    seconds: u64,
+) -> Result<LabProcess> {
+    client_tool(
+        lab,
+        &[
+            "load",
+            "--streams-to",
+            &streams_to.to_string(),
+            "--conns",
+            &conns.to_string(),
+            "--http-to",
+            &http_to.to_string(),
+            "--rate",
+            &rate.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ],
+    )
+}
+
+/// `lab-backend ARGS` in `lab`'s client namespace.
+pub fn client_tool(lab: &Lab, args: &[&str]) -> Result<LabProcess> {
+    let bin = crate::lab::backend_binary()?;
+    let bin = bin.to_string_lossy();
+    let mut cmd = vec![bin.as_ref()];
+    cmd.extend_from_slice(args);
+    lab.spawn("client", &cmd)
+}
+
+/// Waits (at most `timeout`) for a `lab-backend load` or `streams` run to end and returns its
+/// JSON report.
+pub fn report(run: &LabProcess, timeout: Duration) -> Result<Value> {
+    ensure!(
+        run.wait_timeout(timeout).is_some(),
+        "the load did not end within {timeout:?}"
+    );
+    let log = run.log();
+    let line = log
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("no report in {log:?}"))?;
+    Ok(serde_json::from_str(line)?)
 }
