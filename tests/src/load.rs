@@ -143,26 +143,6 @@ fn short_json(shorts: &[Short], rate: u32) -> Value {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn streams_and_short_connections_against_a_local_backend() {
-        let (http, echo, _) = crate::backend::start_local("l1");
-        let report = run(LoadSpec {
-            streams_target: echo,
-            streams: 3,
-            http_target: http,
-            rate: 50,
-            duration: Duration::from_secs(1),
-        });
-        assert_eq!(report["streams"]["completed"], 3, "{report}");
-        assert_eq!(report["short"]["attempted"], 50, "{report}");
-        assert_eq!(report["short"]["failed"], 0, "{report}");
-    }
-}
-
 /// Starts `lab-backend load` in `lab`'s client namespace: `conns` long-lived streams through
 /// the echo service at `streams_to` and `rate` new HTTP connections per second to `http_to`,
 /// for `seconds`. Its report comes from [`report`].
@@ -214,4 +194,24 @@ pub fn report(run: &LabProcess, timeout: Duration) -> Result<Value> {
         .find(|l| l.starts_with('{'))
         .with_context(|| format!("no report in {log:?}"))?;
     Ok(serde_json::from_str(line)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_and_short_connections_against_a_local_backend() {
+        let (http, echo, _) = crate::backend::start_local("l1");
+        let report = run(LoadSpec {
+            streams_target: echo,
+            streams: 3,
+            http_target: http,
+            rate: 50,
+            duration: Duration::from_secs(1),
+        });
+        assert_eq!(report["streams"]["completed"], 3, "{report}");
+        assert_eq!(report["short"]["attempted"], 50, "{report}");
+        assert_eq!(report["short"]["failed"], 0, "{report}");
+    }
 }
