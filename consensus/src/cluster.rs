@@ -98,6 +98,11 @@ pub enum ClusterError {
     InvalidRequest(String),
     #[error("the membership cannot be changed: {0}")]
     Membership(String),
+    #[error(
+        "no other voter took over the leadership within {waited_ms} ms; this node leads on: are \
+         the other voters running and reachable?"
+    )]
+    StepDown { waited_ms: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -594,6 +599,51 @@ impl<D: Dialer> Cluster<D> {
             }
         }
         self.local_config().nodes.values().any(|n| n.name == name)
+    }
+
+    /// Hands this node's leadership to another voter, before a planned restart of the leader:
+    /// it stops sending heartbeats and stays out of elections until another voter has won one
+    /// (within `timeout`), then takes part again. openraft 0.9 has no leadership transfer, so
+    /// this is how it moves: a voter that hears no heartbeat for its election timeout
+    /// campaigns, and the others grant their votes once their leader lease has run out. Writes
+    /// pause for about one election timeout, as with any election. The new leader, or `None`
+    /// when this node did not lead (nothing to do).
+    pub async fn step_down(&self, timeout: Duration) -> Result<Option<NodeId>, ClusterError> {
+        let metrics = self.metrics();
+        if metrics.state != ServerState::Leader {
+            return Ok(None);
+        }
+        let me = self.id();
+        if !metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v != me)
+        {
+            return Err(ClusterError::Membership(
+                "this node is the only voter: no other node can lead".to_owned(),
+            ));
+        }
+        let runtime = self.inner.raft.runtime_config();
+        runtime.heartbeat(false);
+        runtime.elect(false);
+        let moved = self
+            .inner
+            .raft
+            .wait(Some(timeout))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != me),
+                "another leader",
+            )
+            .await;
+        runtime.heartbeat(true);
+        runtime.elect(true);
+        match moved {
+            Ok(m) => Ok(m.current_leader),
+            Err(_) => Err(ClusterError::StepDown {
+                waited_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            }),
+        }
     }
 
     /// This node's report, from its own metrics.

@@ -353,3 +353,35 @@ async fn test_a_node_that_does_not_catch_up_and_no_quorum() {
     assert!(started.elapsed() < TIMEOUT);
     survivor.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_the_leader_steps_down_and_another_voter_takes_over() {
+    let ca = Ca::new();
+    let nodes = three_nodes(&ca, DEADLINES).await;
+    let all = nodes.iter().collect::<Vec<_>>();
+    let old = leader(&all).await;
+    let old_id = old.cluster.id();
+    let follower = all.iter().find(|n| n.cluster.id() != old_id).unwrap();
+
+    // A follower has nothing to hand over.
+    assert_eq!(follower.cluster.step_down(TIMEOUT).await, Ok(None));
+
+    let new_id = old.cluster.step_down(TIMEOUT).await.unwrap().unwrap();
+    assert_ne!(new_id, old_id);
+    let new = leader(&all).await;
+    assert_eq!(new.cluster.id(), new_id);
+    assert_ne!(
+        old.cluster.raft().metrics().borrow().state,
+        ServerState::Leader
+    );
+    // The old leader takes part again: writes through it commit, and it still votes.
+    assert_eq!(old.cluster.write(add_service(2)).await, Ok(5));
+    assert_eq!(voters(old).len(), 3);
+    for node in &nodes {
+        let config = node.cluster.read(READ).await.unwrap();
+        assert_eq!(config.version, 5);
+    }
+    for node in &nodes {
+        node.stop().await;
+    }
+}

@@ -20,8 +20,8 @@ use tokio::net::UnixListener;
 
 use crate::api::{
     ApiError, CLUSTER_INIT_PATH, COMMANDS_PATH, CONFIG_PATH, ClusterStatus, NODES_PATH, NodeSpec,
-    NodeStatus, SESSIONS_PATH, STATUS_PATH, SessionEntry, SessionList, SessionQuery, StatusQuery,
-    Written,
+    NodeStatus, SESSIONS_PATH, STATUS_PATH, STEP_DOWN_PATH, SessionEntry, SessionList,
+    SessionQuery, StatusQuery, SteppedDown, Written,
 };
 use crate::clock;
 use crate::cluster::RaftCluster;
@@ -69,6 +69,7 @@ pub(crate) async fn serve(
         .route(STATUS_PATH, get(status))
         .route(SESSIONS_PATH, get(sessions))
         .route(CLUSTER_INIT_PATH, post(init))
+        .route(STEP_DOWN_PATH, post(step_down))
         .route(COMMANDS_PATH, post(command))
         .route(NODES_PATH, post(add_node))
         .route(&format!("{NODES_PATH}/{{name}}"), delete(remove_node))
@@ -100,7 +101,8 @@ impl From<ClusterError> for Failure {
             ClusterError::NoQuorum { .. }
             | ClusterError::NotLeader { .. }
             | ClusterError::Unreachable { .. }
-            | ClusterError::CatchUp { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ClusterError::CatchUp { .. }
+            | ClusterError::StepDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ClusterError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Failure(code, e.to_string())
@@ -212,6 +214,26 @@ async fn init(State(admin): State<Admin>) -> Result<Json<Written>, Failure> {
     let c = admin.cluster()?;
     let version = c.cluster.init(c.me.clone(), c.bootstrap.clone()).await?;
     admin.written(version).await
+}
+
+/// How long [`step_down`] waits for another voter to win an election.
+const STEP_DOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn step_down(State(admin): State<Admin>) -> Result<Json<SteppedDown>, Failure> {
+    let c = admin.cluster()?;
+    let moved = c.cluster.step_down(STEP_DOWN_TIMEOUT).await?;
+    let leader = moved.or_else(|| c.cluster.local_report().leader);
+    let name = leader.and_then(|id| {
+        c.cluster
+            .local_config()
+            .nodes
+            .get(&id)
+            .map(|n| n.name.clone())
+    });
+    Ok(Json(SteppedDown {
+        moved: moved.is_some(),
+        leader: name,
+    }))
 }
 
 async fn command(

@@ -17,6 +17,8 @@ pub(crate) const STATUS_PATH: &str = "/v1/status";
 pub(crate) const SESSIONS_PATH: &str = "/v1/sessions";
 /// `POST`: start a new cluster with this node as its only member and the node file's services.
 pub(crate) const CLUSTER_INIT_PATH: &str = "/v1/cluster/init";
+/// `POST`: hand this node's Raft leadership to another voter ([`SteppedDown`]).
+pub(crate) const STEP_DOWN_PATH: &str = "/v1/cluster/step-down";
 /// `POST` a [`consensus::Command`]: commit a change to the cluster configuration.
 pub(crate) const COMMANDS_PATH: &str = "/v1/commands";
 /// `POST` a [`NodeSpec`] (add a node); `DELETE /v1/nodes/NAME` (remove one).
@@ -29,6 +31,15 @@ pub(crate) const CONFIG_PATH: &str = "/v1/config";
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Written {
     pub(crate) version: u64,
+}
+
+/// The answer of [`STEP_DOWN_PATH`].
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SteppedDown {
+    /// Whether this node led and handed the leadership over.
+    pub(crate) moved: bool,
+    /// The leader now, by name (`None` if not known).
+    pub(crate) leader: Option<String>,
 }
 
 /// The body of every error answer.

@@ -14,7 +14,10 @@ use consensus::config::{
     ServiceSettings, Timeouts,
 };
 
-use crate::api::{CLUSTER_INIT_PATH, COMMANDS_PATH, CONFIG_PATH, NODES_PATH, NodeSpec, Written};
+use crate::api::{
+    CLUSTER_INIT_PATH, COMMANDS_PATH, CONFIG_PATH, NODES_PATH, NodeSpec, STEP_DOWN_PATH,
+    SteppedDown, Written,
+};
 use crate::{Output, SocketArg, client, render};
 
 #[derive(Debug, Subcommand)]
@@ -22,6 +25,9 @@ pub(crate) enum ClusterCommand {
     /// Start a new cluster on this node: it becomes the only member, with its [cluster] address,
     /// its local addresses and its file's Maglev settings and services.
     Init(SocketArg),
+    /// Hand this node's Raft leadership to another voter before restarting it (nothing to do
+    /// when it does not lead); writes pause for about one election timeout.
+    StepDown(SocketArg),
 }
 
 #[derive(Debug, Subcommand)]
@@ -331,6 +337,15 @@ pub(crate) fn cluster(cmd: ClusterCommand) -> Result<()> {
                 "initialized a new cluster with this node as its first member (configuration version {})\n",
                 written.version
             ))
+        }
+        ClusterCommand::StepDown(socket) => {
+            let answer: SteppedDown = client::post(&socket.socket, STEP_DOWN_PATH, &())?;
+            let leader = answer.leader.as_deref().unwrap_or("unknown");
+            crate::write_stdout(&if answer.moved {
+                format!("leadership moved: the leader is now {leader}\n")
+            } else {
+                format!("this node does not lead (the leader is {leader}): nothing to do\n")
+            })
         }
     }
 }

@@ -339,6 +339,7 @@ fn test_standalone_node_refuses_cluster_commands() {
     let d = Daemon::start(SERVICE);
     for args in [
         &["cluster", "init"][..],
+        &["cluster", "step-down"],
         &["service", "add", "-t", "198.18.100.7:80"],
         &["service", "list"],
         &[

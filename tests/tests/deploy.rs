@@ -170,6 +170,11 @@ fn ansible_site_scale_upgrade() -> Result<()> {
         order.last() == Some(&leader),
         "the leader {leader} was not upgraded last: {order:?}"
     );
+    let stepped_down = run.changed_hosts("Move the Raft leadership away");
+    ensure!(
+        stepped_down == [leader.clone()],
+        "leadership moved away from {stepped_down:?}, not from the leader {leader} alone"
+    );
     for k in 1..=NODES {
         ensure!(
             std::fs::read(d.installed_bin(k))? == bytes,
