@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
 use crate::bgp::{Bgp, BgpOptions, HOLD_SECS, KEEPALIVE_SECS, NODE_AS, ROUTER_AS};
@@ -99,6 +99,18 @@ impl From<Output> for CliOutput {
 }
 
 impl CliOutput {
+    /// The answer of `lbcluster status -o json` on node k: its exit code (below 3) and
+    /// document.
+    pub fn status(self, k: usize) -> Result<(i32, Value)> {
+        ensure!(
+            self.code < 3,
+            "status of n{k}: exit {}: {}",
+            self.code,
+            self.stderr
+        );
+        Ok((self.code, serde_json::from_str(&self.stdout)?))
+    }
+
     /// The output, or an error with everything it said.
     pub fn ok(self) -> Result<String> {
         ensure!(
@@ -415,14 +427,7 @@ keepalive_secs = {KEEPALIVE_SECS}
 
     /// `lbcluster status -o json` on node k: its exit code and document.
     pub fn status(&self, k: usize) -> Result<(i32, Value)> {
-        let out = self.cli(k, &["status", "-o", "json"])?;
-        ensure!(
-            out.code < 3,
-            "status of n{k}: exit {}: {}",
-            out.code,
-            out.stderr
-        );
-        Ok((out.code, serde_json::from_str(&out.stdout)?))
+        self.cli(k, &["status", "-o", "json"])?.status(k)
     }
 
     /// The cluster configuration as node k reads it (`service list -o json`).
@@ -446,16 +451,7 @@ keepalive_secs = {KEEPALIVE_SECS}
         timeout: Duration,
         mut check: impl FnMut(&Self) -> Result<T>,
     ) -> Result<T> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match check(self) {
-                Ok(v) => return Ok(v),
-                Err(e) if Instant::now() >= deadline => {
-                    bail!("{what}: not within {timeout:?}: {e:#}")
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
+        crate::lab::wait_for(what, timeout, Duration::from_millis(100), || check(self))
     }
 
     /// `GET path` on node k's admin socket, answered as JSON (a plain HTTP/1.0 exchange, so

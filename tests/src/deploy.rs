@@ -448,14 +448,7 @@ impl DeployLab {
 
     /// `lbcluster status -o json` on node k: its exit code and document.
     pub fn status(&self, k: usize) -> Result<(i32, Value)> {
-        let out = self.cli(k, &["status", "-o", "json"])?;
-        ensure!(
-            out.code < 3,
-            "status of n{k}: exit {}: {}",
-            out.code,
-            out.stderr
-        );
-        Ok((out.code, serde_json::from_str(&out.stdout)?))
+        self.cli(k, &["status", "-o", "json"])?.status(k)
     }
 
     /// Waits up to `timeout` for `check` to hold, polling every 200 ms; the last error if it
@@ -466,16 +459,7 @@ impl DeployLab {
         timeout: Duration,
         mut check: impl FnMut(&Self) -> Result<T>,
     ) -> Result<T> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match check(self) {
-                Ok(v) => return Ok(v),
-                Err(e) if Instant::now() >= deadline => {
-                    bail!("{what}: not within {timeout:?}: {e:#}")
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
-            }
-        }
+        crate::lab::wait_for(what, timeout, Duration::from_millis(200), || check(self))
     }
 
     /// Waits until `members` form a healthy cluster seen from node `via`: exit 0, exactly those

@@ -277,6 +277,24 @@ fn v6(text: &str) -> Ipv6Addr {
     text.parse().expect("lab IPv6 addresses are valid")
 }
 
+/// Calls `check` every `poll` until it holds or `timeout` has passed; its value, or its last
+/// error, naming `what`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    poll: Duration,
+    mut check: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => bail!("{what}: not within {timeout:?}: {e:#}"),
+            Err(_) => std::thread::sleep(poll),
+        }
+    }
+}
+
 /// Whether process `pid` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {

@@ -196,6 +196,28 @@ pub fn report(run: &LabProcess, timeout: Duration) -> Result<Value> {
     Ok(serde_json::from_str(line)?)
 }
 
+/// A load report ([`report`]) in one paragraph.
+pub fn summary(load: &Value) -> String {
+    let (st, sh) = (&load["streams"], &load["short"]);
+    format!(
+        "streams {}/{} completed, resets {}, content errors {}, stall p50 {} ms p99 {} ms max {} ms, \
+         {} MB verified; new connections {} attempted, {} failed, latency p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+        st["completed"],
+        st["connections"],
+        st["resets"],
+        st["content_errors"],
+        st["stall_ms"]["p50"],
+        st["stall_ms"]["p99"],
+        st["stall_ms"]["max"],
+        st["bytes_verified"].as_u64().unwrap_or(0) / 1_000_000,
+        sh["attempted"],
+        sh["failed"],
+        sh["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+        sh["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+        sh["latency_ms"]["max"].as_f64().unwrap_or(0.0),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,20 +43,7 @@ fn nothing_changed(run: &PlaybookRun, hosts: usize) -> Result<()> {
 /// connection failed.
 fn no_broken_connections(what: &str, report: &Value) -> Result<()> {
     let (st, sh) = (&report["streams"], &report["short"]);
-    println!(
-        "{what}: streams {}/{} completed, resets {}, content errors {}, stall p50 {} ms p99 {} ms \
-         max {} ms; new connections {} attempted, {} failed, latency p99 {} ms",
-        st["completed"],
-        st["connections"],
-        st["resets"],
-        st["content_errors"],
-        st["stall_ms"]["p50"],
-        st["stall_ms"]["p99"],
-        st["stall_ms"]["max"],
-        sh["attempted"],
-        sh["failed"],
-        sh["latency_ms"]["p99"],
-    );
+    println!("{what}: {}", tests::load::summary(report));
     ensure!(st["connections"] == STREAMS, "{what}: {st}");
     ensure!(st["resets"] == 0, "{what}: resets: {st}");
     ensure!(st["content_errors"] == 0, "{what}: content errors: {st}");
