@@ -119,7 +119,7 @@ fn ansible_site_scale_upgrade() -> Result<()> {
     );
 
     // 3. scale.yml adds n4 under load; the others are not restarted.
-    let traffic = load(&d, 75)?;
+    let traffic = load(&d, 120)?;
     let run = d.playbook("scale.yml", &["--limit", "n4"])?;
     println!("scale.yml (n4): {:?}", run.took);
     d.wait_healthy(1, &[1, 2, 3, 4], SETTLE)?;
@@ -145,7 +145,7 @@ fn ansible_site_scale_upgrade() -> Result<()> {
     bytes.extend_from_slice(b"\nlbcluster upgrade test\n");
     std::fs::write(&new_bin, &bytes)?;
     let old_pids = pids(&d, &all)?;
-    let traffic = load(&d, 150)?;
+    let traffic = load(&d, 300)?;
     let src = format!("lbcluster_binary_src={}", new_bin.display());
     let run = d.playbook("upgrade.yml", &["-e", &src])?;
     println!("upgrade.yml (4 nodes): {:?}", run.took);
