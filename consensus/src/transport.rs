@@ -18,9 +18,20 @@
 //! A length is checked against its cap ([`RpcKind::request_cap`] for requests,
 //! [`MAX_RPC_FRAME`] for responses) before any buffer is allocated.
 //!
+//! Pre-votes ([`RpcKind::PreVote`]) and hand-overs ([`RpcKind::TimeoutNow`]) decide elections
+//! beside openraft (see `cluster::election`).
+//!
+//! # Dialling
+//! One connection per peer, dialled by one task that every RPC in the meantime waits on (each
+//! until its own deadline). A dial has its own bound, [`DIAL_ATTEMPT`]: QUIC resends a handshake
+//! that found the peer down only after about 1, 3, 7 and 15 s, so a dial started while a peer was
+//! dead would otherwise keep every RPC to it waiting long after the peer is back. A dial that
+//! failed or was abandoned makes the next one wait [`DIAL_BACKOFF`], doubling per failure up to
+//! [`MAX_DIAL_BACKOFF`]; RPCs in that pause fail at once as `Unreachable`.
+//!
 //! # Errors, as openraft sees them
-//! * cannot dial, the dial did not finish before the RPC's deadline, or the stream failed:
-//!   `Unreachable`, so openraft backs off before it retries;
+//! * cannot dial, the dial did not finish before the RPC's deadline, a dial is backing off, or
+//!   the stream failed: `Unreachable`, so openraft backs off before it retries;
 //! * the connection is up but no answer came before the deadline (`RPCOption::soft_ttl`):
 //!   `Timeout`. After three timeouts in a row the cached connection is
 //!   dropped, so a peer that restarted (and lost the old connection's state) is dialled afresh
@@ -55,7 +66,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span, warn};
 
-use crate::cluster::{Cluster, Forward};
+use crate::cluster::{Cluster, Forward, PreVoteRequest, TimeoutNow};
 use crate::{Member, NodeId, TypeConfig};
 
 /// The cap of a request carrying a snapshot chunk (openraft's default chunk is 3 MiB).
@@ -66,8 +77,16 @@ pub const MAX_RPC_FRAME: u32 = 16 << 20;
 pub const MAX_FORWARD_FRAME: u32 = 1 << 20;
 /// The cap of a report request (it carries nothing).
 pub const MAX_REPORT_FRAME: u32 = 16;
+/// The cap of a pre-vote request and of a hand-over announcement.
+pub const MAX_ELECTION_FRAME: u32 = 1 << 10;
 /// This many timeouts in a row on one connection make the client dial a new one.
 const REDIAL_AFTER_TIMEOUTS: u32 = 3;
+/// A dial that has not finished within this is abandoned (see the module doc).
+pub const DIAL_ATTEMPT: Duration = Duration::from_secs(1);
+/// The pause after a failed dial before the next, doubled per failure in a row ...
+pub const DIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// ... up to this.
+pub const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Stream reset / stop code: the request frame is malformed.
 const STREAM_MALFORMED: VarInt = VarInt::from_u32(1);
@@ -91,6 +110,10 @@ pub enum RpcKind {
     Forward = 4,
     /// What the node knows about its Raft state (see [`Cluster::reports`]).
     Report = 5,
+    /// Would the peer vote for the sender? Changes nothing (see `cluster::election`).
+    PreVote = 6,
+    /// The leader hands its leadership over (see [`Cluster::step_down`]).
+    TimeoutNow = 7,
 }
 
 impl RpcKind {
@@ -101,6 +124,8 @@ impl RpcKind {
             3 => Some(Self::InstallSnapshot),
             4 => Some(Self::Forward),
             5 => Some(Self::Report),
+            6 => Some(Self::PreVote),
+            7 => Some(Self::TimeoutNow),
             _ => None,
         }
     }
@@ -112,6 +137,7 @@ impl RpcKind {
             Self::AppendEntries | Self::Vote => MAX_RPC_FRAME,
             Self::Forward => MAX_FORWARD_FRAME,
             Self::Report => MAX_REPORT_FRAME,
+            Self::PreVote | Self::TimeoutNow => MAX_ELECTION_FRAME,
         }
     }
 }
@@ -124,8 +150,31 @@ impl fmt::Display for RpcKind {
             Self::InstallSnapshot => "InstallSnapshot",
             Self::Forward => "Forward",
             Self::Report => "Report",
+            Self::PreVote => "PreVote",
+            Self::TimeoutNow => "TimeoutNow",
         })
     }
+}
+
+/// Idle connections send a keep-alive this often ...
+const KEEP_ALIVE: Duration = Duration::from_millis(200);
+/// ... and a connection that hears nothing for this many milliseconds is closed: a peer that is
+/// cut off or dead shows as disconnected within about a second, wherever a connection is looked
+/// at.
+const IDLE_TIMEOUT_MS: u32 = 1000;
+/// The round-trip time assumed before one is measured. It sets how soon a lost handshake packet
+/// is sent again (about three times this): quinn's 333 ms default resends only after a second,
+/// longer than a [`DIAL_ATTEMPT`] to a peer that has just come back should take.
+const INITIAL_RTT: Duration = Duration::from_millis(100);
+
+/// The QUIC transport settings the cluster's liveness rests on (see the constants above): the
+/// node's endpoint uses them for every connection, Raft and session sync alike.
+pub fn quic_transport() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport.max_idle_timeout(Some(VarInt::from_u32(IDLE_TIMEOUT_MS).into()));
+    transport.initial_rtt(INITIAL_RTT);
+    transport
 }
 
 /// Opens QUIC connections to Raft peers. The node implements it with its endpoint and ALPN
@@ -315,18 +364,39 @@ type DialOutcome = Option<Result<Connection, Arc<dyn Error + Send + Sync>>>;
 
 #[derive(Debug)]
 enum LinkState {
-    Idle,
+    /// No connection; after `failures` failed dials in a row the next waits until `retry_at`.
+    Idle {
+        failures: u32,
+        retry_at: Option<Instant>,
+    },
     /// A dial runs in its own task, so an RPC that gives up waiting does not cancel it; every
-    /// RPC in the meantime waits for the same dial.
-    Dialing(watch::Receiver<DialOutcome>),
+    /// RPC in the meantime waits for the same dial. `failures` as in `Idle`.
+    Dialing {
+        outcome: watch::Receiver<DialOutcome>,
+        failures: u32,
+    },
     Up(Connection),
+}
+
+impl LinkState {
+    const FRESH: LinkState = LinkState::Idle {
+        failures: 0,
+        retry_at: None,
+    };
+}
+
+/// The pause after `failures` failed dials in a row.
+fn dial_backoff(failures: u32) -> Duration {
+    DIAL_BACKOFF
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(MAX_DIAL_BACKOFF)
 }
 
 impl Link {
     fn new(member: Member) -> Self {
         Self {
             member,
-            state: Mutex::new(LinkState::Idle),
+            state: Mutex::new(LinkState::FRESH),
             timeouts: AtomicU32::new(0),
         }
     }
@@ -336,19 +406,30 @@ impl Link {
         self: &Arc<Self>,
         dialer: &Arc<D>,
     ) -> Result<Connection, TransportError> {
-        let mut dial = {
+        let mut dial = 'dial: {
             let mut state = self.state.lock();
-            match &*state {
+            let failures = match &*state {
                 LinkState::Up(c) if c.close_reason().is_none() => return Ok(c.clone()),
-                LinkState::Dialing(dial) => dial.clone(),
-                LinkState::Up(_) | LinkState::Idle => {
-                    let (tx, rx) = watch::channel(None);
-                    *state = LinkState::Dialing(rx.clone());
-                    let span = debug_span!("raft_dial", peer = %self.member);
-                    tokio::spawn(self.clone().dial(dialer.clone(), tx).instrument(span));
-                    rx
+                LinkState::Up(_) => 0,
+                LinkState::Dialing { outcome, .. } => break 'dial outcome.clone(),
+                LinkState::Idle {
+                    retry_at: Some(at), ..
+                } if Instant::now() < *at => {
+                    return Err(TransportError::BackingOff {
+                        peer: self.member.clone(),
+                        wait: at.saturating_duration_since(Instant::now()),
+                    });
                 }
-            }
+                LinkState::Idle { failures, .. } => *failures,
+            };
+            let (tx, rx) = watch::channel(None);
+            *state = LinkState::Dialing {
+                outcome: rx.clone(),
+                failures,
+            };
+            let span = debug_span!("raft_dial", peer = %self.member);
+            tokio::spawn(self.clone().dial(dialer.clone(), tx).instrument(span));
+            rx
         };
         let outcome =
             dial.wait_for(Option::is_some)
@@ -369,23 +450,42 @@ impl Link {
         }
     }
 
+    /// Dials once, giving up after [`DIAL_ATTEMPT`]; leaves the link up, or idle with the
+    /// backoff of one more failure.
     async fn dial<D: Dialer>(self: Arc<Self>, dialer: Arc<D>, done: watch::Sender<DialOutcome>) {
         let Member { name, quic_addr } = &self.member;
-        let result = dialer
-            .connect(*quic_addr, name)
-            .await
-            .map_err(|e| Arc::from(e.into()));
-        *self.state.lock() = match &result {
-            Ok(c) => {
-                debug!(peer = %self.member, "raft connection established");
-                self.timeouts.store(0, Ordering::Relaxed);
-                LinkState::Up(c.clone())
-            }
-            Err(e) => {
-                debug!(peer = %self.member, error = %e, "cannot connect to raft peer");
-                LinkState::Idle
-            }
-        };
+        let result =
+            match tokio::time::timeout(DIAL_ATTEMPT, dialer.connect(*quic_addr, name)).await {
+                Ok(Ok(connection)) => Ok(connection),
+                Ok(Err(e)) => Err(Arc::from(e.into())),
+                Err(_) => Err(Arc::new(DialTimedOut(DIAL_ATTEMPT)) as Arc<dyn Error + Send + Sync>),
+            };
+        {
+            let mut state = self.state.lock();
+            let failures = match &*state {
+                LinkState::Dialing { failures, .. } | LinkState::Idle { failures, .. } => *failures,
+                LinkState::Up(_) => 0,
+            };
+            *state = match &result {
+                Ok(c) => {
+                    debug!(peer = %self.member, "raft connection established");
+                    self.timeouts.store(0, Ordering::Relaxed);
+                    LinkState::Up(c.clone())
+                }
+                Err(e) => {
+                    let failures = failures.saturating_add(1);
+                    let wait = dial_backoff(failures);
+                    debug!(
+                        peer = %self.member, error = %e, failures, ?wait,
+                        "cannot connect to raft peer"
+                    );
+                    LinkState::Idle {
+                        failures,
+                        retry_at: Some(Instant::now() + wait),
+                    }
+                }
+            };
+        }
         // Nobody may be waiting any more; the state above keeps the connection.
         let _ = done.send(Some(result));
     }
@@ -458,7 +558,7 @@ impl Link {
         {
             warn!(peer = %self.member, "raft peer stopped answering; dropping the connection");
             c.close(CLOSE_UNRESPONSIVE, b"no answer; redialling");
-            *state = LinkState::Idle;
+            *state = LinkState::FRESH;
             self.timeouts.store(0, Ordering::Relaxed);
         }
     }
@@ -692,6 +792,14 @@ async fn answer<D: Dialer>(
                 let () = decode(&payload)?;
                 encode_response(&cluster.local_report())
             }
+            RpcKind::PreVote => {
+                let request: PreVoteRequest = decode(&payload)?;
+                encode_response(&cluster.serve_pre_vote(request).await)
+            }
+            RpcKind::TimeoutNow => {
+                let request: TimeoutNow = decode(&payload)?;
+                encode_response(&cluster.serve_timeout_now(request).await)
+            }
         }?;
         send.write_all(&response).await.map_err(StreamError::from)?;
         send.finish().map_err(StreamError::from)?;
@@ -761,9 +869,16 @@ enum TransportError {
     ConnectTimeout { peer: Member, timeout: Duration },
     #[error("the dial of raft peer {peer} was dropped")]
     DialAbandoned { peer: Member },
+    #[error("not dialling raft peer {peer} for another {wait:?} after failed dials")]
+    BackingOff { peer: Member, wait: Duration },
     #[error("raft RPC to {peer}: {source}")]
     Frame { peer: Member, source: FrameError },
 }
+
+/// A dial abandoned after [`DIAL_ATTEMPT`].
+#[derive(Debug, thiserror::Error)]
+#[error("the QUIC handshake did not finish within {0:?}")]
+struct DialTimedOut(Duration);
 
 /// `kind`, then the frame of `request` under `kind`'s cap.
 fn encode_request<T: Serialize>(kind: RpcKind, request: &T) -> Result<Vec<u8>, FrameError> {

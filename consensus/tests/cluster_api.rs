@@ -6,12 +6,14 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Ca, TestNode, add_service, service_key};
 use consensus::config;
 use consensus::{ClusterError, ConfigError, Deadlines, NodeId, Role, node_id};
 use openraft::ServerState;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -354,33 +356,203 @@ async fn test_a_node_that_does_not_catch_up_and_no_quorum() {
     survivor.stop().await;
 }
 
+/// Records every (role, term) a node's Raft reports, from its start to [`Roles::stop`].
+struct Roles {
+    seen: Arc<Mutex<Vec<(ServerState, u64)>>>,
+    task: JoinHandle<()>,
+}
+
+impl Roles {
+    fn record(node: &TestNode) -> Roles {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut metrics = node.cluster.raft().metrics();
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let now = {
+                    let m = metrics.borrow_and_update();
+                    (m.state, m.current_term)
+                };
+                {
+                    let mut seen = record.lock().unwrap();
+                    if seen.last() != Some(&now) {
+                        seen.push(now);
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Roles { seen, task }
+    }
+
+    fn stop(self) -> Vec<(ServerState, u64)> {
+        self.task.abort();
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Waits until `node` follows `leader` and has applied all `leader` has; returns how long that
+/// took.
+async fn caught_up(node: &TestNode, leader: &TestNode) -> Duration {
+    let started = Instant::now();
+    let leader_id = leader.cluster.id();
+    loop {
+        let applied = leader.cluster.raft().metrics().borrow().last_applied;
+        let m = node.cluster.raft().metrics().borrow().clone();
+        if m.current_leader == Some(leader_id) && m.last_applied >= applied {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "{} did not catch up with {}",
+            node.member.name,
+            leader.member.name
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn test_the_leader_steps_down_and_another_voter_takes_over() {
+async fn test_the_leader_steps_down_and_the_node_it_names_leads() {
     let ca = Ca::new();
     let nodes = three_nodes(&ca, DEADLINES).await;
     let all = nodes.iter().collect::<Vec<_>>();
-    let old = leader(&all).await;
-    let old_id = old.cluster.id();
-    let follower = all.iter().find(|n| n.cluster.id() != old_id).unwrap();
+    let first = leader(&all).await;
+    let follower = all
+        .iter()
+        .find(|n| n.cluster.id() != first.cluster.id())
+        .unwrap();
 
     // A follower has nothing to hand over.
     assert_eq!(follower.cluster.step_down(TIMEOUT).await, Ok(None));
 
-    let new_id = old.cluster.step_down(TIMEOUT).await.unwrap().unwrap();
-    assert_ne!(new_id, old_id);
-    let new = leader(&all).await;
-    assert_eq!(new.cluster.id(), new_id);
-    assert_ne!(
-        old.cluster.raft().metrics().borrow().state,
-        ServerState::Leader
-    );
-    // The old leader takes part again: writes through it commit, and it still votes.
-    assert_eq!(old.cluster.write(add_service(2)).await, Ok(5));
-    assert_eq!(voters(old).len(), 3);
-    for node in &nodes {
-        let config = node.cluster.read(READ).await.unwrap();
-        assert_eq!(config.version, 5);
+    // Hand over again and again: each time the node named is the one that leads, and it keeps
+    // leading (nobody else campaigns meanwhile).
+    let mut version = 4;
+    for _ in 0..6 {
+        let old = leader(&all).await;
+        let term = old.cluster.raft().metrics().borrow().current_term;
+        let named = old.cluster.step_down(TIMEOUT).await.unwrap().unwrap();
+        assert_ne!(named, old.cluster.id());
+        let new = all.iter().find(|n| n.cluster.id() == named).unwrap();
+        let roles = Roles::record(new);
+        assert_eq!(
+            new.cluster.raft().metrics().borrow().state,
+            ServerState::Leader,
+            "the node named leads when step_down returns"
+        );
+        assert_ne!(
+            old.cluster.raft().metrics().borrow().state,
+            ServerState::Leader
+        );
+        let new_term = new.cluster.raft().metrics().borrow().current_term;
+        assert!(new_term > term);
+        // The old leader takes part again: writes through it commit.
+        version += 1;
+        assert_eq!(
+            old.cluster.write(add_service(version as u8)).await,
+            Ok(version)
+        );
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(
+            roles.stop(),
+            vec![(ServerState::Leader, new_term)],
+            "{} kept leading in its term",
+            new.member.name
+        );
     }
+    for node in &nodes {
+        assert_eq!(voters(node).len(), 3);
+        let config = node.cluster.read(READ).await.unwrap();
+        assert_eq!(config.version, version);
+    }
+    for node in &nodes {
+        node.stop().await;
+    }
+}
+
+/// A follower cut off for seconds (many election timeouts) comes back without an election: it
+/// never campaigned (pre-vote), so the leader keeps its term and leadership.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_node_cut_off_comes_back_without_deposing_the_leader() {
+    let ca = Ca::new();
+    let nodes = three_nodes(&ca, DEADLINES).await;
+    let all = nodes.iter().collect::<Vec<_>>();
+    let lead = leader(&all).await;
+    let cut = all
+        .iter()
+        .find(|n| n.cluster.id() != lead.cluster.id())
+        .unwrap();
+    let term = lead.cluster.raft().metrics().borrow().current_term;
+    let leader_roles = Roles::record(lead);
+    let cut_roles = Roles::record(cut);
+
+    cut.cut();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The others carry on meanwhile.
+    assert_eq!(lead.cluster.write(add_service(5)).await, Ok(5));
+    cut.heal();
+    let took = caught_up(cut, lead).await;
+    assert!(took < Duration::from_secs(2), "caught up after {took:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    assert_eq!(leader_roles.stop(), vec![(ServerState::Leader, term)]);
+    let cut_roles = cut_roles.stop();
+    assert!(
+        cut_roles
+            .iter()
+            .all(|&(state, t)| state == ServerState::Follower && t == term),
+        "the cut-off node campaigned: {cut_roles:?}"
+    );
+    for node in &nodes {
+        node.stop().await;
+    }
+}
+
+/// A node restarted seconds after it stopped — the leader, so the others elect meanwhile, and
+/// their dials to it start while it is down — follows the new leader within two seconds of its
+/// start, without an election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_restarted_leader_rejoins_without_an_election() {
+    let ca = Ca::new();
+    let mut nodes = three_nodes(&ca, DEADLINES).await;
+    let old = {
+        let all = nodes.iter().collect::<Vec<_>>();
+        leader(&all).await.cluster.id()
+    };
+    let at = nodes.iter().position(|n| n.cluster.id() == old).unwrap();
+    let restarting = nodes.remove(at);
+    restarting.stop().await;
+    // The survivors elect a leader while the old one is down; their dials to it fail.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (new_id, term, roles) = {
+        let all = nodes.iter().collect::<Vec<_>>();
+        let new = leader(&all).await;
+        let roles = Roles::record(new);
+        let term = new.cluster.raft().metrics().borrow().current_term;
+        (new.cluster.id(), term, roles)
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let back = restarting.start_again(&ca).await;
+    let back_roles = Roles::record(&back);
+    let new = nodes.iter().find(|n| n.cluster.id() == new_id).unwrap();
+    let took = caught_up(&back, new).await;
+    assert!(took < Duration::from_secs(2), "caught up after {took:?}");
+    assert_eq!(back.cluster.write(add_service(5)).await, Ok(5));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    assert_eq!(roles.stop(), vec![(ServerState::Leader, term)]);
+    let back_roles = back_roles.stop();
+    assert!(
+        back_roles
+            .iter()
+            .all(|&(state, _)| state != ServerState::Candidate),
+        "the restarted node campaigned: {back_roles:?}"
+    );
+    assert_eq!(back.cluster.raft().metrics().borrow().current_term, term);
+    nodes.push(back);
     for node in &nodes {
         node.stop().await;
     }

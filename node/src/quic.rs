@@ -51,10 +51,6 @@ pub(crate) const CLOSE_NO_HANDLER: VarInt = VarInt::from_u32(0x102);
 /// Application close code: the endpoint shuts down.
 pub(crate) const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0);
 
-/// Idle connections between members send a keep-alive this often ...
-const KEEP_ALIVE: Duration = Duration::from_secs(5);
-/// ... and a connection that hears nothing for this long is dead.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// `self_check` gives up after this long.
 const SELF_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -230,10 +226,9 @@ impl Endpoint {
             .with_client_auth_cert(tls.certs.clone(), tls.key.clone_key())
             .context("the node certificate and key do not fit together")?;
 
-        let mut transport = TransportConfig::default();
-        transport.keep_alive_interval(Some(KEEP_ALIVE));
-        transport.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().context("the idle timeout")?));
-        let transport = Arc::new(transport);
+        // Keep-alives, idle timeout and handshake resends short enough that a dead or cut-off
+        // peer shows as disconnected within about a second, for Raft and sync alike.
+        let transport = Arc::new(consensus::transport::quic_transport());
 
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
             QuicServerConfig::try_from(server).context("QUIC server TLS config")?,

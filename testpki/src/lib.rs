@@ -1,11 +1,11 @@
 //! Test support shared by the crates' QUIC tests and benchmarks: a cluster CA made with rcgen
 //! and loopback QUIC endpoints with mutual TLS, as the nodes run them.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, UdpSocket};
 use std::sync::Arc;
 
-use quinn::Endpoint;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Endpoint, EndpointConfig, TokioRuntime};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -51,6 +51,17 @@ impl Ca {
     /// client authentication) signed by this CA, mutual TLS trusting only this CA, TLS 1.3 with
     /// the ring provider, protocol `alpn`. Returns the endpoint and its client configuration.
     pub fn endpoint(&self, name: &str, alpn: &[u8]) -> (Endpoint, quinn::ClientConfig) {
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        self.endpoint_on(socket, name, alpn)
+    }
+
+    /// [`Ca::endpoint`] on `socket`, for a node that comes back on the address it had.
+    pub fn endpoint_on(
+        &self,
+        socket: UdpSocket,
+        name: &str,
+        alpn: &[u8],
+    ) -> (Endpoint, quinn::ClientConfig) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
@@ -84,8 +95,13 @@ impl Ca {
         client.alpn_protocols = vec![alpn.to_vec()];
         let server =
             quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server).unwrap()));
-        let endpoint =
-            Endpoint::server(server, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+        let endpoint = Endpoint::new(
+            EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(TokioRuntime),
+        )
+        .unwrap();
         let client =
             quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).unwrap()));
         (endpoint, client)

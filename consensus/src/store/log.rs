@@ -181,11 +181,27 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
+impl Log {
+    /// The id of the last entry on disk, or of the last purged one when none is left.
+    fn last_log_id(&self) -> Option<LogId<NodeId>> {
+        self.entries
+            .last_key_value()
+            .map(|(_, e)| e.log_id)
+            .or(self.last_purged)
+    }
+}
+
 impl LogReader {
     /// The last log id this node knows to be committed, `None` before the first commit seen
     /// since it started.
     pub fn committed(&self) -> Option<LogId<NodeId>> {
         self.log.lock().committed
+    }
+
+    /// The id of the last entry in the log (what a vote request compares), `None` for an empty
+    /// log.
+    pub fn last_log_id(&self) -> Option<LogId<NodeId>> {
+        self.log.lock().last_log_id()
     }
 }
 
@@ -194,11 +210,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
         let log = self.log.lock();
-        let last_log_id = log
-            .entries
-            .last_key_value()
-            .map(|(_, e)| e.log_id)
-            .or(log.last_purged);
+        let last_log_id = log.last_log_id();
         Ok(LogState {
             last_purged_log_id: log.last_purged,
             last_log_id,

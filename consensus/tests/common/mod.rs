@@ -1,15 +1,21 @@
 //! What the QUIC tests share: a cluster CA, mutual-TLS endpoints on loopback, a dialer, and
 //! nodes that run a [`Cluster`] behind an accept loop as the node daemon does.
 
+#![allow(
+    dead_code,
+    reason = "each test binary uses its own part of these helpers"
+)]
+
 use std::error::Error;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::Duration;
 
 use consensus::Command;
 use consensus::config::{
     Backend, HealthCheck, Proto, Scheduler, Service, ServiceKey, ServiceSettings, Timeouts,
 };
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use consensus::{
     Cluster, ClusterConfig, Deadlines, Dialer, Member, ServeCounters, serve_connection,
@@ -24,19 +30,48 @@ pub(crate) const ALPN_RAFT: &[u8] = b"lbc-raft/1";
 
 pub(crate) use testpki::Ca;
 
-/// Dials with the node's endpoint, as the node does; counts its dials.
+/// Whether a node is cut off from the others, and the connections to cut when it is.
+#[derive(Clone, Default)]
+pub(crate) struct Links {
+    cut: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl Links {
+    fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::SeqCst)
+    }
+
+    fn keep(&self, connection: &Connection) {
+        let mut open = self.open.lock().unwrap();
+        open.retain(|c| c.close_reason().is_none());
+        open.push(connection.clone());
+    }
+}
+
+/// Dials with the node's endpoint, as the node does; counts its dials. A node that is cut off
+/// dials nobody.
 #[derive(Clone)]
 pub(crate) struct TestDialer {
     endpoint: Endpoint,
     client: quinn::ClientConfig,
+    links: Links,
     pub(crate) dials: Arc<AtomicUsize>,
 }
 
 impl TestDialer {
     pub(crate) fn new(endpoint: &Endpoint, client: &quinn::ClientConfig) -> TestDialer {
+        Self::with_links(endpoint, client, Links::default())
+    }
+
+    /// Dials with the transport settings the node's endpoint has.
+    fn with_links(endpoint: &Endpoint, client: &quinn::ClientConfig, links: Links) -> TestDialer {
+        let mut client = client.clone();
+        client.transport_config(Arc::new(consensus::transport::quic_transport()));
         TestDialer {
             endpoint: endpoint.clone(),
-            client: client.clone(),
+            client,
+            links,
             dials: Arc::default(),
         }
     }
@@ -47,10 +82,15 @@ impl Dialer for TestDialer {
 
     async fn connect(&self, addr: SocketAddr, peer_name: &str) -> Result<Connection, Self::Error> {
         self.dials.fetch_add(1, Ordering::Relaxed);
+        if self.links.is_cut() {
+            return Err("this node is cut off".into());
+        }
         let connecting = self
             .endpoint
             .connect_with(self.client.clone(), addr, peer_name)?;
-        Ok(connecting.await?)
+        let connection = connecting.await?;
+        self.links.keep(&connection);
+        Ok(connection)
     }
 }
 
@@ -72,30 +112,51 @@ pub(crate) struct TestNode {
     pub(crate) member: Member,
     pub(crate) applied: watch::Receiver<Arc<ClusterConfig>>,
     pub(crate) counters: Arc<ServeCounters>,
-    _dir: TempDir,
+    deadlines: Deadlines,
+    links: Links,
+    dir: TempDir,
 }
 
 impl TestNode {
     /// Starts node `name`, answering on its endpoint as the node's ALPN dispatch does.
     pub(crate) async fn start(ca: &Ca, name: &str, deadlines: Deadlines) -> TestNode {
-        let (endpoint, client) = ca.endpoint(name, ALPN_RAFT);
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        Self::start_in(ca, name, deadlines, socket, TempDir::new().unwrap()).await
+    }
+
+    /// Starts node `name` on `socket` with the storage in `dir`.
+    async fn start_in(
+        ca: &Ca,
+        name: &str,
+        deadlines: Deadlines,
+        socket: UdpSocket,
+        dir: TempDir,
+    ) -> TestNode {
+        let (endpoint, client) = ca.endpoint_on(socket, name, ALPN_RAFT);
         let member = Member {
             name: name.to_owned(),
             quic_addr: endpoint.local_addr().unwrap(),
         };
-        let dir = TempDir::new().unwrap();
-        let dialer = TestDialer::new(&endpoint, &client);
+        let links = Links::default();
+        let dialer = TestDialer::with_links(&endpoint, &client, links.clone());
         let (cluster, applied) =
             Cluster::start_with(member.clone(), raft_config(), dir.path(), dialer, deadlines)
                 .await
                 .unwrap();
         let counters = Arc::new(ServeCounters::default());
         let (accepting, serving, counting) = (endpoint.clone(), cluster.clone(), counters.clone());
+        let accepted = links.clone();
         tokio::spawn(async move {
             while let Some(incoming) = accepting.accept().await {
-                let (cluster, counters) = (serving.clone(), counting.clone());
+                if accepted.is_cut() {
+                    incoming.refuse();
+                    continue;
+                }
+                let (cluster, counters, accepted) =
+                    (serving.clone(), counting.clone(), accepted.clone());
                 tokio::spawn(async move {
                     if let Ok(connection) = incoming.await {
+                        accepted.keep(&connection);
                         serve_connection(cluster, connection, counters).await;
                     }
                 });
@@ -107,7 +168,9 @@ impl TestNode {
             member,
             applied,
             counters,
-            _dir: dir,
+            deadlines,
+            links,
+            dir,
         }
     }
 
@@ -115,6 +178,51 @@ impl TestNode {
     pub(crate) async fn stop(&self) {
         self.cluster.shutdown().await;
         self.endpoint.close(0u32.into(), b"shutting down");
+    }
+
+    /// Starts the node again after [`TestNode::stop`], on the same address with the same
+    /// storage, as a restarted daemon would, once the old endpoint has let go of the address.
+    pub(crate) async fn start_again(self, ca: &Ca) -> TestNode {
+        let TestNode {
+            cluster,
+            endpoint,
+            member,
+            applied,
+            counters,
+            deadlines,
+            links,
+            dir,
+        } = self;
+        // Every handle on the old endpoint must go for its address to be free again.
+        drop((cluster, endpoint, applied, counters, links));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let socket = loop {
+            match UdpSocket::bind(member.quic_addr) {
+                Ok(socket) => break socket,
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{} stays bound: {e}",
+                        member.quic_addr
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        Self::start_in(ca, &member.name, deadlines, socket, dir).await
+    }
+
+    /// Cuts the node off: its connections close, it dials nobody and refuses every peer, until
+    /// [`TestNode::heal`].
+    pub(crate) fn cut(&self) {
+        self.links.cut.store(true, Ordering::SeqCst);
+        for connection in self.links.open.lock().unwrap().drain(..) {
+            connection.close(0u32.into(), b"cut off");
+        }
+    }
+
+    pub(crate) fn heal(&self) {
+        self.links.cut.store(false, Ordering::SeqCst);
     }
 }
 

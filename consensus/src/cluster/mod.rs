@@ -25,9 +25,13 @@ use tokio::time::{Instant, timeout_at};
 use tracing::{debug, info, warn};
 
 use crate::config::{self, ClusterConfig, Command, ConfigError, NodeId};
+
+mod election;
+
 use crate::store::{ConfigStateMachine, LogReader, LogStore};
 use crate::transport::{Dialer, QuicNetwork, RpcError, RpcFailure, RpcKind};
 use crate::{Member, Raft, StartError};
+pub(crate) use election::{PreVoteRequest, TimeoutNow};
 
 /// How long a forwarded request's answer may take beyond the request's own deadline (the leader
 /// answers `NoQuorum` at that deadline; this is the time for the answer to travel).
@@ -272,6 +276,13 @@ struct Inner<D> {
     id: NodeId,
     me: Member,
     raft: Raft,
+    /// The Raft timings (openraft's own elections off: see [`election`]).
+    raft_config: Arc<openraft::Config>,
+    /// When this node started: a node that restarted has heard from no leader since.
+    started: Instant,
+    /// When this node last heard from a leader (or voted), as the election timer last saw it.
+    heard: parking_lot::Mutex<Instant>,
+    transfers: election::Transfers,
     network: QuicNetwork<D>,
     applied: watch::Receiver<Arc<ClusterConfig>>,
     log: LogReader,
@@ -374,23 +385,28 @@ impl<D: Dialer> Cluster<D> {
         let state_machine = ConfigStateMachine::open(dir)?;
         let applied = state_machine.subscribe();
         let network = QuicNetwork::new(id, dialer);
-        let raft = Raft::new(id, raft_config, network.clone(), log, state_machine).await?;
-        let inner = Inner {
+        // This node campaigns only after a pre-vote (see `election`).
+        let raft_config = Arc::new(openraft::Config {
+            enable_elect: false,
+            ..(*raft_config).clone()
+        });
+        let raft = Raft::new(id, raft_config.clone(), network.clone(), log, state_machine).await?;
+        let inner = Arc::new(Inner {
             id,
             me,
             raft,
+            raft_config,
+            started: Instant::now(),
+            heard: parking_lot::Mutex::new(Instant::now()),
+            transfers: election::Transfers::default(),
             network,
             applied: applied.clone(),
             log: reader,
             deadlines,
             probes: OnceLock::new(),
-        };
-        Ok((
-            Cluster {
-                inner: Arc::new(inner),
-            },
-            applied,
-        ))
+        });
+        tokio::spawn(election::run(Arc::downgrade(&inner)));
+        Ok((Cluster { inner }, applied))
     }
 
     pub fn raft(&self) -> &Raft {
@@ -404,6 +420,16 @@ impl<D: Dialer> Cluster<D> {
     /// The local configuration as applied now (not linearizable).
     pub fn local_config(&self) -> Arc<ClusterConfig> {
         self.inner.applied.borrow().clone()
+    }
+
+    /// The leader this node follows: [`known_leader`], unless that is another node this node
+    /// has not heard from for the leader lease. Such a leader may be gone; and a node that cannot
+    /// reach a majority never campaigns (see [`election`]), so openraft would name it forever.
+    fn leader(&self, metrics: &RaftMetrics<NodeId, Member>) -> Option<NodeId> {
+        let leader = known_leader(metrics)?;
+        let lease = Duration::from_millis(self.inner.raft_config.election_timeout_max);
+        (leader == self.id() || Instant::now() <= *self.inner.heard.lock() + lease)
+            .then_some(leader)
     }
 
     fn metrics(&self) -> RaftMetrics<NodeId, Member> {
@@ -601,51 +627,6 @@ impl<D: Dialer> Cluster<D> {
         self.local_config().nodes.values().any(|n| n.name == name)
     }
 
-    /// Hands this node's leadership to another voter, before a planned restart of the leader:
-    /// it stops sending heartbeats and stays out of elections until another voter has won one
-    /// (within `timeout`), then takes part again. openraft 0.9 has no leadership transfer, so
-    /// this is how it moves: a voter that hears no heartbeat for its election timeout
-    /// campaigns, and the others grant their votes once their leader lease has run out. Writes
-    /// pause for about one election timeout, as with any election. The new leader, or `None`
-    /// when this node did not lead (nothing to do).
-    pub async fn step_down(&self, timeout: Duration) -> Result<Option<NodeId>, ClusterError> {
-        let metrics = self.metrics();
-        if metrics.state != ServerState::Leader {
-            return Ok(None);
-        }
-        let me = self.id();
-        if !metrics
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v != me)
-        {
-            return Err(ClusterError::Membership(
-                "this node is the only voter: no other node can lead".to_owned(),
-            ));
-        }
-        let runtime = self.inner.raft.runtime_config();
-        runtime.heartbeat(false);
-        runtime.elect(false);
-        let moved = self
-            .inner
-            .raft
-            .wait(Some(timeout))
-            .metrics(
-                |m| m.current_leader.is_some_and(|l| l != me),
-                "another leader",
-            )
-            .await;
-        runtime.heartbeat(true);
-        runtime.elect(true);
-        match moved {
-            Ok(m) => Ok(m.current_leader),
-            Err(_) => Err(ClusterError::StepDown {
-                waited_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-            }),
-        }
-    }
-
     /// This node's report, from its own metrics.
     pub fn local_report(&self) -> NodeReport {
         let metrics = self.metrics();
@@ -671,7 +652,7 @@ impl<D: Dialer> Cluster<D> {
             committed: self.inner.log.committed().map(|l| l.index),
             applied: metrics.last_applied.map(|l| l.index),
             config_version: Some(self.local_config().version),
-            leader: known_leader(&metrics),
+            leader: self.leader(&metrics),
             voter,
             warm: self.inner.probes.get().map(|p| (p.warm)()),
             bgp: self.inner.probes.get().and_then(|p| (p.bgp)()),
@@ -809,7 +790,7 @@ impl<D: Dialer> Cluster<D> {
         let mut metrics = self.inner.raft.metrics();
         let _ = timeout_at(
             until,
-            metrics.wait_for(|m| known_leader(m) != old || m.state == ServerState::Shutdown),
+            metrics.wait_for(|m| self.leader(m) != old || m.state == ServerState::Shutdown),
         )
         .await;
     }
@@ -831,7 +812,7 @@ impl<D: Dialer> Cluster<D> {
             if metrics.state == ServerState::Shutdown {
                 return Err(stopped());
             }
-            let known = known_leader(&metrics);
+            let known = self.leader(&metrics);
             let Some(target) = hint
                 .take()
                 .or(known)
@@ -956,7 +937,7 @@ impl<D: Dialer> Cluster<D> {
         let metrics = self.metrics();
         if metrics.state != ServerState::Leader {
             return Err(ClusterError::NotLeader {
-                leader: known_leader(&metrics),
+                leader: self.leader(&metrics),
             });
         }
         self.execute(forward.request, Budget::new(timeout)).await
