@@ -528,16 +528,6 @@ impl Core {
         p.bulk_retry_at = None;
     }
 
-    /// Asks `peer` for its whole table again (it is already warm or not; this does not change
-    /// that until the answer completes).
-    pub fn request_bulk(&mut self, peer: &str) {
-        let id = self.next_bulk_id;
-        if let Some(p) = self.peer_mut(peer).filter(|p| p.connected) {
-            p.ask_table(id);
-            self.next_bulk_id += 1;
-        }
-    }
-
     /// The transport's current round-trip time to `peer`; half of it counts into lag.
     pub fn set_rtt(&mut self, peer: &str, rtt: Duration) {
         if let Some(p) = self.peer_mut(peer) {

@@ -275,12 +275,6 @@ impl SyncHandle {
         );
     }
 
-    /// Asks `peer` for its whole table again.
-    pub fn request_bulk(&self, peer: &str) {
-        self.shared.with_core(|core| core.request_bulk(peer));
-        self.shared.wake_writers();
-    }
-
     /// Every current peer's table has arrived since it connected (a node without peers is).
     pub fn is_warm(&self) -> bool {
         // Applies taken from the core are applied under this lock: wait for them, so warm
