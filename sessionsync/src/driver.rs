@@ -10,9 +10,9 @@
 //! All protocol decisions are the core's; this module moves frames, events and timeouts. The
 //! core's timers are honoured whoever sets them: the main loop sleeps until the core's next
 //! timeout, and every call that changes the core from elsewhere (a connection added, the peer
-//! set, a frame sent or received) wakes it if that timeout moved earlier. A request sent from a
-//! link's task starts the core's table re-request clock; without the wake, an idle node slept
-//! through it until its next refresh.
+//! set, a frame sent or received) wakes it if that timeout moved earlier. A table request sent
+//! from a link's task, for one, starts the core's re-request clock: were the loop not woken, an
+//! idle node would sleep through it until its next refresh.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -98,10 +98,11 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    /// Runs `f` on the core for a caller other than the main loop, and wakes the main loop if
-    /// `f` moved the core's next timeout earlier. The loop sleeps until the timeout as it was
-    /// when it last looked, and every change that can make it earlier comes through here, so no
-    /// timer is slept through (a wake before the loop waits is kept by the `Notify`).
+    /// Runs `f` on the core and wakes the main loop if `f` moved the core's next timeout
+    /// earlier. The loop sleeps until the timeout as it was when it last looked, and every change
+    /// to the core made outside the loop comes through here, so no timer is slept through (a
+    /// wake before the loop waits is kept by the `Notify`; the loop's own calls cost it at most
+    /// one more turn).
     fn with_core<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
         let mut core = lock(&self.core);
         let before = core.poll_timeout();
