@@ -5,9 +5,13 @@
 //! direction, is forwarded here at once with the original backend and LIP:port.
 //!
 //! Connections: of two members, the one whose name sorts first dials, the other accepts, so a
-//! pair has one connection; a lost connection is dialled again within [`REDIAL`].
+//! pair has one connection. A dial gives up after [`DIAL_TIMEOUT`] (one started while the peer
+//! is down would otherwise sit in QUIC handshake resends); a lost connection or a failed dial is
+//! dialled again at the next [`REDIAL`] tick, which is the backoff. A table request the peer
+//! drops (it did not know this node yet) is asked again by `sessionsync` itself
+//! (`Config::bulk_retry`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,13 +33,12 @@ use crate::quic::{self, PeerConnection};
 const INBOX: usize = 1 << 16;
 /// How often the connections to peers are checked and lost ones dialled again.
 const REDIAL: Duration = Duration::from_millis(500);
-/// A peer's table from which nothing has arrived for this long is asked for again.
-const BULK_RETRY: Duration = Duration::from_secs(2);
 /// A node whose peers are not all reachable turns warm this long after its start once every
 /// peer it reached has sent its table.
 const COLD_GRACE: Duration = Duration::from_secs(5);
-/// A dial that takes longer than this has failed.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// A dial that takes longer than this has failed: a handshake between members takes
+/// milliseconds, and while a dial runs its peer is not dialled again.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What applying peers' updates to the engine did.
 #[derive(Debug, Default)]
@@ -125,9 +128,6 @@ impl NodeSync {
         mut stop: watch::Receiver<bool>,
     ) {
         let mut tick = tokio::time::interval(REDIAL);
-        // Connected peers whose table has not arrived: since when nothing came from them, and
-        // what had come by then.
-        let mut waiting: HashMap<String, (Instant, u64)> = HashMap::new();
         loop {
             let config = configs.borrow_and_update().clone();
             let peers: Vec<_> = config.nodes.values().filter(|n| n.name != me).collect();
@@ -136,27 +136,9 @@ impl NodeSync {
             if config.nodes.values().any(|n| n.name == me) {
                 self.peers_known.store(true, Ordering::Relaxed);
             }
-            let stats = self.handle.stats();
-            // A table request can be lost (sent before the peer knew of this node): one that
-            // brought nothing for a while is asked again. A table still streaming is not.
-            waiting.retain(|peer, _| {
-                stats
-                    .iter()
-                    .any(|p| p.peer == *peer && p.connected && !p.bulk_complete)
-            });
-            for p in stats.iter().filter(|p| p.connected && !p.bulk_complete) {
-                let (since, seen) = waiting
-                    .entry(p.peer.clone())
-                    .or_insert((Instant::now(), p.received_batches));
-                if p.received_batches != *seen {
-                    (*since, *seen) = (Instant::now(), p.received_batches);
-                } else if since.elapsed() >= BULK_RETRY {
-                    debug!(peer = %p.peer, "asking again for the peer's session table");
-                    self.handle.request_bulk(&p.peer);
-                    *since = Instant::now();
-                }
-            }
-            let connected: HashSet<String> = stats
+            let connected: HashSet<String> = self
+                .handle
+                .stats()
                 .into_iter()
                 .filter(|p| p.connected)
                 .map(|p| p.peer)

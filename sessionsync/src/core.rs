@@ -18,6 +18,15 @@
 //!   within an epoch a sequence number not above the last one (replayed or reordered-late). A
 //!   higher epoch is the peer restarted: its sequence starts afresh. A gap (a batch lost) is
 //!   accepted and answered with a bulk request, so whatever was lost comes back.
+//! * **Table re-request.** A bulk request can be lost without a trace: the peer drops it as a
+//!   foreign frame when it does not have this node in its peer set yet (this node learnt of the
+//!   peer first). So a table asked of a connected peer is asked again, under a new id, when
+//!   nothing of it has arrived for `bulk_retry` since the request left: the clock starts when
+//!   the request is sent and restarts with every batch of a table stream (table entries, which
+//!   carry no age, or a table's end), so a table still streaming is not asked again. Live
+//!   updates do not restart it: a peer that keeps sending them may still have dropped the
+//!   request. A re-ask makes the peer start its stream afresh; the answer to an older id is
+//!   not taken for the table.
 //! * **Bulk sync** answers a peer's request with every session this node holds, its synced
 //!   copies too: the peer may be the owner of flows it lost in a restart, or the owner may be
 //!   gone, and the joining node must be able to carry all of them. Refreshes and resyncs carry
@@ -74,6 +83,9 @@ pub struct Config {
     pub expiry_grace: Duration,
     /// Synced flows this node may adopt at most.
     pub max_adopted: usize,
+    /// A table asked of a peer of which nothing has arrived for this long is asked for again
+    /// (see the module doc on the table re-request).
+    pub bulk_retry: Duration,
 }
 
 impl Default for Config {
@@ -85,6 +97,7 @@ impl Default for Config {
             refresh_interval: Duration::from_secs(30),
             expiry_grace: Duration::from_secs(60),
             max_adopted: 1 << 20,
+            bulk_retry: Duration::from_secs(2),
         }
     }
 }
@@ -98,6 +111,8 @@ pub enum ConfigError {
     QueueEntries(usize),
     #[error("refresh_interval must not be zero")]
     RefreshInterval,
+    #[error("bulk_retry must not be zero")]
+    BulkRetry,
 }
 
 /// What the node applies to its engine, in order.
@@ -219,6 +234,9 @@ pub struct PeerStats {
     pub resyncs: u64,
     /// Sequence gaps in this peer's batches (each answered with a bulk request).
     pub gaps: u64,
+    /// Times this peer's table was asked for again because nothing of it arrived for
+    /// `bulk_retry`.
+    pub bulk_retries: u64,
     /// Table streams (bulk answers, resyncs, refreshes) started towards this peer.
     pub table_streams: u64,
     pub dropped: Drops,
@@ -269,6 +287,9 @@ struct Peer {
     /// The peer's epoch and the last sequence number accepted in it.
     inbound: Option<(u64, u64)>,
     awaiting_bulk: Option<u64>,
+    /// When the awaited table is asked for again unless part of it arrives first; set once the
+    /// request has left.
+    bulk_retry_at: Option<Instant>,
     rtt: Duration,
     lag_sum: Duration,
     lag_count: u32,
@@ -296,6 +317,7 @@ impl Peer {
             send_request: None,
             inbound: None,
             awaiting_bulk: None,
+            bulk_retry_at: None,
             rtt: Duration::ZERO,
             lag_sum: Duration::ZERO,
             lag_count: 0,
@@ -357,6 +379,14 @@ impl Peer {
         true
     }
 
+    /// Asks the peer for its whole table under `id`, sent with the next batch; only the
+    /// answer to this id completes it.
+    fn ask_table(&mut self, id: u64) {
+        self.send_request = Some(id);
+        self.awaiting_bulk = Some(id);
+        self.bulk_retry_at = None;
+    }
+
     /// The peer is owed the whole table; a bulk answer's id is kept over a push.
     fn owe_table(&mut self, end_id: Option<u64>) {
         let end_id = end_id.or(self.owed.and_then(|o| o.end_id));
@@ -411,6 +441,9 @@ impl Core {
         }
         if config.refresh_interval.is_zero() {
             return Err(ConfigError::RefreshInterval);
+        }
+        if config.bulk_retry.is_zero() {
+            return Err(ConfigError::BulkRetry);
         }
         // A per-process random seed: flows are chosen by clients, so the maps must not be
         // floodable with crafted collisions.
@@ -474,8 +507,7 @@ impl Core {
         p.connected = true;
         p.stats.connected = true;
         p.stats.bulk_complete = false;
-        p.send_request = Some(id);
-        p.awaiting_bulk = Some(id);
+        p.ask_table(id);
         self.next_bulk_id += 1;
     }
 
@@ -493,17 +525,7 @@ impl Core {
         p.owed = None;
         p.send_request = None;
         p.awaiting_bulk = None;
-    }
-
-    /// Asks `peer` for its whole table again (it is already warm or not; this does not change
-    /// that until the answer completes).
-    pub fn request_bulk(&mut self, peer: &str) {
-        let id = self.next_bulk_id;
-        if let Some(p) = self.peer_mut(peer).filter(|p| p.connected) {
-            p.send_request = Some(id);
-            p.awaiting_bulk = Some(id);
-            self.next_bulk_id += 1;
-        }
+        p.bulk_retry_at = None;
     }
 
     /// The transport's current round-trip time to `peer`; half of it counts into lag.
@@ -568,12 +590,18 @@ impl Core {
         record
     }
 
-    /// Flushes batches that waited long enough and starts a refresh when one is due.
+    /// Flushes batches that waited long enough, asks again for tables of which nothing arrived
+    /// for `bulk_retry`, and starts a refresh when one is due.
     pub fn handle_timeout(&mut self, now: Instant) {
         let flush_after = self.config.flush_after;
         for p in &mut self.peers {
             if p.pending_since.is_some_and(|t| now >= t + flush_after) {
                 p.flush();
+            }
+            if p.bulk_retry_at.is_some_and(|t| now >= t) {
+                p.ask_table(self.next_bulk_id);
+                self.next_bulk_id += 1;
+                p.stats.bulk_retries += 1;
             }
         }
         if now >= self.next_refresh {
@@ -590,7 +618,8 @@ impl Core {
         let flush_after = self.config.flush_after;
         self.peers
             .iter()
-            .filter_map(|p| p.pending_since.map(|t| t + flush_after))
+            .flat_map(|p| [p.pending_since.map(|t| t + flush_after), p.bulk_retry_at])
+            .flatten()
             .fold(self.next_refresh, Instant::min)
     }
 
@@ -695,6 +724,9 @@ impl Core {
         p.next_seq += 1;
         match codec::encode(&batch) {
             Ok(frame) => {
+                if batch.bulk_request.is_some() {
+                    p.bulk_retry_at = Some(now + self.config.bulk_retry);
+                }
                 p.stats.sent_batches += 1;
                 p.stats.sent_entries += n;
                 p.stats.sent_bytes += frame.len() as u64;
@@ -742,14 +774,22 @@ impl Core {
                 }
                 if batch.seq > last + 1 && p.connected {
                     p.stats.gaps += 1;
-                    p.send_request = Some(self.next_bulk_id);
-                    p.awaiting_bulk = Some(self.next_bulk_id);
+                    p.ask_table(self.next_bulk_id);
                     self.next_bulk_id += 1;
                 }
             }
             _ => {}
         }
         p.inbound = Some((batch.epoch, batch.seq));
+        // Part of a table stream (see the module doc on the table re-request): the table asked
+        // for may be on its way, so it is given `bulk_retry` more.
+        let table_part =
+            batch.bulk_end.is_some() || batch.entries.iter().any(|e| e.age_us.is_none());
+        if let Some(at) = &mut p.bulk_retry_at
+            && table_part
+        {
+            *at = now + self.config.bulk_retry;
+        }
         p.stats.received_batches += 1;
         p.stats.received_entries += batch.entries.len() as u64;
         let half_rtt = p.rtt / 2;
@@ -777,6 +817,7 @@ impl Core {
         }
         if batch.bulk_end.is_some() && batch.bulk_end == p.awaiting_bulk {
             p.awaiting_bulk = None;
+            p.bulk_retry_at = None;
             p.stats.bulk_complete = true;
         }
     }
@@ -823,5 +864,20 @@ impl Core {
                 ..p.stats.clone()
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_config_without_bulk_retry_is_refused() {
+        let config = Config {
+            bulk_retry: Duration::ZERO,
+            ..Config::default()
+        };
+        let err = Core::new("a", 1, config, Instant::now()).unwrap_err();
+        assert_eq!(err, ConfigError::BulkRetry);
     }
 }

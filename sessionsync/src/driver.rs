@@ -7,7 +7,12 @@
 //! sequence of frames, each a 4-byte big-endian length and a [`codec`](crate::codec) frame. A
 //! length over [`MAX_FRAME`] is counted and ends the stream before anything is allocated.
 //!
-//! All protocol decisions are the core's; this module moves frames, events and timeouts.
+//! All protocol decisions are the core's; this module moves frames, events and timeouts. The
+//! core's timers are honoured whoever sets them: the main loop sleeps until the core's next
+//! timeout, and every call that changes the core from elsewhere (a connection added, the peer
+//! set, a frame sent or received) wakes it if that timeout moved earlier. A table request sent
+//! from a link's task, for one, starts the core's re-request clock: were the loop not woken, an
+//! idle node would sleep through it until its next refresh.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -72,6 +77,8 @@ impl Link {
 
 struct Shared {
     core: Mutex<Core>,
+    /// Wakes the main loop: the core's next timeout moved earlier than it sleeps until.
+    timeout_moved: Notify,
     /// Held while outputs are taken and applied, so updates reach the engine in order.
     applying: Mutex<()>,
     apply: Box<ApplyFn>,
@@ -91,14 +98,28 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// Runs `f` on the core and wakes the main loop if `f` moved the core's next timeout
+    /// earlier. The loop sleeps until the timeout as it was when it last looked, and every change
+    /// to the core made outside the loop comes through here, so no timer is slept through (a
+    /// wake before the loop waits is kept by the `Notify`; the loop's own calls cost it at most
+    /// one more turn).
+    fn with_core<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
+        let mut core = lock(&self.core);
+        let before = core.poll_timeout();
+        let out = f(&mut core);
+        if core.poll_timeout() < before {
+            self.timeout_moved.notify_one();
+        }
+        out
+    }
+
     /// Applies what the core has for the node and answers its table requests.
     fn run_outputs(&self) {
         let _order = lock(&self.applying);
         loop {
             let mut applies = Vec::new();
             let mut table = false;
-            {
-                let mut core = lock(&self.core);
+            self.with_core(|core| {
                 let now = Instant::now();
                 while applies.len() < EVENT_BURST {
                     match core.poll_output(now) {
@@ -107,7 +128,7 @@ impl Shared {
                         None => break,
                     }
                 }
-            }
+            });
             if applies.is_empty() && !table {
                 return;
             }
@@ -116,7 +137,7 @@ impl Shared {
             }
             if table {
                 let sessions = self.source.sessions();
-                lock(&self.core).handle_table(sessions);
+                self.with_core(|core| core.handle_table(sessions));
                 self.wake_writers();
             }
         }
@@ -133,7 +154,7 @@ impl Shared {
         let mut links = lock(&self.links);
         if links.get(peer).is_some_and(|l| l.generation == generation) {
             links.remove(peer);
-            lock(&self.core).peer_disconnected(peer);
+            self.with_core(|core| core.peer_disconnected(peer));
         }
     }
 }
@@ -163,6 +184,7 @@ impl SyncHandle {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
+            timeout_moved: Notify::new(),
             applying: Mutex::new(()),
             apply: Box::new(apply),
             source: Box::new(source),
@@ -186,8 +208,7 @@ impl SyncHandle {
     /// now.
     pub fn set_peers<S: AsRef<str>>(&self, names: &[S]) {
         let mut links = lock(&self.shared.links);
-        {
-            let mut core = lock(&self.shared.core);
+        self.shared.with_core(|core| {
             let known: Vec<String> = core.stats().into_iter().map(|p| p.peer).collect();
             core.set_peers(names);
             // A connection accepted before its peer was in the set (the peer learnt of this
@@ -197,7 +218,7 @@ impl SyncHandle {
                     core.peer_connected(name);
                 }
             }
-        }
+        });
         let gone: Vec<String> = links
             .keys()
             .filter(|k| !names.iter().any(|n| n.as_ref() == k.as_str()))
@@ -224,11 +245,10 @@ impl SyncHandle {
         if let Some(old) = links.remove(peer) {
             old.stop();
         }
-        {
-            let mut core = lock(&self.shared.core);
+        self.shared.with_core(|core| {
             core.peer_disconnected(peer);
             core.peer_connected(peer);
-        }
+        });
         let wake = Arc::new(Notify::new());
         let span = tracing::info_span!("session_sync_peer", peer = %peer);
         let writer = tokio::spawn(
@@ -256,12 +276,6 @@ impl SyncHandle {
         );
     }
 
-    /// Asks `peer` for its whole table again.
-    pub fn request_bulk(&self, peer: &str) {
-        lock(&self.shared.core).request_bulk(peer);
-        self.shared.wake_writers();
-    }
-
     /// Every current peer's table has arrived since it connected (a node without peers is).
     pub fn is_warm(&self) -> bool {
         // Applies taken from the core are applied under this lock: wait for them, so warm
@@ -272,6 +286,11 @@ impl SyncHandle {
 
     pub fn stats(&self) -> Vec<PeerStats> {
         lock(&self.shared.core).stats()
+    }
+
+    /// Frames dropped because their sender was not in the peer set.
+    pub fn foreign_frames(&self) -> u64 {
+        lock(&self.shared.core).foreign_frames()
     }
 
     /// Stops every task and closes the connections.
@@ -298,6 +317,8 @@ async fn run_main(shared: Arc<Shared>, mut events: mpsc::Receiver<SessionEvent>)
         let deadline = lock(&shared.core).poll_timeout();
         tokio::select! {
             _ = shutdown.changed() => return,
+            // The deadline is out of date; nothing else is.
+            _ = shared.timeout_moved.notified() => continue,
             event = events.recv(), if events_open => match event {
                 Some(event) => {
                     let mut core = lock(&shared.core);
@@ -359,11 +380,10 @@ async fn write_frames(
     let mut send = connection.open_uni().await?;
     loop {
         loop {
-            let frame = {
-                let mut core = lock(&shared.core);
+            let frame = shared.with_core(|core| {
                 core.set_rtt(peer, connection.rtt());
                 core.poll_transmit(Instant::now(), peer)
-            };
+            });
             let Some(frame) = frame else { break };
             let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
             send.write_all(&len.to_be_bytes()).await?;
@@ -402,13 +422,13 @@ async fn read_frames(
         recv.read_exact(&mut len).await?;
         let len = u32::from_be_bytes(len) as usize;
         if len > MAX_FRAME {
-            lock(&shared.core).handle_oversized(peer);
+            shared.with_core(|core| core.handle_oversized(peer));
             let _ = recv.stop(STOP_TOO_LARGE);
             return Ok(());
         }
         let mut frame = vec![0; len];
         recv.read_exact(&mut frame).await?;
-        lock(&shared.core).handle_frame(Instant::now(), peer, &frame);
+        shared.with_core(|core| core.handle_frame(Instant::now(), peer, &frame));
         shared.run_outputs();
         shared.wake_writers();
     }

@@ -3,8 +3,8 @@
 //!
 //! * [`codec`]: the wire format (versioned, length-capped MessagePack frames).
 //! * [`core`]: the protocol as a sans-IO state machine — batching, coalescing, epochs and
-//!   sequence numbers, bulk sync, refresh, bounded queues. It performs no I/O and reads no
-//!   clock; it never panics on any input.
+//!   sequence numbers, bulk sync and its re-request, refresh, bounded queues. It performs no I/O
+//!   and reads no clock; it never panics on any input.
 //! * [`driver`]: runs the core for one node over QUIC connections the node provides.
 //!
 //! Depends on `dataplane` only, for the session record it carries.

@@ -96,6 +96,10 @@ struct Net {
     rng: Rng,
     /// Links that do not carry anything (a stalled peer).
     stalled: Vec<(usize, usize)>,
+    /// A slow transport: each link takes at most one frame per this long from its core.
+    pace: Option<Duration>,
+    /// Per link (from, to): when it takes its next frame, while paced.
+    paced_until: HashMap<(usize, usize), Instant>,
 }
 
 const LATENCY: Duration = Duration::from_micros(200);
@@ -120,6 +124,8 @@ impl Net {
             faults: Faults::default(),
             rng: Rng(0x9e37_79b9_7f4a_7c15),
             stalled: Vec::new(),
+            pace: None,
+            paced_until: HashMap::new(),
         }
     }
 
@@ -175,6 +181,16 @@ impl Net {
             }
             for (j, peer) in names.iter().enumerate() {
                 if j == i || self.stalled.contains(&(i, j)) {
+                    continue;
+                }
+                if let Some(pace) = self.pace {
+                    if self.paced_until.get(&(i, j)).is_some_and(|t| now < *t) {
+                        continue;
+                    }
+                    if let Some(frame) = self.nodes[i].core.poll_transmit(now, peer) {
+                        self.send(i, j, frame);
+                        self.paced_until.insert((i, j), now + pace);
+                    }
                     continue;
                 }
                 while let Some(frame) = self.nodes[i].core.poll_transmit(now, peer) {
@@ -309,8 +325,9 @@ fn test_old_epoch_and_replayed_batches_are_rejected_and_counted() {
     let mut old = Core::new("a", 100, small(), now).unwrap();
     old.set_peers(&["b"]);
     old.peer_connected("b");
-    for _ in 0..5 {
-        old.request_bulk("b");
+    for n in 0..5 {
+        old.handle_event(now, SessionEvent::Created(record(n, TcpState::SynRecv)));
+        old.handle_timeout(now + Duration::from_millis(1));
         let f = old.poll_transmit(now, "b").unwrap();
         b.handle_frame(now, "a", &f);
     }
@@ -381,6 +398,119 @@ fn test_bulk_sync_completes_and_flips_warm() {
     assert!(!net.nodes[1].core.is_warm());
     net.run(Duration::from_millis(50));
     assert!(net.nodes[1].core.is_warm());
+}
+
+/// The table re-request of the tests below.
+const RETRY: Duration = Duration::from_millis(200);
+
+fn retrying() -> Config {
+    Config {
+        bulk_retry: RETRY,
+        ..small()
+    }
+}
+
+/// The loss the table re-request is for: A learnt of B first (from the Raft config) and asks
+/// for B's table, which B drops as a foreign frame. B learns of A later; A asks again
+/// `bulk_retry` after its request left and turns warm with B's table.
+#[test]
+fn test_a_table_request_dropped_as_foreign_is_asked_again() {
+    let mut net = Net::new(&["a", "b"], retrying());
+    for n in 0..100 {
+        let r = record(n, TcpState::Established);
+        net.nodes[1].table.insert(key(&r), r);
+    }
+    net.nodes[0].core.set_peers(&["b"]);
+    net.nodes[0].core.peer_connected("b");
+    net.step();
+    let asked = net.now;
+    assert_eq!(net.nodes[0].core.poll_timeout(), asked + RETRY);
+    net.run(Duration::from_millis(50));
+    assert_eq!(
+        net.nodes[1].core.foreign_frames(),
+        1,
+        "b dropped the request"
+    );
+    // B learns of A and gets A's table; B's own request is no part of B's table, so A's clock
+    // runs on.
+    net.nodes[1].core.set_peers(&["a"]);
+    net.nodes[1].core.peer_connected("a");
+    net.run(Duration::from_millis(50));
+    assert!(net.nodes[1].core.is_warm());
+    assert!(!net.nodes[0].core.is_warm());
+    assert_eq!(net.nodes[0].core.stats()[0].bulk_retries, 0);
+    assert_eq!(net.nodes[0].core.poll_timeout(), asked + RETRY);
+    net.run(asked + RETRY - net.now);
+    assert_eq!(net.nodes[0].core.stats()[0].bulk_retries, 1);
+    net.run(Duration::from_millis(50));
+    assert!(net.nodes[0].core.is_warm());
+    assert_eq!(net.nodes[0].table.len(), 100);
+    assert!(
+        net.nodes[0].core.poll_timeout() > net.now + RETRY,
+        "no retry is due once the table is in"
+    );
+}
+
+/// A table still streaming is not asked again, however long it takes: every batch of it gives
+/// it `bulk_retry` more. B's table is 40 batches over a link that takes one frame every half
+/// `bulk_retry`, so it streams for twenty times `bulk_retry`.
+#[test]
+fn test_a_table_still_streaming_is_not_asked_again() {
+    let mut net = Net::new(&["a", "b"], retrying());
+    net.pace = Some(RETRY / 2);
+    for n in 0..40 * 64 {
+        let r = record(n, TcpState::Established);
+        net.nodes[1].table.insert(key(&r), r);
+    }
+    net.connect_all();
+    net.run(RETRY * 10);
+    assert!(!net.nodes[0].core.is_warm(), "still streaming");
+    net.run(RETRY * 12);
+    assert!(net.nodes[0].core.is_warm());
+    assert_eq!(net.nodes[0].table.len(), 40 * 64);
+    assert_eq!(net.nodes[0].core.stats()[0].bulk_retries, 0);
+    assert_eq!(
+        net.nodes[1].core.stats()[0].table_streams,
+        1,
+        "streamed once"
+    );
+}
+
+/// Live updates are no part of the table: a peer that keeps sending them may still have dropped
+/// the request, and is asked again all the same.
+#[test]
+fn test_live_updates_do_not_hold_back_a_lost_table_request() {
+    let mut net = Net::new(&["a", "b"], retrying());
+    for n in 0..100 {
+        let r = record(n, TcpState::Established);
+        net.nodes[1].table.insert(key(&r), r);
+    }
+    net.nodes[0].core.set_peers(&["b"]);
+    net.nodes[0].core.peer_connected("b");
+    net.run(Duration::from_millis(1));
+    assert_eq!(
+        net.nodes[1].core.foreign_frames(),
+        1,
+        "b dropped the request"
+    );
+    net.nodes[1].core.set_peers(&["a"]);
+    net.nodes[1].core.peer_connected("a");
+    // B's traffic makes a flow every millisecond: a batch reaches A every millisecond or two.
+    for n in 100..400 {
+        let now = net.now;
+        net.nodes[1].event(now, SessionEvent::Created(record(n, TcpState::SynRecv)));
+        net.run(Duration::from_millis(1));
+    }
+    net.run(Duration::from_millis(5));
+    let a = &net.nodes[0].core.stats()[0];
+    assert!(a.received_batches >= 150, "{a:?}");
+    assert_eq!(a.bulk_retries, 1);
+    assert!(net.nodes[0].core.is_warm());
+    assert_eq!(
+        net.nodes[0].table.len(),
+        400,
+        "b's table and its live flows"
+    );
 }
 
 /// An owner that restarts (new epoch, empty table) gets its own flows back from its peers' bulk
