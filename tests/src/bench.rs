@@ -13,8 +13,8 @@
 //! 64 over a few flows, counted by [`udp_sink`] with `recvmmsg` in b1). The same binary runs the
 //! sender and the sink inside the namespaces (hidden subcommands).
 //!
-//! Needs root, the lab's packages, and `iperf3`, `nftables`, `haproxy` (installed with apt-get
-//! when missing).
+//! Needs root and the programs of [`PROGRAMS`]; [`install_missing`] installs their packages
+//! ([`crate::tools`] names them) with apt-get.
 
 use std::fmt::Write as _;
 use std::io::{self, Write as _};
@@ -525,25 +525,15 @@ pub fn run_helper(helper: &Helper) -> Result<()> {
     Ok(())
 }
 
-/// Installs the Debian packages whose commands are missing.
+/// The programs the benchmark runs besides every lab's ([`crate::lab::PROGRAMS`]): `ss` to see
+/// its servers listen, `timeout` to bound the clients, `nft` for (b), `iperf3` for the TCP
+/// figures, `haproxy` for (c). `scripts/packages` puts iperf3 and haproxy in set `bench`, which
+/// the scripts do not install: this benchmark installs whatever it lacks itself.
+pub const PROGRAMS: &[&str] = &["ss", "timeout", "nft", "iperf3", "haproxy"];
+
+/// Installs the Debian packages of the programs the benchmark and its lab run that are missing.
 pub fn install_missing() -> Result<()> {
-    let missing: Vec<&str> = [
-        ("iperf3", "--version", "iperf3"),
-        ("nft", "--version", "nftables"),
-        ("haproxy", "-v", "haproxy"),
-    ]
-    .iter()
-    .filter(|(cmd, arg, _)| {
-        !Command::new(cmd)
-            .arg(arg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
-    .map(|&(_, _, package)| package)
-    .collect();
+    let missing = crate::tools::missing_packages(&[crate::lab::PROGRAMS, PROGRAMS].concat())?;
     if missing.is_empty() {
         return Ok(());
     }

@@ -10,7 +10,7 @@
 //! socket and pid file in the lab directory and logs to its process log; all run with `-f`
 //! through [`Lab::spawn`], so they are killed by pid with the lab.
 //!
-//! Needs the Debian package `bird2` (bird, birdc).
+//! Needs the programs of [`PROGRAMS`] ([`crate::tools`] names their package).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::lab::{Lab, LabProcess};
+
+/// The programs BGP in the lab runs (checked when the router's BIRD starts).
+pub const PROGRAMS: &[&str] = &["bird", "birdc"];
 
 /// The router's AS.
 pub const ROUTER_AS: u32 = 65000;
@@ -65,7 +68,7 @@ fn birdc(socket: &Path, args: &[&str]) -> Result<String> {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .context("cannot run birdc (apt-get install -y bird2)")?;
+        .context("cannot run birdc")?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     ensure!(
         out.status.success(),
@@ -193,7 +196,7 @@ impl Bgp {
     /// Starts the router's BIRD only: the nodes' BIRDs are someone else's (Ansible starts them
     /// in the deployment test).
     pub fn start_router(lab: &Lab, options: BgpOptions) -> Result<Bgp> {
-        crate::lab::require_tool("bird", "--version", "bird2")?;
+        crate::tools::require(PROGRAMS)?;
         let config = lab.router_bird_config();
         std::fs::write(&config, router_config(lab, options))
             .with_context(|| format!("write {}", config.display()))?;

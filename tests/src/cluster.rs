@@ -18,6 +18,10 @@ use crate::bgp::{Bgp, BgpOptions, HOLD_SECS, KEEPALIVE_SECS, NODE_AS, ROUTER_AS}
 use crate::lab::{Lab, LabProcess, LabSpec};
 use crate::site::{VIP, lbcluster_bin, run_node};
 
+/// The programs a cluster site runs besides every lab's: `nft` cuts nodes off in
+/// [`ClusterSite::silence`] and [`ClusterSite::partition`], which check for it first.
+pub const PROGRAMS: &[&str] = &["nft"];
+
 /// The UDP port of every node's QUIC endpoint.
 pub const QUIC_PORT: u16 = 7946;
 
@@ -587,6 +591,7 @@ keepalive_secs = {KEEPALIVE_SECS}
     /// Makes node k silently stop answering: nftables in its namespace drops everything on its
     /// uplink, both ways (no TCP reset, no link change: only timers or BFD notice).
     pub fn silence(&self, k: usize) -> Result<()> {
+        crate::tools::require(PROGRAMS)?;
         let dev = crate::lab::NODE_UPLINK_IF;
         let rules = format!(
             "table inet lbc_silence {{\n\
@@ -604,6 +609,7 @@ keepalive_secs = {KEEPALIVE_SECS}
     /// Cuts node k off from the cluster's QUIC traffic with nftables in its namespace (its
     /// data plane keeps running).
     pub fn partition(&self, k: usize) -> Result<()> {
+        crate::tools::require(PROGRAMS)?;
         let rules = format!(
             "table inet lbc_partition {{\n\
                chain input {{ type filter hook input priority 0; udp dport {QUIC_PORT} drop; udp sport {QUIC_PORT} drop; }}\n\

@@ -7,8 +7,8 @@
 //! lab's, the nodes' BIRDs and lbcluster daemons are Ansible's (`lbcluster_supervisor: process`).
 //!
 //! Everything the playbooks start lives in the node namespaces, so the lab's teardown kills it
-//! by pid with the namespaces. Needs root, `openssh-server`, `openssh-client`, `bird2` and the
-//! Ansible venv.
+//! by pid with the namespaces. Needs root, the programs of [`PROGRAMS`] and BGP's
+//! ([`crate::tools`] names their packages), and the Ansible venv.
 
 use std::fs;
 use std::net::IpAddr;
@@ -25,6 +25,11 @@ use crate::bgp::{
 use crate::cluster::{CliOutput, DRAIN_WAIT_MS, QUIC_PORT, lip, lip6};
 use crate::lab::{Lab, LabProcess, LabSpec};
 use crate::site::{VIP, lbcluster_bin};
+
+/// The programs the deployment lab runs besides every lab's and BGP's: sshd in the nodes, ssh and
+/// ssh-keygen for the controller, and the Python Ansible runs on the nodes (checked by
+/// [`DeployLab::start`]).
+pub const PROGRAMS: &[&str] = &["/usr/sbin/sshd", "ssh", "ssh-keygen", "/usr/bin/python3"];
 
 /// The node namespaces of the deployment lab: three in the first `site.yml`, a fourth for
 /// `scale.yml`.
@@ -126,12 +131,7 @@ impl DeployLab {
     /// Builds the lab, starts the router's BIRD and every node's sshd, and writes the
     /// inventory (every node, n4 included; `site.yml` runs with `--limit n1,n2,n3` first).
     pub fn start() -> Result<DeployLab> {
-        for (tool, package) in [
-            ("/usr/sbin/sshd", "openssh-server"),
-            ("ssh", "openssh-client"),
-        ] {
-            crate::lab::require_tool(tool, "-V", package)?;
-        }
+        crate::tools::require(PROGRAMS)?;
         let venv = ansible_venv();
         ensure!(
             venv.join("bin/ansible-playbook").is_file(),
@@ -192,7 +192,7 @@ impl DeployLab {
             .arg(path)
             .stdin(Stdio::null())
             .output()
-            .context("ssh-keygen (apt-get install -y openssh-client)")?;
+            .context("cannot run ssh-keygen")?;
         ensure!(
             out.status.success(),
             "ssh-keygen: {}",

@@ -22,7 +22,7 @@
 //! 198.18.0.0/15 and 2001:db8::/32. Reverse path filtering is off in every lab namespace (a
 //! load balancer's TUN device carries packets whose source is routed elsewhere).
 //!
-//! Needs root and the Debian packages `iproute2`, `ethtool` and `procps`.
+//! Needs root and the programs of [`PROGRAMS`] ([`crate::tools`] names their packages).
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -45,6 +45,10 @@ pub const MAX_BACKENDS: usize = 200;
 pub const NODE_UPLINK_IF: &str = "uplink";
 /// The longest prefix accepted (namespace names stay short and readable).
 pub const MAX_PREFIX_LEN: usize = 24;
+
+/// The programs every lab runs: `ip` builds it, `sysctl` and `ethtool` set up its namespaces and
+/// devices, `kill` signals and removes its processes. [`Lab::up`] checks them first.
+pub const PROGRAMS: &[&str] = &["ip", "sysctl", "ethtool", "kill"];
 
 /// Timeout of the client helpers ([`Lab::http_get`], [`Lab::tcp_echo`], [`Lab::udp_echo`]).
 const CLIENT_TIMEOUT_MS: &str = "3000";
@@ -233,33 +237,6 @@ pub fn find_binary(name: &str, env_var: &str, build_hint: &str) -> Result<PathBu
         })
 }
 
-fn check_tools() -> Result<()> {
-    for (tool, package) in [
-        ("ip", "iproute2"),
-        ("sysctl", "procps"),
-        ("ethtool", "ethtool"),
-    ] {
-        require_tool(tool, if tool == "ip" { "-V" } else { "--version" }, package)?;
-    }
-    Ok(())
-}
-
-/// Fails unless `tool version_arg` runs, naming the Debian package that has it.
-pub fn require_tool(tool: &str, version_arg: &str, package: &str) -> Result<()> {
-    let found = Command::new(tool)
-        .arg(version_arg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    ensure!(
-        found,
-        "the lab needs `{tool}`: apt-get install -y {package}"
-    );
-    Ok(())
-}
-
 /// Names of the namespaces that exist and belong to `prefix`.
 fn namespaces_with_prefix(prefix: &str) -> Result<Vec<String>> {
     let list = ip("netns list")?;
@@ -342,7 +319,7 @@ impl Lab {
             (1..=MAX_BACKENDS).contains(&spec.backends),
             "backends must be 1..={MAX_BACKENDS}"
         );
-        check_tools()?;
+        crate::tools::require(PROGRAMS)?;
         let backend_bin = backend_binary()?;
         ensure!(
             namespaces_with_prefix(prefix)?.is_empty(),

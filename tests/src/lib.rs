@@ -10,8 +10,8 @@
 //! Binaries: `lbcluster-lab` (`up`, `down`, `status`) and `lab-backend` (`serve`, `http-get`,
 //! `tcp-echo`, `tcp-echo-check`, `udp-echo`).
 //!
-//! Needs root and these Debian packages: `iproute2` (ip), `ethtool` (tx checksum offload off on
-//! the node uplinks), `procps` (sysctl, kill); `bird2` (bird, birdc) for [`bgp`].
+//! Needs root and the programs of [`tools::TOOLS`], each from its Debian package
+//! (`scripts/packages`; `scripts/demo` and `scripts/test` install them).
 
 pub mod backend;
 pub mod bench;
@@ -23,3 +23,4 @@ pub mod load;
 pub mod scenarios;
 pub mod site;
 pub mod streams;
+pub mod tools;

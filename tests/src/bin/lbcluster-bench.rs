@@ -3,9 +3,10 @@
 //! nftables Full-NAT, HAProxy and lbcluster on n1, prints the figures and their ratios, and
 //! removes the lab. See `tests::bench`.
 //!
-//! `lbcluster-bench [--seconds S | --quick] [--uplink-tx-offload]`. Needs root; installs iperf3,
-//! nftables and haproxy with apt-get when missing; `lbcluster` and `lab-backend` must be built
-//! next to it (`cargo build --release -p node -p tests`).
+//! `lbcluster-bench [--seconds S | --quick] [--uplink-tx-offload]`. Needs root; installs the
+//! Debian packages of the programs it runs with apt-get when missing (`tests::bench::PROGRAMS`);
+//! `lbcluster` and `lab-backend` must be built next to it (`cargo build --release -p node -p
+//! tests`).
 
 use anyhow::Result;
 use clap::Parser;

@@ -12,8 +12,8 @@
 //! * `lbcluster-lab scenario hard-failure|restart-after-failure|scale-out|drain-and-remove|rolling-restart`
 //!   — one failover scenario under load, its timeline and figures.
 //!
-//! Needs root and the Debian packages `iproute2`, `ethtool` and `procps`; `lab-backend` must be
-//! built next to this binary (`cargo build -p tests --bins`).
+//! Needs root and the lab's Debian packages (`scripts/packages`, set `lab`, which `scripts/demo`
+//! installs); `lab-backend` must be built next to this binary (`cargo build -p tests --bins`).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
