@@ -170,12 +170,13 @@ async fn status(State(admin): State<Admin>, Query(q): Query<StatusQuery>) -> Jso
     }
     let mut status = admin.node.status();
     if let Some(c) = &admin.cluster {
-        status.sync = Some(c.sync.status());
-        status.bgp = c.announcer.as_ref().map(|a| a.report());
         let (read, mut nodes) = tokio::join!(
             c.cluster.read(STATUS_READ_TIMEOUT),
             c.cluster.reports(STATUS_REPORT_TIMEOUT)
         );
+        // Taken after the peers answered (or not), so every row is as fresh as the node rows.
+        status.sync = Some(c.sync.status());
+        status.bgp = c.announcer.as_ref().map(|a| a.report());
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let leader = nodes
             .iter()

@@ -83,6 +83,13 @@ pub struct ClusterSite {
     bgp: Option<Bgp>,
 }
 
+/// Who leads the Raft cluster, and in which term.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leadership {
+    pub leader: String,
+    pub term: u64,
+}
+
 /// The answer of one `lbcluster` command.
 #[derive(Debug)]
 pub struct CliOutput {
@@ -445,6 +452,37 @@ keepalive_secs = {KEEPALIVE_SECS}
     pub fn leader(&self, k: usize) -> Result<Option<String>> {
         let (_, status) = self.status(k)?;
         Ok(status["cluster"]["leader"].as_str().map(str::to_owned))
+    }
+
+    /// The leader node k's status names and that leader's term (from its row), once it names
+    /// one.
+    pub fn leadership(&self, k: usize) -> Result<Leadership> {
+        let (_, status) = self.status(k)?;
+        let leader = status["cluster"]["leader"]
+            .as_str()
+            .with_context(|| format!("n{k} knows no leader: {}", status["cluster"]))?;
+        let term = status["cluster"]["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["name"] == leader)
+            .and_then(|n| n["term"].as_u64())
+            .with_context(|| format!("no term for {leader}: {}", status["cluster"]))?;
+        Ok(Leadership {
+            leader: leader.to_owned(),
+            term,
+        })
+    }
+
+    /// The number k of the node that leads, as node `via` sees it (waits up to `timeout` for
+    /// one).
+    pub fn leader_index(&self, via: usize, timeout: Duration) -> Result<usize> {
+        let name = self.wait_for("a leader", timeout, |s| {
+            s.leader(via)?.context("no leader yet")
+        })?;
+        name.strip_prefix('n')
+            .and_then(|k| k.parse().ok())
+            .with_context(|| format!("leader {name:?}"))
     }
 
     /// Waits up to `timeout` for `check` to hold, polling every 100 ms; the last error if it

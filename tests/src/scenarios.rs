@@ -11,7 +11,7 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
 use crate::bgp::BgpOptions;
-use crate::cluster::{ClusterOptions, ClusterSite};
+use crate::cluster::{ClusterOptions, ClusterSite, Leadership};
 use crate::lab::LabProcess;
 use crate::site::VIP;
 
@@ -25,8 +25,8 @@ const SETTLE: Duration = Duration::from_secs(30);
 pub enum Scenario {
     /// Node 1's links are cut mid-load.
     HardFailure,
-    /// Node 1's daemon is killed mid-load, then started again: it rejoins, bulk-syncs and
-    /// takes traffic.
+    /// The Raft leader's daemon is killed mid-load and started again 10 s later: the others
+    /// elect meanwhile; it rejoins without an election, bulk-syncs and takes traffic.
     RestartAfterFailure,
     /// A fourth node is added with one `lbcluster node add` while the load runs.
     ScaleOut,
@@ -47,8 +47,23 @@ pub struct ScenarioReport {
     pub created_after: Option<u64>,
     /// Sessions the added node pulled before it turned warm (scale-out).
     pub pulled: Option<u64>,
+    /// How the restarted node came back (restart after failure).
+    pub rejoin: Option<Rejoin>,
     /// What happened when, for the operator.
     pub timeline: Vec<String>,
+}
+
+/// A node's return after it was killed.
+#[derive(Debug)]
+pub struct Rejoin {
+    /// From the daemon's start to its status saying warm.
+    pub warm_after: Duration,
+    /// The leadership a survivor saw just before the restart ...
+    pub before: Leadership,
+    /// ... and seconds after the node was back in the VIP route.
+    pub after: Leadership,
+    /// The term the restarted node itself reports then.
+    pub own_term: Option<u64>,
 }
 
 impl ScenarioReport {
@@ -153,6 +168,7 @@ fn empty() -> ScenarioReport {
         failure_at: None,
         created_after: None,
         pulled: None,
+        rejoin: None,
         timeline: Vec::new(),
     }
 }
@@ -169,34 +185,86 @@ fn hard_failure() -> Result<ScenarioReport> {
     finish(&site, &load, r)
 }
 
+/// How long the killed node stays down (the operator's restart "about 10 s later").
+const DOWN: Duration = Duration::from_secs(10);
+/// How long to watch for an election after the restarted node is back.
+const WATCH: Duration = Duration::from_secs(3);
+
 fn restart_after_failure() -> Result<ScenarioReport> {
     let mut site = site(3, 3)?;
-    let (load, started) = load(&site, 14)?;
+    let (load, started) = load(&site, 24)?;
+    let killed = site.leader_index(1, SETTLE)?;
+    let others: Vec<usize> = (1..=3).filter(|&k| k != killed).collect();
+    let survivor = others[0];
     let mut r = empty();
     r.failure_at = Some(started.elapsed());
-    site.kill_node(1);
-    site.lab.wait_next_hops(IpAddr::V4(VIP), &[2, 3], SETTLE)?;
+    site.kill_node(killed);
+    let down = Instant::now();
+    site.lab.wait_next_hops(IpAddr::V4(VIP), &others, SETTLE)?;
     r.timeline.push(format!(
-        "n1's daemon killed {:?} into the load; its next hop gone",
-        r.failure_at.unwrap_or_default()
+        "n{killed} (the leader) killed {:?} into the load; its next hop gone after {:?}",
+        r.failure_at.unwrap_or_default(),
+        down.elapsed()
     ));
-    std::thread::sleep(Duration::from_secs(2));
-    let before = Instant::now();
-    site.start_node(1)?;
-    wait_warm(&site, 1)?;
+    let elected = site.wait_for("a new leader", SETTLE, |s| {
+        let l = s.leadership(survivor)?;
+        ensure!(l.leader != format!("n{killed}"), "still {l:?}");
+        Ok(l)
+    })?;
+    r.timeline.push(format!(
+        "{} leads in term {} after {:?}",
+        elected.leader,
+        elected.term,
+        down.elapsed()
+    ));
+    std::thread::sleep(DOWN.saturating_sub(down.elapsed()));
+    let before = site.leadership(survivor)?;
+    let restarted = Instant::now();
+    site.start_node(killed)?;
+    let warm_after = crate::lab::wait_for(
+        &format!("n{killed} warm"),
+        SETTLE,
+        Duration::from_millis(20),
+        || {
+            let st = site.admin_get(killed, "/v1/status?local=true")?;
+            ensure!(st["sync"]["warm"] == true, "{}", st["sync"]);
+            Ok(restarted.elapsed())
+        },
+    )?;
     site.lab
         .wait_next_hops(IpAddr::V4(VIP), &[1, 2, 3], SETTLE)?;
     r.timeline.push(format!(
-        "n1 restarted, warm and back in the VIP route after {:?}",
-        before.elapsed()
+        "n{killed} restarted {:?} after the kill: warm after {warm_after:?}, in the VIP route \
+         after {:?}",
+        restarted.duration_since(down),
+        restarted.elapsed()
     ));
+    std::thread::sleep(WATCH);
+    let after = site.leadership(survivor)?;
+    let (_, st) = site.status(killed)?;
+    let own_term = st["cluster"]["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["name"] == format!("n{killed}"))
+        .and_then(|n| n["term"].as_u64());
+    r.timeline.push(format!(
+        "leadership before the restart {before:?}, {WATCH:?} after n{killed} was back {after:?}; \
+         n{killed}'s term {own_term:?}"
+    ));
+    r.rejoin = Some(Rejoin {
+        warm_after,
+        before,
+        after,
+        own_term,
+    });
     let r = finish(&site, &load, r)?;
-    let n = created(&site, 1)?;
+    let n = created(&site, killed)?;
     for _ in 0..30 {
         site.lab.http_get("client", http(), "/")?;
     }
     Ok(ScenarioReport {
-        created_after: Some(created(&site, 1)? - n),
+        created_after: Some(created(&site, killed)? - n),
         ..r
     })
 }
@@ -245,23 +313,29 @@ fn drain_and_remove() -> Result<ScenarioReport> {
 
 fn rolling_restart() -> Result<ScenarioReport> {
     let mut site = site(3, 3)?;
-    let (load, _) = load(&site, 40)?;
+    let (load, started) = load(&site, 40)?;
     let mut r = empty();
+    // Each step with its time from the start of the load, the clock of the load's report.
+    let at = || format!("{:.3} s", started.elapsed().as_secs_f64());
     for k in 1..=3 {
         let others: Vec<usize> = (1..=3).filter(|&j| j != k).collect();
-        let began = Instant::now();
+        let mut steps = vec![format!("drain {}", at())];
         site.cli(k, &["drain", &format!("n{k}")])?.ok()?;
+        steps.push(format!("drained {}", at()));
         site.lab.wait_next_hops(IpAddr::V4(VIP), &others, SETTLE)?;
+        steps.push(format!("out of the VIP route {}", at()));
         site.stop_node(k)?;
+        steps.push(format!("stopped {}", at()));
         site.start_node(k)?;
+        steps.push(format!("started {}", at()));
         wait_warm(&site, k)?;
+        steps.push(format!("warm {}", at()));
         site.cli(k, &["undrain", &format!("n{k}")])?.ok()?;
+        steps.push(format!("undrained {}", at()));
         site.lab
             .wait_next_hops(IpAddr::V4(VIP), &[1, 2, 3], SETTLE)?;
-        r.timeline.push(format!(
-            "n{k} drained, restarted, warm and undrained in {:?}",
-            began.elapsed()
-        ));
+        steps.push(format!("in the VIP route {}", at()));
+        r.timeline.push(format!("n{k}: {}", steps.join(", ")));
     }
     ensure!(
         load.is_running(),

@@ -3,7 +3,7 @@
 //! Run as root.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
@@ -49,12 +49,7 @@ fn node_row<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
 }
 
 fn leader_index(site: &ClusterSite, via: usize) -> Result<usize> {
-    let name = site.wait_for("a leader", CONVERGE, |s| {
-        s.leader(via)?.context("no leader yet")
-    })?;
-    name.strip_prefix('n')
-        .and_then(|k| k.parse().ok())
-        .with_context(|| format!("leader {name:?}"))
+    site.leader_index(via, CONVERGE)
 }
 
 /// Three nodes form a cluster and agree; a change through a follower reaches every data plane
@@ -184,17 +179,20 @@ fn three_nodes_agree_and_survive_the_leader_being_killed() -> Result<()> {
     Ok(())
 }
 
-/// A node cut off by nftables cannot commit (and says the cluster has no quorum, exit 2) while
-/// the majority can; healed, it catches up with an identical configuration. Then every node is
-/// restarted and the configuration is intact.
+/// A node cut off by nftables for 10 s cannot commit (and says the cluster has no quorum, exit 2)
+/// while the majority can; healed, it catches up with an identical configuration, and nothing
+/// was elected: it never campaigned, so the leader keeps its leadership and term. Then every
+/// node is restarted and the configuration is intact.
 #[test]
 fn partitioned_minority_cannot_commit_and_catches_up_and_restart_keeps_config() -> Result<()> {
     let mut site = ClusterSite::start(3, 3, 2)?;
     agreed(&site, &[1, 2, 3])?;
     let leader = leader_index(&site, 1)?;
+    let before = site.leadership(leader)?;
     // Partition a follower (a partitioned leader would step down the same way).
     let cut = (1..=3).rev().find(|&k| k != leader).unwrap_or(3);
     site.partition(cut)?;
+    let cut_at = Instant::now();
     let majority: Vec<usize> = (1..=3).filter(|&k| k != cut).collect();
 
     let refused = site.cli(
@@ -218,9 +216,17 @@ fn partitioned_minority_cannot_commit_and_catches_up_and_restart_keeps_config() 
     let cfg = agreed(&site, &majority)?;
     assert_eq!(cfg.as_array().map(Vec::len), Some(2), "{cfg}");
 
+    // Cut off for 10 s: a dozen election timeouts, in none of which it may raise its term.
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(cut_at.elapsed()));
     site.heal(cut)?;
     let healed = agreed(&site, &[1, 2, 3])?;
     assert_eq!(healed, cfg, "the minority's refused change never appears");
+    for k in 1..=3 {
+        assert_eq!(site.leadership(k)?, before, "as n{k} sees it");
+    }
+    let (_, st) = site.status(cut)?;
+    let own = node_row(&st, &format!("n{cut}")).context("no row of its own")?;
+    assert_eq!(own["term"].as_u64(), Some(before.term), "{own}");
 
     // All nodes restarted: the configuration is intact.
     let before = site.status(1)?.1;

@@ -71,6 +71,8 @@ fn hard_failure() -> Result<()> {
     Ok(())
 }
 
+/// The leader killed, restarted 10 s later under load: warm within 2 s of its start, and no
+/// election caused by its return (the leadership and term the survivors had stay).
 #[test]
 fn restart_after_failure() -> Result<()> {
     let r = scenario(Scenario::RestartAfterFailure)?;
@@ -80,6 +82,17 @@ fn restart_after_failure() -> Result<()> {
         r.created_after > Some(0),
         "the restarted node takes new flows"
     );
+    let rejoin = r.rejoin.as_ref().expect("the rejoin's figures");
+    assert!(
+        rejoin.warm_after <= Duration::from_secs(2),
+        "warm {:?} after its start",
+        rejoin.warm_after
+    );
+    assert_eq!(
+        rejoin.after, rejoin.before,
+        "the returning node caused an election"
+    );
+    assert_eq!(rejoin.own_term, Some(rejoin.before.term));
     Ok(())
 }
 

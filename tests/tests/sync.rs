@@ -1,13 +1,15 @@
 //! End-to-end session sync: long-lived TCP connections established through node 1 keep working
 //! — no reset, no byte lost or changed — when node 1 is cut off and the router's routes for the
-//! VIP and for node 1's LIPs are moved to node 2 by hand (the BGP issue automates the move).
-//! Run as root.
+//! VIP and for node 1's LIPs are moved to node 2 by hand (the BGP issue automates the move);
+//! and the others' status shows node 1 gone, in every row, within 2 s. Run as root.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
+use serde_json::Value;
 use tests::cluster::ClusterSite;
+use tests::lab::wait_for;
 use tests::site::VIP;
 
 /// Waits until node k's session sync is warm and it holds at least `flows` sessions.
@@ -24,6 +26,36 @@ fn warm_with_flows(site: &ClusterSite, k: usize, flows: u64) -> Result<()> {
                 st["sync"]
             );
             Ok(())
+        },
+    )
+}
+
+/// How long after `since` a status asked of node k first showed `peer` disconnected in its
+/// sync rows and unreachable in its node rows (the time the status was asked for).
+fn shows_cut_off(site: &ClusterSite, k: usize, peer: &str, since: Instant) -> Result<Duration> {
+    wait_for(
+        &format!("n{k}'s status showing {peer} cut off"),
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let asked = since.elapsed();
+            let st = site.admin_get(k, "/v1/status")?;
+            let row = |table: &Value, key: &str| {
+                table
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|r| r[key] == peer)
+                    .cloned()
+                    .unwrap_or(Value::Null)
+            };
+            let synced = row(&st["sync"]["peers"], "peer");
+            let node = row(&st["cluster"]["nodes"], "name");
+            ensure!(
+                synced["connected"] == false && node["reachable"] == false,
+                "sync {synced}, node {node}"
+            );
+            Ok(asked)
         },
     )
 }
@@ -78,7 +110,32 @@ fn long_lived_connections_survive_their_node_being_cut_off() -> Result<()> {
         streams.log()
     );
     site.cut_links(1)?;
+    let cut = Instant::now();
     site.move_routes(1, 2)?;
+    // Every row about n1 on the others says it is gone within 2 s of the cut: disconnected in
+    // the sync table, unreachable in the node table (QUIC's idle timeout is 1 s).
+    let seen: Vec<Result<Duration>> = std::thread::scope(|scope| {
+        let site = &site;
+        let watchers: Vec<_> = [2, 3]
+            .map(|k| scope.spawn(move || shows_cut_off(site, k, "n1", cut)))
+            .into_iter()
+            .collect();
+        watchers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("watcher panicked")))
+            })
+            .collect()
+    });
+    for (k, seen) in [2, 3].into_iter().zip(seen) {
+        let seen = seen?;
+        println!("n{k}'s status shows n1 cut off {seen:?} after the cut");
+        ensure!(
+            seen <= Duration::from_secs(2),
+            "n{k}'s status showed n1 cut off only {seen:?} after the cut"
+        );
+    }
     let report = site.streams_report(&streams, Duration::from_secs(30))?;
     assert_eq!(report["completed"], 20, "{report}");
     assert_eq!(report["resets"], 0, "{report}");
