@@ -22,11 +22,12 @@ const WORKERS: usize = 64;
 /// A short connection that takes longer than this has failed.
 const SHORT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// One short connection: when it started (from the start of the run), how long it took, and
-/// what went wrong if it failed.
+/// One short connection: when it was due and when a worker began it (from the start of the
+/// run), how long it took, and what went wrong if it failed.
 #[derive(Debug, Clone)]
 pub struct Short {
     pub at: Duration,
+    pub began: Duration,
     pub latency: Duration,
     pub error: Option<String>,
 }
@@ -83,6 +84,7 @@ fn short_connections(target: SocketAddr, rate: u32, duration: Duration) -> Vec<S
                         .map(|e| format!("{e:#}"));
                     let short = Short {
                         at,
+                        began: began.duration_since(start),
                         latency: began.elapsed(),
                         error,
                     };
@@ -128,9 +130,14 @@ fn short_json(shorts: &[Short], rate: u32) -> Value {
     let failures: Vec<Value> = shorts
         .iter()
         .filter_map(|s| {
-            s.error
-                .as_ref()
-                .map(|e| json!({ "at_ms": s.at.as_millis(), "error": e }))
+            s.error.as_ref().map(|e| {
+                json!({
+                    "at_ms": s.at.as_millis(),
+                    "began_ms": s.began.as_millis(),
+                    "failed_after_ms": s.latency.as_millis(),
+                    "error": e,
+                })
+            })
         })
         .take(100)
         .collect();
