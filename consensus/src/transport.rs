@@ -86,7 +86,7 @@ pub const DIAL_ATTEMPT: Duration = Duration::from_secs(1);
 /// The pause after a failed dial before the next, doubled per failure in a row ...
 pub const DIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// ... up to this.
-pub const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(1);
+pub const MAX_DIAL_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Stream reset / stop code: the request frame is malformed.
 const STREAM_MALFORMED: VarInt = VarInt::from_u32(1);

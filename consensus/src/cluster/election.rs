@@ -321,11 +321,8 @@ impl<D: Dialer> Cluster<D> {
             };
             let this = self.clone();
             asked.spawn(async move {
-                let answer = async {
-                    let peer = this.inner.network.connect(id, &member, deadline).await?;
-                    peer.call::<_, PreVote>(RpcKind::PreVote, &request, deadline)
-                        .await
-                };
+                let answer =
+                    this.ask::<_, PreVote>(id, &member, RpcKind::PreVote, &request, deadline);
                 (id, answer.await)
             });
         }
@@ -525,15 +522,13 @@ impl<D: Dialer> Cluster<D> {
             };
             let this = self.clone();
             sent.spawn(async move {
-                let answer = async {
-                    let peer = this.inner.network.connect(id, &member, deadline).await?;
-                    peer.call::<_, Result<(), ClusterError>>(
-                        RpcKind::TimeoutNow,
-                        &announce,
-                        deadline,
-                    )
-                    .await
-                };
+                let answer = this.ask::<_, Result<(), ClusterError>>(
+                    id,
+                    &member,
+                    RpcKind::TimeoutNow,
+                    &announce,
+                    deadline,
+                );
                 match answer.await {
                     Ok(Ok(())) => Some(id),
                     Ok(Err(e)) => {

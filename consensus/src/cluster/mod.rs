@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, Fatal, InitializeError, RaftError};
 use openraft::{ChangeMembers, RaftMetrics, ServerState, Vote};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -721,13 +722,23 @@ impl<D: Dialer> Cluster<D> {
             .collect()
     }
 
+    /// Asks node `id` at `member` one cluster RPC over the shared connection (dialled if there
+    /// is none), giving up at `deadline`.
+    async fn ask<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        id: NodeId,
+        member: &Member,
+        kind: RpcKind,
+        request: &Req,
+        deadline: Instant,
+    ) -> Result<Resp, RpcError> {
+        let peer = self.inner.network.connect(id, member, deadline).await?;
+        peer.call(kind, request, deadline).await
+    }
+
     async fn remote_report(&self, id: NodeId, member: Member, timeout: Duration) -> NodeReport {
         let deadline = Instant::now() + timeout;
-        let answer = async {
-            let peer = self.inner.network.connect(id, &member, deadline).await?;
-            peer.call::<_, NodeReport>(RpcKind::Report, &(), deadline)
-                .await
-        };
+        let answer = self.ask::<_, NodeReport>(id, &member, RpcKind::Report, &(), deadline);
         match answer.await {
             Ok(report) => NodeReport {
                 id,
