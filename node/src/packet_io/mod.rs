@@ -8,6 +8,7 @@
 //! passes the checksum state of each packet to the engine (`vnet`). Backends implement
 //! [`PacketIo`], so a faster one (AF_XDP) slots in without touching the engine.
 
+mod fastpath;
 mod kernel;
 mod tun;
 mod vnet;
