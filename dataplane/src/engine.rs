@@ -15,7 +15,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use crate::counters::{CounterTotals, Counters, DropReason, Event};
 use crate::family::Family;
 use crate::laddr::{L4Proto, LocalAddr, LocalAddrError, LocalAddrPool};
+use crate::offload::{FlowActivity, Offload, Offloaded};
 use crate::service::{Dest, Snapshot, TrafficSlotId};
 use crate::session::{
     FlowKey, FlowState, InsertError, SessionData, SessionEvent, SessionRecord, SessionTable,
@@ -183,6 +184,8 @@ pub struct Engine {
     snapshot: ArcSwap<Snapshot>,
     workers: Mutex<Vec<Arc<Counters>>>,
     event_capacity: usize,
+    /// The faster path established flows are handed to, once the node has one.
+    offload: OnceLock<Arc<dyn Offload>>,
 }
 
 impl Engine {
@@ -198,7 +201,14 @@ impl Engine {
             snapshot: ArcSwap::from_pointee(snapshot),
             workers: Mutex::new(Vec::new()),
             event_capacity: config.event_capacity,
+            offload: OnceLock::new(),
         }))
+    }
+
+    /// Hands established flows to `offload` from now on (see [`crate::offload`]); set once, a
+    /// later call is refused (false).
+    pub fn set_offload(&self, offload: Arc<dyn Offload>) -> bool {
+        self.offload.set(offload).is_ok()
     }
 
     /// Swaps in a new service snapshot; packets in flight finish with the old one.
@@ -348,6 +358,9 @@ impl Engine {
             s.state = rec.state;
             s.window = rec.window;
             s.expires = expires;
+            if let Some(offload) = self.offload.get() {
+                follow_offload(&**offload, s);
+            }
             return Ok(Installed::Updated);
         }
         let snap = self.snapshot.load();
@@ -385,12 +398,23 @@ impl Engine {
             rport: rec.backend.port(),
             state: rec.state,
             synced: true,
+            offloaded: Offloaded::No,
         };
+        // A flow that moved here is offloaded like one of this node's own.
+        let mut data = data;
+        let offload = self.offload.get();
+        if let Some(offload) = offload {
+            follow_offload(&**offload, &mut data);
+        }
+        let flow = (data.offloaded == Offloaded::Yes).then(|| data.offload_flow());
         // Counted before the insert so that a removal racing it balances the count.
         dest.stats.opened(rec.state.is_active());
         match table.insert(data) {
             Ok(_) => Ok(Installed::New),
             Err(e) => {
+                if let (Some(offload), Some(flow)) = (offload, flow) {
+                    offload.withdraw(&flow);
+                }
                 dest.stats.closed(rec.state.is_active());
                 if ours {
                     laddr.release(rec.proto, local);
@@ -420,7 +444,10 @@ impl Engine {
             dport: rec.vip.port(),
             proto: rec.proto.number(),
         };
-        let data = A::table(&self.table).remove(&key)?;
+        let mut data = A::table(&self.table).remove(&key)?;
+        if let Some(offload) = self.offload.get() {
+            withdraw(&**offload, &mut data);
+        }
         self.release(&data);
         Some(())
     }
@@ -439,6 +466,90 @@ impl Engine {
 }
 
 /// A deadline in whole seconds, saturating at what a session can store.
+impl Engine {
+    /// A due session the faster path forwards is alive if it saw a packet within the state's
+    /// timeout: it gets its deadline from that packet (true) instead of expiring.
+    fn renew_offloaded<A: Family>(&self, s: &mut SessionData<A>, now_s: u64) -> bool {
+        let Some(offload) = self.offload.get() else {
+            return false;
+        };
+        if s.offloaded != Offloaded::Yes {
+            return false;
+        }
+        let Some(seen) = offload.activity(&s.offload_flow()) else {
+            return false;
+        };
+        let Some(last) = seen.iter().filter_map(|side| side.last_seen).max() else {
+            return false;
+        };
+        let expires = deadline(
+            last.as_secs(),
+            timeout_secs(s.state, &s.dest.params.timeouts),
+        );
+        if u64::from(expires) <= now_s {
+            return false;
+        }
+        s.expires = expires;
+        true
+    }
+}
+
+/// Whether the faster path may forward a session in `state` (see [`crate::offload`]).
+fn offloadable(state: FlowState) -> bool {
+    matches!(
+        state,
+        FlowState::Udp | FlowState::Tcp(TcpState::Established)
+    )
+}
+
+/// Offloads `s` when it becomes offloadable, withdraws it when it stops being so.
+fn follow_offload<A: Family>(offload: &dyn Offload, s: &mut SessionData<A>) {
+    match (s.offloaded, offloadable(s.state)) {
+        (Offloaded::No, true) => {
+            s.offloaded = if offload.offload(&s.offload_flow()) {
+                Offloaded::Yes
+            } else {
+                Offloaded::Refused
+            };
+        }
+        (Offloaded::Yes, false) => withdraw(offload, s),
+        _ => {}
+    }
+}
+
+/// Takes `s` back from the faster path, folding in what it saw.
+fn withdraw<A: Family>(offload: &dyn Offload, s: &mut SessionData<A>) {
+    if s.offloaded != Offloaded::Yes {
+        return;
+    }
+    s.offloaded = Offloaded::No;
+    if let Some(seen) = offload.withdraw(&s.offload_flow()) {
+        for (dir, side) in [
+            (Direction::Inbound, &seen[0]),
+            (Direction::Outbound, &seen[1]),
+        ] {
+            s.dest
+                .stats
+                .count_many(TrafficSlotId::SHARED, dir, side.packets, side.bytes);
+        }
+        merge_windows(s, &seen);
+    }
+}
+
+/// Folds the TCP window edges the faster path saw into `s`.
+fn merge_windows<A: Family>(s: &mut SessionData<A>, seen: &FlowActivity) {
+    if let FlowState::Tcp(_) = s.state {
+        for (dir, side) in [
+            (Direction::Inbound, &seen[0]),
+            (Direction::Outbound, &seen[1]),
+        ] {
+            if side.packets > 0 {
+                s.window.merge(dir, side.seq_end, side.max_win);
+            }
+        }
+    }
+}
+
 fn deadline(now_s: u64, secs: u64) -> u32 {
     u32::try_from(now_s.saturating_add(secs)).unwrap_or(u32::MAX)
 }
@@ -590,20 +701,27 @@ impl Worker {
     pub fn expire(&mut self, now: Instant, budget: usize) -> usize {
         let now_s = now.as_secs();
         let engine = self.engine.clone();
-        let mut n = engine
-            .table
-            .v4
-            .expire(now_s, budget, |d| self.expired(&engine, &d, now_s));
-        n += engine
-            .table
-            .v6
-            .expire(now_s, budget, |d| self.expired(&engine, &d, now_s));
+        let mut n = engine.table.v4.expire(
+            now_s,
+            budget,
+            |s| engine.renew_offloaded(s, now_s),
+            |d| self.expired(&engine, d, now_s),
+        );
+        n += engine.table.v6.expire(
+            now_s,
+            budget,
+            |s| engine.renew_offloaded(s, now_s),
+            |d| self.expired(&engine, d, now_s),
+        );
         self.counters.add(Event::SessionsExpired, n as u64);
         n
     }
 
-    fn expired<A: Family>(&mut self, engine: &Engine, data: &SessionData<A>, now_s: u64) {
-        engine.release(data);
+    fn expired<A: Family>(&mut self, engine: &Engine, mut data: SessionData<A>, now_s: u64) {
+        if let Some(offload) = engine.offload.get() {
+            withdraw(&**offload, &mut data);
+        }
+        engine.release(&data);
         emit(
             &mut self.events,
             &self.counters,
@@ -748,6 +866,14 @@ impl Worker {
         } else {
             Direction::Outbound
         };
+        let offload = engine.offload.get();
+        // The engine sees a segment of an offloaded TCP flow only when the faster path left it
+        // here (FIN, RST, …): first the window edges it saw, so the RST check is current.
+        if let (Some(offload), Offloaded::Yes, Some(_)) = (offload, s.offloaded, tcp)
+            && let Some(seen) = offload.activity(&s.offload_flow())
+        {
+            merge_windows(s, &seen);
+        }
         let mut changed = false;
         if let (FlowState::Tcp(state), Some(t)) = (s.state, tcp) {
             if t.flags.rst && !s.window.rst_acceptable(dir, &t.segment) {
@@ -764,6 +890,9 @@ impl Worker {
         }
         s.expires = deadline(now_s, timeout_secs(s.state, &s.dest.params.timeouts));
         s.dest.stats.count(*traffic_slot, dir, len);
+        if let Some(offload) = offload {
+            follow_offload(&**offload, s);
+        }
         let rewrite = if from_client {
             Rewrite {
                 src: s.lip,
@@ -868,6 +997,7 @@ impl Worker {
             rport,
             state,
             synced: false,
+            offloaded: Offloaded::No,
         };
         let record = data.record(now_s);
         // Counted before the insert so that a removal racing it balances the count.

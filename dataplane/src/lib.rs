@@ -10,6 +10,7 @@ pub mod counters;
 pub mod engine;
 mod family;
 pub mod laddr;
+pub mod offload;
 pub mod sched;
 pub mod service;
 pub mod session;
@@ -23,6 +24,7 @@ pub use engine::{
     Worker,
 };
 pub use laddr::{L4Proto, LocalAddr, LocalAddrPool};
+pub use offload::{FlowActivity, Offload, OffloadFlow, OffloadSide, SideActivity};
 pub use service::{BackendConfig, ServiceConfig, ServiceKey, Snapshot};
 pub use session::{FlowState, SessionEvent, SessionRecord};
 pub use tcp_state::{Direction, TcpState, Timeouts};

@@ -54,7 +54,8 @@ impl Default for DestStats {
             active: AtomicU32::new(0),
             inactive: AtomicU32::new(0),
             total: AtomicU64::new(0),
-            traffic: (0..WORKER_SLOTS).map(|_| TrafficSlot::default()).collect(),
+            // One more than the workers': the shared slot (see `TrafficSlotId::SHARED`).
+            traffic: (0..=WORKER_SLOTS).map(|_| TrafficSlot::default()).collect(),
         }
     }
 }
@@ -72,6 +73,13 @@ pub(crate) struct TrafficSlotId {
 }
 
 impl TrafficSlotId {
+    /// Where counts from outside the packet workers go (a faster path's, folded in when its
+    /// flow is withdrawn): no worker writes it, every writer adds atomically.
+    pub(crate) const SHARED: TrafficSlotId = TrafficSlotId {
+        index: WORKER_SLOTS,
+        exclusive: false,
+    };
+
     pub(crate) fn for_worker(n: usize) -> Self {
         TrafficSlotId {
             index: n % WORKER_SLOTS,
@@ -139,6 +147,11 @@ impl DestStats {
 
     /// Counts one forwarded packet of `len` bytes.
     pub(crate) fn count(&self, slot: TrafficSlotId, dir: Direction, len: usize) {
+        self.count_many(slot, dir, 1, len as u64);
+    }
+
+    /// Counts `packets` forwarded packets of `bytes` bytes in all.
+    pub(crate) fn count_many(&self, slot: TrafficSlotId, dir: Direction, packets: u64, bytes: u64) {
         let Some(s) = self.traffic.get(slot.index) else {
             return;
         };
@@ -153,8 +166,8 @@ impl DestStats {
                 a.fetch_add(n, Ordering::Relaxed);
             }
         };
-        add(&s.packets[i], 1);
-        add(&s.bytes[i], len as u64);
+        add(&s.packets[i], packets);
+        add(&s.bytes[i], bytes);
     }
 
     pub(crate) fn opened(&self, active: bool) {

@@ -22,8 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::family::Family;
 use crate::laddr::L4Proto;
+use crate::offload::{OffloadFlow, OffloadSide, Offloaded};
 use crate::service::Dest;
-use crate::tcp_state::{TcpState, TcpWindow};
+use crate::tcp_state::{Direction, TcpState, TcpWindow};
 
 /// A flow as it appears in one packet: protocol, source and destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -162,6 +163,7 @@ pub(crate) struct SessionData<A> {
     pub(crate) rport: u16,
     pub(crate) state: FlowState,
     pub(crate) synced: bool,
+    pub(crate) offloaded: Offloaded,
 }
 
 impl<A: Family> SessionData<A> {
@@ -169,6 +171,28 @@ impl<A: Family> SessionData<A> {
         match self.state {
             FlowState::Udp => L4Proto::Udp,
             FlowState::Tcp(_) => L4Proto::Tcp,
+        }
+    }
+
+    /// The session as a faster path forwards it (see [`crate::offload`]).
+    pub(crate) fn offload_flow(&self) -> OffloadFlow {
+        let at = |ip: A, port| SocketAddr::new(ip.to_ip(), port);
+        let (client, vip) = (at(self.client, self.cport), at(self.vip, self.vport));
+        let (lip, rs) = (at(self.lip, self.lport), at(self.rs, self.rport));
+        let side = |dir, arrives, leaves| {
+            let (seq_end, max_win, wscale) = self.window.edges(dir);
+            OffloadSide {
+                arrives,
+                leaves,
+                wscale,
+                seq_end,
+                max_win,
+            }
+        };
+        OffloadFlow {
+            proto: self.proto(),
+            client_side: side(Direction::Inbound, (client, vip), (lip, rs)),
+            server_side: side(Direction::Outbound, (rs, lip), (vip, client)),
         }
     }
 
@@ -581,11 +605,13 @@ impl<A: Family> FamilyTable<A> {
     }
 
     /// Examines up to `budget` slots from where the last sweep stopped and removes the sessions
-    /// whose deadline has passed; bounded work per call whatever the table holds.
+    /// whose deadline has passed, unless `renew` gives a due session a new deadline (it returns
+    /// true); bounded work per call whatever the table holds.
     pub(crate) fn expire(
         &self,
         now_secs: u64,
         budget: usize,
+        mut renew: impl FnMut(&mut SessionData<A>) -> bool,
         mut on_expired: impl FnMut(SessionData<A>),
     ) -> usize {
         let n = self.slots.len();
@@ -599,14 +625,11 @@ impl<A: Family> FamilyTable<A> {
             let slot = (start + k) % n;
             let taken = {
                 let mut guard = self.slots[slot].lock();
-                if guard
-                    .as_ref()
-                    .is_some_and(|s| u64::from(s.expires) <= now_secs)
-                {
-                    guard.take()
-                } else {
-                    None
-                }
+                let due = match guard.as_mut() {
+                    Some(s) => u64::from(s.expires) <= now_secs && !renew(s),
+                    None => false,
+                };
+                if due { guard.take() } else { None }
             };
             if let Some(data) = taken {
                 self.retire(slot as SlotId, &data);
@@ -746,6 +769,7 @@ mod tests {
             rport: 8080,
             state: FlowState::Tcp(TcpState::Established),
             synced: false,
+            offloaded: Offloaded::No,
         }
     }
 
@@ -800,12 +824,12 @@ mod tests {
         let mut seen = Vec::new();
         let mut total = 0;
         for _ in 0..8 {
-            total += t.expire(15, 8, |d| seen.push(d.cport));
+            total += t.expire(15, 8, |_| false, |d| seen.push(d.cport));
         }
         assert_eq!(total, 32);
         assert!(seen.iter().all(|p| p % 2 == 0));
         assert_eq!(t.len(), 32);
-        assert_eq!(t.expire(25, 1000, |_| {}), 32);
+        assert_eq!(t.expire(25, 1000, |_| false, |_| {}), 32);
         assert_eq!(t.len(), 0);
     }
 

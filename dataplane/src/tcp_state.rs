@@ -256,6 +256,29 @@ impl TcpWindow {
         true
     }
 
+    /// What a faster path forwarding `dir` needs: the highest sequence number + length sent
+    /// that way, the largest scaled window advertised, and the window-scale shift (0 unless both
+    /// SYNs carried the option).
+    pub fn edges(&self, dir: Direction) -> (u32, u32, u8) {
+        let me = dir.index();
+        let scale = if self.wscale[me] != NO_WSCALE && self.wscale[1 - me] != NO_WSCALE {
+            self.wscale[me]
+        } else {
+            0
+        };
+        (self.end[me], self.max_win[me], scale)
+    }
+
+    /// Folds in what a faster path saw while it forwarded `dir` ([`TcpWindow::edges`] moved
+    /// on).
+    pub fn merge(&mut self, dir: Direction, end: u32, max_win: u32) {
+        let me = dir.index();
+        if (end.wrapping_sub(self.end[me]) as i32) > 0 {
+            self.end[me] = end;
+        }
+        self.max_win[me] = self.max_win[me].max(max_win);
+    }
+
     /// Records a segment travelling in `dir`.
     pub fn update(&mut self, dir: Direction, seg: &Segment) {
         let me = dir.index();

@@ -157,13 +157,13 @@ impl FastPath {
                     TcAttachType::Ingress,
                     aya::programs::tc::TcAttachOptions::TcxOrder(Default::default()),
                 )
-                .with_context(|| format!("attaching the fast path to {device} (tcx, kernel ≥ 6.6)"))?;
+                .with_context(|| {
+                    format!("attaching the fast path to {device} (tcx, kernel ≥ 6.6)")
+                })?;
         }
-        let flows = BpfHashMap::try_from(
-            ebpf.take_map(FLOWS)
-                .context("the object has no flow map")?,
-        )
-        .context("the flow map's layout differs from this build's")?;
+        let flows =
+            BpfHashMap::try_from(ebpf.take_map(FLOWS).context("the object has no flow map")?)
+                .context("the flow map's layout differs from this build's")?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map(COUNTERS)
                 .context("the object has no counter map")?,
@@ -276,10 +276,10 @@ mod tests {
             let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
             at += 12;
             let extra = match kind {
-                1 | 14 | 17 => 4,      // INT, VAR, DECL_TAG
-                3 => 12,               // ARRAY
+                1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
+                3 => 12,                      // ARRAY
                 4 | 5 | 15 | 19 => vlen * 12, // STRUCT, UNION, DATASEC, ENUM64
-                6 | 13 => vlen * 8,    // ENUM, FUNC_PROTO
+                6 | 13 => vlen * 8,           // ENUM, FUNC_PROTO
                 _ => 0,
             };
             if kind == 4 {
@@ -310,13 +310,32 @@ mod tests {
         let structs = btf_structs(OBJECT);
         assert_eq!(
             structs["lbc_flow_key"],
-            layout!(Key { family, proto, sport, dport, pad, src, dst })
+            layout!(Key {
+                family,
+                proto,
+                sport,
+                dport,
+                pad,
+                src,
+                dst
+            })
         );
         assert_eq!(
             structs["lbc_flow"],
             layout!(Entry {
-                src, dst, sport, dport, wscale, pad, seq_delta, ack_delta, last_seen_ns, packets,
-                bytes, seq_end, max_win
+                src,
+                dst,
+                sport,
+                dport,
+                wscale,
+                pad,
+                seq_delta,
+                ack_delta,
+                last_seen_ns,
+                packets,
+                bytes,
+                seq_end,
+                max_win
             })
         );
     }
@@ -325,8 +344,7 @@ mod tests {
     #[test]
     fn test_the_kernel_accepts_the_program() {
         let mut ebpf = EbpfLoader::new().load(OBJECT).unwrap();
-        let program: &mut SchedClassifier =
-            ebpf.program_mut(PROGRAM).unwrap().try_into().unwrap();
+        let program: &mut SchedClassifier = ebpf.program_mut(PROGRAM).unwrap().try_into().unwrap();
         program.load().unwrap();
     }
 }
