@@ -263,7 +263,9 @@ int lbc_fastpath(struct __sk_buff *skb)
 	fib.l4_protocol = p.key.proto;
 	fib.sport = f->sport;
 	fib.dport = f->dport;
-	fib.tot_len = p.ip_len;
+	/* tot_len 0: the kernel checks the skb itself against the egress MTU, GSO super-packets
+	 * by their segments (a length given here would be the whole super-packet's). */
+	fib.tot_len = 0;
 	fib.ifindex = skb->ingress_ifindex;
 	if (p.key.family == LBC_FAMILY_V4) {
 		fib.family = AF_INET;
@@ -277,6 +279,9 @@ int lbc_fastpath(struct __sk_buff *skb)
 	}
 	int route = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 
+	/* Too big for the way out: the slow path answers with the ICMP error. */
+	if (route == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return count(LBC_TOO_BIG, TC_ACT_OK);
 	if (route != BPF_FIB_LKUP_RET_SUCCESS && route != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return count(LBC_NO_ROUTE, TC_ACT_OK);
 

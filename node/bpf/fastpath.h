@@ -9,6 +9,10 @@
 
 #include <linux/types.h>
 
+/* `struct lbc_flow.side` */
+#define LBC_CLIENT_SIDE 0 /* client → VIP, leaving as LIP → real server */
+#define LBC_SERVER_SIDE 1 /* real server → LIP, leaving as VIP → client */
+
 /* `struct lbc_flow_key.family` */
 #define LBC_FAMILY_V4 4
 #define LBC_FAMILY_V6 6
@@ -37,7 +41,8 @@ struct lbc_flow {
 	/* TCP: the window-scale shift of this side's advertised windows (0 unless both SYNs
 	 * carried the option), as the engine's window tracker uses it. */
 	__u8 wscale;
-	__u8 pad[3]; /* zero */
+	__u8 side;   /* LBC_CLIENT_SIDE or LBC_SERVER_SIDE: which side of the session this is */
+	__u8 pad[2]; /* zero */
 	/* Reserved for the SYN proxy: added to the sequence and acknowledgement numbers of this
 	 * side's segments. Zero: the program does not read them yet. */
 	__u32 seq_delta;
@@ -56,7 +61,8 @@ enum lbc_fastpath_counter {
 	LBC_NO_ENTRY,        /* parsed, but no session is offloaded for it */
 	LBC_NOT_FORWARDABLE, /* SYN, FIN, RST, fragment, options, TTL ≤ 1, other protocols */
 	LBC_NO_ROUTE,        /* the kernel's FIB has no route for the rewritten packet */
-	LBC_REWRITE_FAILED,  /* a helper refused: the packet goes to the slow path untouched */
+	LBC_REWRITE_FAILED,  /* a helper refused halfway: the packet is dropped */
+	LBC_TOO_BIG,         /* over the way out's MTU: the slow path sends the ICMP error */
 	LBC_COUNTERS,
 };
 

@@ -136,6 +136,9 @@ pub(crate) struct NodeStatus {
     /// Packet I/O per worker (empty before the data plane runs).
     #[serde(default)]
     pub(crate) io: Vec<WorkerIoStats>,
+    /// Which path established flows take (`None` before the data plane runs).
+    #[serde(default)]
+    pub(crate) fastpath: Option<crate::packet_io::FastPathStatus>,
     /// The cluster, for a node that is a member of one.
     #[serde(default)]
     pub(crate) cluster: Option<ClusterStatus>,

@@ -80,6 +80,23 @@ pub(crate) struct NodeConfig {
     pub(crate) local_ports: RangeInclusive<u16>,
     pub(crate) max_sessions_v4: u32,
     pub(crate) max_sessions_v6: u32,
+    /// Whether established flows are forwarded by the kernel fast path.
+    pub(crate) fastpath: FastPathMode,
+    /// The devices the fast path is attached to; `None`: every device that is up, but the
+    /// loopback and the TUN device.
+    pub(crate) fastpath_devices: Option<Vec<String>>,
+}
+
+/// `[node] fastpath`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum FastPathMode {
+    /// On when the kernel accepts the program; otherwise off, said in the log and `status`.
+    #[default]
+    Auto,
+    /// On, or the node does not start.
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,6 +254,9 @@ struct NodeFile {
     local_ports: Option<[u16; 2]>,
     max_sessions_v4: Option<u32>,
     max_sessions_v6: Option<u32>,
+    #[serde(default)]
+    fastpath: FastPathMode,
+    fastpath_devices: Option<Vec<String>>,
 }
 
 fn default_tun() -> String {
@@ -661,6 +681,20 @@ fn check_node(n: NodeFile) -> Result<NodeConfig, Invalid> {
             return Err(invalid(key, "must be greater than 0"));
         }
     }
+    if let Some(devices) = &n.fastpath_devices {
+        if devices.is_empty() {
+            return Err(invalid(
+                "node.fastpath_devices",
+                "name at least one device, or leave the key out for every device that is up",
+            ));
+        }
+        if let Some(tun) = devices.iter().find(|d| **d == n.tun) {
+            return Err(invalid(
+                "node.fastpath_devices",
+                format!("{tun} is the node's TUN device: the fast path belongs on the uplinks"),
+            ));
+        }
+    }
     Ok(NodeConfig {
         name: n.name,
         tun: n.tun,
@@ -669,6 +703,8 @@ fn check_node(n: NodeFile) -> Result<NodeConfig, Invalid> {
         local_ports: first..=last,
         max_sessions_v4: max_v4,
         max_sessions_v6: max_v6,
+        fastpath: n.fastpath,
+        fastpath_devices: n.fastpath_devices,
     })
 }
 

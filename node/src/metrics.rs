@@ -27,6 +27,7 @@ use crate::api::{
     BackendStatus, ClusterStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, SyncPeer,
     SyncStatus, WorkerIoStats,
 };
+use crate::packet_io::FastPathStatus;
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -105,6 +106,15 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// The samples `f` gives of a running fast path; none without one.
+fn fastpath(s: &NodeStatus, f: fn(&FastPathStatus) -> Vec<Sample>) -> Vec<Sample> {
+    s.fastpath
+        .as_ref()
+        .filter(|fp| fp.running)
+        .map(f)
+        .unwrap_or_default()
 }
 
 fn families(s: &NodeStatus) -> Vec<Family> {
@@ -313,6 +323,55 @@ fn families(s: &NodeStatus) -> Vec<Family> {
             kind: Kind::Counter,
             samples: per_worker(&s.io, |w| {
                 vec![("read", w.read_errors), ("write", w.write_errors)]
+            }),
+        },
+        Family {
+            name: "lbcluster_fastpath_running",
+            help: "1 while the kernel fast path forwards established flows, else 0.",
+            kind: Kind::Gauge,
+            samples: vec![(
+                vec![],
+                u64::from(s.fastpath.as_ref().is_some_and(|f| f.running)),
+            )],
+        },
+        Family {
+            name: "lbcluster_fastpath_sessions",
+            help: "Sessions the kernel fast path forwards now.",
+            kind: Kind::Gauge,
+            samples: fastpath(s, |f| vec![(vec![], f.sessions.offloaded)]),
+        },
+        Family {
+            name: "lbcluster_fastpath_offloads_total",
+            help: "Sessions handed to the fast path (refused: its map was full).",
+            kind: Kind::Counter,
+            samples: fastpath(s, |f| {
+                vec![
+                    (
+                        vec![("result", "offloaded".to_owned())],
+                        f.sessions.offloads,
+                    ),
+                    (vec![("result", "refused".to_owned())], f.sessions.refused),
+                ]
+            }),
+        },
+        Family {
+            name: "lbcluster_fastpath_packets_total",
+            help: "Packets the fast path saw at the uplinks: forwarded, or left to the kernel \
+                   and the engine, by why.",
+            kind: Kind::Counter,
+            samples: fastpath(s, |f| {
+                let p = &f.program;
+                [
+                    ("forwarded", p.forwarded),
+                    ("no_entry", p.no_entry),
+                    ("not_forwardable", p.not_forwardable),
+                    ("no_route", p.no_route),
+                    ("rewrite_failed", p.rewrite_failed),
+                    ("too_big", p.too_big),
+                ]
+                .into_iter()
+                .map(|(r, n)| (vec![("result", r.to_owned())], n))
+                .collect()
             }),
         },
         Family {

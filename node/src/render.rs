@@ -12,6 +12,7 @@ use consensus::config::{ClusterConfig, HealthCheck, Scheduler};
 use crate::api::{
     ClusterStatus, NodeStatus, SessionEntry, SessionList, SyncStatus, scheduler_name,
 };
+use crate::packet_io::FastPathStatus;
 use crate::replay::{Report, proto_name};
 
 /// Any output as JSON, one document, ending with a newline.
@@ -400,6 +401,28 @@ pub(crate) fn sessions_text(list: &SessionList) -> String {
 }
 
 /// `lbcluster status`: the cluster's nodes (on a member), then this node.
+/// Which path established flows take, and what the fast path carried.
+fn fastpath_line(s: &mut String, f: &FastPathStatus) {
+    if !f.running {
+        let why = f.reason.as_deref().unwrap_or("not started");
+        let _ = writeln!(
+            s,
+            "fast path: off, every packet through the TUN device ({why})"
+        );
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "fast path: on ({}): {} sessions offloaded ({} refused, map full); {} packets \
+         forwarded, {} left to the engine",
+        f.devices.join(", "),
+        f.sessions.offloaded,
+        f.sessions.refused,
+        f.program.forwarded,
+        f.program.no_entry + f.program.not_forwardable + f.program.no_route + f.program.too_big
+    );
+}
+
 pub(crate) fn status_text(st: &NodeStatus) -> String {
     let mut s = String::new();
     if let Some(c) = &st.cluster {
@@ -428,6 +451,9 @@ pub(crate) fn status_text(st: &NodeStatus) -> String {
         st.sessions.capacity,
         st.total_drops()
     );
+    if let Some(f) = &st.fastpath {
+        fastpath_line(&mut s, f);
+    }
     let _ = writeln!(s, "\nProt LocalAddress:Port Scheduler Check");
     let _ = writeln!(
         s,

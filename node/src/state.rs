@@ -175,6 +175,10 @@ impl NodeState {
             (s.set.clone(), s.down.clone())
         };
         let snapshot = self.engine.snapshot();
+        let (live, fastpath) = match self.dataplane.lock().as_ref() {
+            Some(d) => (d.fastpath_traffic(), Some(d.fastpath_status())),
+            None => Default::default(),
+        };
         let services = set
             .services
             .iter()
@@ -188,6 +192,12 @@ impl NodeState {
                     .map(|b| {
                         let dest = dests.iter().find(|d| d.addr == b.addr);
                         let conns = dest.map(|d| d.stats.conns()).unwrap_or_default();
+                        // One picture: what the engine counted, and what the fast path carries
+                        // for flows it still holds.
+                        let mut traffic = dest.map(|d| d.stats.traffic()).unwrap_or_default();
+                        if let Some(t) = live.get(&(svc.config.proto, svc.config.vip, b.addr)) {
+                            traffic += *t;
+                        }
                         BackendStatus {
                             addr: b.addr,
                             weight: b.weight,
@@ -195,7 +205,7 @@ impl NodeState {
                             active: conns.active,
                             inactive: conns.inactive,
                             total: dest.map_or(0, |d| d.stats.total()),
-                            traffic: dest.map(|d| d.stats.traffic()).unwrap_or_default(),
+                            traffic,
                         }
                     })
                     .collect();
@@ -258,6 +268,7 @@ impl NodeState {
                 .lock()
                 .as_ref()
                 .map_or_else(Vec::new, |d| d.stats().workers),
+            fastpath,
             cluster: None,
             sync: None,
             bgp: None,

@@ -57,6 +57,21 @@ pub struct SiteOptions<'a> {
     pub scheduler: &'a str,
     /// Whether the TCP services insert the client's address into the SYN (TOA).
     pub toa: bool,
+    /// More lines for the node file's `[node]` section (`fastpath = "off"`, …).
+    pub node: &'a str,
+    /// More lines for the TCP echo services on port 9000 (`timeouts = { … }`, …).
+    pub echo: &'a str,
+}
+
+impl Default for SiteOptions<'_> {
+    fn default() -> Self {
+        SiteOptions {
+            scheduler: "rr",
+            toa: false,
+            node: "",
+            echo: "",
+        }
+    }
 }
 
 /// A lab with one lbcluster node in front of two backends.
@@ -72,7 +87,7 @@ impl Site {
     pub fn start(scheduler: &str) -> Result<Site> {
         Self::start_with(SiteOptions {
             scheduler,
-            toa: false,
+            ..SiteOptions::default()
         })
     }
 
@@ -80,7 +95,12 @@ impl Site {
     /// 80 to the backends' HTTP server, HTTP health checks on the IPv4 one; port 9000 to their
     /// TCP echo server) and a UDP service on port 53, and routes the VIPs and LIPs to it.
     pub fn start_with(options: SiteOptions<'_>) -> Result<Site> {
-        let SiteOptions { scheduler, toa } = options;
+        let SiteOptions {
+            scheduler,
+            toa,
+            node,
+            echo,
+        } = options;
         let lab = Lab::up(LabSpec {
             nodes: 1,
             backends: 2,
@@ -95,6 +115,7 @@ name = "n1"
 tun = "lbc0"
 workers = 2
 local_addrs = ["{LIP}", "{LIP6}"]
+{node}
 
 [admin]
 socket = "{socket}"
@@ -115,6 +136,7 @@ vip = "{VIP}:9000"
 proto = "tcp"
 scheduler = "{scheduler}"
 toa = {toa}
+{echo}
 [[service.backend]]
 addr = "{b1}:9000"
 [[service.backend]]
@@ -144,6 +166,7 @@ vip = "[{VIP6}]:9000"
 proto = "tcp"
 scheduler = "{scheduler}"
 toa = {toa}
+{echo}
 [[service.backend]]
 addr = "[{b1v6}]:9000"
 [[service.backend]]

@@ -221,8 +221,8 @@ fn sigterm_leaves_no_device_route_or_sysctl_behind() -> Result<()> {
 #[test]
 fn toa_tells_the_backend_the_client_address_and_port() -> Result<()> {
     let site = Site::start_with(SiteOptions {
-        scheduler: "rr",
         toa: true,
+        ..SiteOptions::default()
     })?;
     let client4 = IpAddr::V4(site.lab.client_addr());
     let client6 = IpAddr::V6(site.lab.client_addr6());

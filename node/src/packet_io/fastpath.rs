@@ -15,15 +15,22 @@
 //!   path (`fastpath = "auto"`) or refuse to start (`"on"`).
 //! * **A full map** refuses the insert: the session stays on the slow path, counted.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::links::LinkOrder;
+use aya::programs::tc::TcAttachOptions;
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
+use dataplane::service::Traffic;
+use dataplane::{FlowActivity, L4Proto, Offload, OffloadFlow, OffloadSide, SideActivity};
 use parking_lot::Mutex;
+
+use crate::clock;
 
 /// The object `build.rs` compiled from `bpf/fastpath.c`.
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fastpath.o"));
@@ -54,7 +61,8 @@ pub(crate) struct Entry {
     sport: [u8; 2],
     dport: [u8; 2],
     wscale: u8,
-    pad: [u8; 3],
+    side: u8,
+    pad: [u8; 2],
     seq_delta: u32,
     ack_delta: u32,
     last_seen_ns: u64,
@@ -74,6 +82,9 @@ unsafe impl aya::Pod for Entry {}
 /// `LBC_FAMILY_V4` / `LBC_FAMILY_V6`.
 const FAMILY_V4: u8 = 4;
 const FAMILY_V6: u8 = 6;
+/// `LBC_CLIENT_SIDE` / `LBC_SERVER_SIDE`.
+const CLIENT_SIDE: u8 = 0;
+const SERVER_SIDE: u8 = 1;
 
 fn addr_bytes(ip: IpAddr) -> (u8, [u8; 16]) {
     let mut out = [0; 16];
@@ -86,20 +97,65 @@ fn addr_bytes(ip: IpAddr) -> (u8, [u8; 16]) {
     }
 }
 
+fn socket_addr(family: u8, addr: [u8; 16], port: [u8; 2]) -> SocketAddr {
+    let ip = if family == FAMILY_V4 {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    } else {
+        IpAddr::from(addr)
+    };
+    SocketAddr::new(ip, u16::from_be_bytes(port))
+}
+
 impl Key {
-    pub(crate) fn new(proto: u8, src: (IpAddr, u16), dst: (IpAddr, u16)) -> Key {
-        let (family, src_addr) = addr_bytes(src.0);
-        let (_, dst_addr) = addr_bytes(dst.0);
+    fn new(proto: L4Proto, (src, dst): (SocketAddr, SocketAddr)) -> Key {
+        let (family, src_addr) = addr_bytes(src.ip());
+        let (_, dst_addr) = addr_bytes(dst.ip());
         Key {
             family,
-            proto,
-            sport: src.1.to_be_bytes(),
-            dport: dst.1.to_be_bytes(),
+            proto: proto.number(),
+            sport: src.port().to_be_bytes(),
+            dport: dst.port().to_be_bytes(),
             pad: 0,
             src: src_addr,
             dst: dst_addr,
         }
     }
+}
+
+impl Entry {
+    fn new(side: u8, s: &OffloadSide) -> Entry {
+        let (_, src) = addr_bytes(s.leaves.0.ip());
+        let (_, dst) = addr_bytes(s.leaves.1.ip());
+        Entry {
+            src,
+            dst,
+            sport: s.leaves.0.port().to_be_bytes(),
+            dport: s.leaves.1.port().to_be_bytes(),
+            wscale: s.wscale,
+            side,
+            seq_end: s.seq_end,
+            max_win: s.max_win,
+            ..Entry::default()
+        }
+    }
+
+    fn activity(&self) -> SideActivity {
+        SideActivity {
+            last_seen: (self.last_seen_ns != 0)
+                .then(|| clock::from_monotonic_ns(self.last_seen_ns)),
+            packets: self.packets,
+            bytes: self.bytes,
+            seq_end: self.seq_end,
+            max_win: self.max_win,
+        }
+    }
+}
+
+fn keys(flow: &OffloadFlow) -> [Key; 2] {
+    [
+        Key::new(flow.proto, flow.client_side.arrives),
+        Key::new(flow.proto, flow.server_side.arrives),
+    ]
 }
 
 /// The program's own counters (`enum lbc_fastpath_counter`), summed over the CPUs.
@@ -110,15 +166,34 @@ pub(crate) struct ProgramCounters {
     pub(crate) not_forwardable: u64,
     pub(crate) no_route: u64,
     pub(crate) rewrite_failed: u64,
+    pub(crate) too_big: u64,
 }
+
+/// Sessions handed to the fast path, as `status` shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SessionCounters {
+    /// Offloaded now.
+    pub(crate) offloaded: u64,
+    /// Offloaded since the start, withdrawn since the start.
+    pub(crate) offloads: u64,
+    pub(crate) withdrawals: u64,
+    /// Offloads the map refused (full): those sessions stay on the slow path.
+    pub(crate) refused: u64,
+}
+
+/// What the fast path carries now, by service (protocol, VIP) and real server: traffic not
+/// yet folded into the engine's counters (that happens when a flow is withdrawn).
+pub(crate) type LiveTraffic = HashMap<(L4Proto, SocketAddr, SocketAddr), Traffic>;
 
 /// The fast path of one node: the loaded program, its attachments and its maps.
 pub(crate) struct FastPath {
     /// Owns the program and its tcx links: dropping it detaches the program.
-    _ebpf: Ebpf,
+    program: Mutex<Option<Ebpf>>,
     flows: Mutex<BpfHashMap<MapData, Key, Entry>>,
     counters: PerCpuArray<MapData, u64>,
     devices: Vec<String>,
+    offloads: AtomicU64,
+    withdrawals: AtomicU64,
     refused: AtomicU64,
 }
 
@@ -138,7 +213,7 @@ impl FastPath {
             bail!("no device to attach the fast path to");
         }
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(FLOWS, entries.max(1))
+            .map_max_entries(FLOWS, entries.max(2))
             .load(OBJECT)
             .context("loading the fast path's eBPF object")?;
         let program: &mut SchedClassifier = ebpf
@@ -155,27 +230,31 @@ impl FastPath {
                 .attach_with_options(
                     device,
                     TcAttachType::Ingress,
-                    aya::programs::tc::TcAttachOptions::TcxOrder(Default::default()),
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
                 .with_context(|| {
-                    format!("attaching the fast path to {device} (tcx, kernel ≥ 6.6)")
+                    format!("attaching the fast path to {device} (tcx needs Linux 6.6 or later)")
                 })?;
         }
-        let flows =
-            BpfHashMap::try_from(ebpf.take_map(FLOWS).context("the object has no flow map")?)
-                .context("the flow map's layout differs from this build's")?;
-        let counters = PerCpuArray::try_from(
-            ebpf.take_map(COUNTERS)
-                .context("the object has no counter map")?,
-        )
-        .context("the counter map's layout differs from this build's")?;
+        let flows = BpfHashMap::try_from(ebpf.take_map(FLOWS).context("no flow map")?)
+            .context("the flow map's layout differs from this build's")?;
+        let counters = PerCpuArray::try_from(ebpf.take_map(COUNTERS).context("no counter map")?)
+            .context("the counter map's layout differs from this build's")?;
         Ok(FastPath {
-            _ebpf: ebpf,
+            program: Mutex::new(Some(ebpf)),
             flows: Mutex::new(flows),
             counters,
             devices: devices.to_vec(),
+            offloads: AtomicU64::new(0),
+            withdrawals: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         })
+    }
+
+    /// Detaches the program: from now on every packet takes the slow path. The entries stay
+    /// until their sessions are withdrawn.
+    pub(crate) fn detach(&self) {
+        self.program.lock().take();
     }
 
     /// The devices the program is attached to.
@@ -183,43 +262,15 @@ impl FastPath {
         &self.devices
     }
 
-    /// Inserts `entries`, all or none; false when the map refused one (it is full).
-    pub(crate) fn insert(&self, entries: &[(Key, Entry)]) -> bool {
-        let mut flows = self.flows.lock();
-        for (n, (key, entry)) in entries.iter().enumerate() {
-            if flows.insert(key, entry, 0).is_err() {
-                for (key, _) in &entries[..n] {
-                    let _ = flows.remove(key);
-                }
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                return false;
-            }
+    pub(crate) fn sessions(&self) -> SessionCounters {
+        let offloads = self.offloads.load(Ordering::Relaxed);
+        let withdrawals = self.withdrawals.load(Ordering::Relaxed);
+        SessionCounters {
+            offloaded: offloads.saturating_sub(withdrawals),
+            offloads,
+            withdrawals,
+            refused: self.refused.load(Ordering::Relaxed),
         }
-        true
-    }
-
-    /// Removes `keys`; returns what each entry held when it went (`None` for a key not there).
-    pub(crate) fn remove(&self, keys: &[Key]) -> Vec<Option<Entry>> {
-        let mut flows = self.flows.lock();
-        keys.iter()
-            .map(|key| {
-                let entry = flows.get(key, 0).ok();
-                match flows.remove(key) {
-                    Ok(()) | Err(MapError::KeyNotFound) => entry,
-                    Err(_) => entry,
-                }
-            })
-            .collect()
-    }
-
-    /// What the entry of `key` holds now.
-    pub(crate) fn get(&self, key: &Key) -> Option<Entry> {
-        self.flows.lock().get(key, 0).ok()
-    }
-
-    /// Inserts refused because the map was full.
-    pub(crate) fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
     }
 
     /// The program's counters, summed over the CPUs.
@@ -236,7 +287,106 @@ impl FastPath {
             not_forwardable: sum(2),
             no_route: sum(3),
             rewrite_failed: sum(4),
+            too_big: sum(5),
         }
+    }
+
+    /// What the fast path carries now ([`LiveTraffic`]): every entry read once.
+    pub(crate) fn live_traffic(&self) -> LiveTraffic {
+        let mut live = LiveTraffic::new();
+        let flows = self.flows.lock();
+        for (key, entry) in flows.iter().filter_map(Result::ok) {
+            let proto = if key.proto == L4Proto::Udp.number() {
+                L4Proto::Udp
+            } else {
+                L4Proto::Tcp
+            };
+            let family = key.family;
+            if entry.side == CLIENT_SIDE {
+                let vip = socket_addr(family, key.dst, key.dport);
+                let rs = socket_addr(family, entry.dst, entry.dport);
+                let t = live.entry((proto, vip, rs)).or_default();
+                t.packets_in += entry.packets;
+                t.bytes_in += entry.bytes;
+            } else {
+                let vip = socket_addr(family, entry.src, entry.sport);
+                let rs = socket_addr(family, key.src, key.sport);
+                let t = live.entry((proto, vip, rs)).or_default();
+                t.packets_out += entry.packets;
+                t.bytes_out += entry.bytes;
+            }
+        }
+        live
+    }
+}
+
+/// The devices the fast path goes on by default: every one that is up, but the loopback and
+/// the node's TUN device (`tun`), as the kernel lists them in `/sys/class/net`.
+pub(crate) fn uplinks(tun: &str) -> Result<Vec<String>> {
+    const IFF_UP: u32 = 0x1;
+    let mut devices = Vec::new();
+    for dev in std::fs::read_dir("/sys/class/net").context("listing /sys/class/net")? {
+        let dev = dev.context("listing /sys/class/net")?;
+        let name = dev.file_name().to_string_lossy().into_owned();
+        if name == "lo" || name == tun {
+            continue;
+        }
+        let flags = std::fs::read_to_string(dev.path().join("flags")).unwrap_or_default();
+        let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap_or(0);
+        if flags & IFF_UP != 0 {
+            devices.push(name);
+        }
+    }
+    devices.sort();
+    Ok(devices)
+}
+
+impl Offload for FastPath {
+    fn offload(&self, flow: &OffloadFlow) -> bool {
+        let [client, server] = keys(flow);
+        let entries = [
+            (client, Entry::new(CLIENT_SIDE, &flow.client_side)),
+            (server, Entry::new(SERVER_SIDE, &flow.server_side)),
+        ];
+        let mut flows = self.flows.lock();
+        for (n, (key, entry)) in entries.iter().enumerate() {
+            if flows.insert(key, entry, 0).is_err() {
+                for (key, _) in &entries[..n] {
+                    let _ = flows.remove(key);
+                }
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+        }
+        self.offloads.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn withdraw(&self, flow: &OffloadFlow) -> Option<FlowActivity> {
+        let mut flows = self.flows.lock();
+        let mut take = |key: &Key| {
+            let entry = flows.get(key, 0).ok()?;
+            flows.remove(key).ok()?;
+            Some(entry.activity())
+        };
+        let [client, server] = keys(flow);
+        let seen = [take(&client), take(&server)];
+        drop(flows);
+        if seen.iter().all(Option::is_none) {
+            return None;
+        }
+        self.withdrawals.fetch_add(1, Ordering::Relaxed);
+        Some(seen.map(Option::unwrap_or_default))
+    }
+
+    fn activity(&self, flow: &OffloadFlow) -> Option<FlowActivity> {
+        let flows = self.flows.lock();
+        let [client, server] = keys(flow);
+        let seen = [client, server].map(|key| flows.get(&key, 0).ok().map(|e| e.activity()));
+        if seen.iter().all(Option::is_none) {
+            return None;
+        }
+        Some(seen.map(Option::unwrap_or_default))
     }
 }
 

@@ -27,8 +27,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use dataplane::L4Checksum;
 
+use fastpath::FastPath;
+pub(crate) use fastpath::LiveTraffic;
 use kernel::KernelState;
 use worker::WorkerCounters;
+
+use crate::config::FastPathMode;
 
 /// What a backend knows about a packet it received.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +72,24 @@ pub(crate) struct DataplaneSpec {
     pub(crate) queues: usize,
     /// VIPs and LIPs: each gets a host route (/32, /128) into the device.
     pub(crate) routes: Vec<IpAddr>,
+    pub(crate) fastpath: FastPathMode,
+    /// `None`: every device that is up, but the loopback and the TUN device.
+    pub(crate) fastpath_devices: Option<Vec<String>>,
+    /// Sessions the engine holds at most (the fast path's map has two entries a session).
+    pub(crate) max_sessions: u32,
+}
+
+/// Which path established flows take, and why, as `status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct FastPathStatus {
+    pub(crate) mode: FastPathMode,
+    /// The kernel fast path forwards established flows.
+    pub(crate) running: bool,
+    /// Why it does not run (`mode` off, or what the kernel refused).
+    pub(crate) reason: Option<String>,
+    pub(crate) devices: Vec<String>,
+    pub(crate) sessions: fastpath::SessionCounters,
+    pub(crate) program: fastpath::ProgramCounters,
 }
 
 /// Where packet workers send their session events: session sync's inbox.
@@ -113,12 +135,18 @@ struct Running {
     threads: Vec<JoinHandle<()>>,
     counters: Vec<Arc<WorkerCounters>>,
     kernel: Option<KernelState>,
+    fastpath: Option<Arc<FastPath>>,
+    fastpath_status: FastPathStatus,
 }
 
 impl Running {
-    /// Removes the routes, stops and joins the workers (closing the last queue removes the
-    /// device) and restores the sysctls. Idempotent; tries every step whatever fails.
+    /// Detaches the fast path, removes the routes, stops and joins the workers (closing the
+    /// last queue removes the device) and restores the sysctls. Idempotent; tries every step
+    /// whatever fails.
     fn shutdown(&mut self) -> Result<()> {
+        if let Some(f) = &self.fastpath {
+            f.detach();
+        }
         let mut errors = Vec::new();
         if let Some(k) = &mut self.kernel
             && let Err(e) = k.remove_routes()
@@ -172,6 +200,8 @@ pub(crate) fn start(
         threads: Vec::with_capacity(queues),
         counters: Vec::with_capacity(queues),
         kernel: None,
+        fastpath: None,
+        fastpath_status: FastPathStatus::default(),
     };
     for (i, q) in tun_queues.into_iter().enumerate() {
         let counters = Arc::new(WorkerCounters::default());
@@ -188,7 +218,46 @@ pub(crate) fn start(
         KernelState::apply(&spec.tun_name, &spec.routes)
             .with_context(|| format!("setting up routes and sysctls for {}", spec.tun_name))?,
     );
+    let (fastpath, status) = start_fastpath(spec)?;
+    if let Some(f) = &fastpath {
+        // Set once per engine: the node starts its data plane once.
+        engine.set_offload(f.clone());
+    }
+    running.fastpath = fastpath;
+    running.fastpath_status = status;
     Ok(DataplaneHandle { running })
+}
+
+/// Starts the fast path as `spec.fastpath` says: `auto` runs without it (saying why) where
+/// the kernel refuses it, `on` fails.
+fn start_fastpath(spec: &DataplaneSpec) -> Result<(Option<Arc<FastPath>>, FastPathStatus)> {
+    let mut status = FastPathStatus {
+        mode: spec.fastpath,
+        ..FastPathStatus::default()
+    };
+    if spec.fastpath == FastPathMode::Off {
+        status.reason = Some("fastpath = \"off\" in the node's file".to_owned());
+        return Ok((None, status));
+    }
+    let started = match &spec.fastpath_devices {
+        Some(devices) => Ok(devices.clone()),
+        None => fastpath::uplinks(&spec.tun_name),
+    }
+    .and_then(|devices| FastPath::start(&devices, spec.max_sessions.saturating_mul(2)));
+    match started {
+        Ok(f) => {
+            tracing::info!(devices = ?f.devices(), "kernel fast path on");
+            status.running = true;
+            status.devices = f.devices().to_vec();
+            Ok((Some(Arc::new(f)), status))
+        }
+        Err(e) if spec.fastpath == FastPathMode::Auto => {
+            tracing::warn!("kernel fast path off, every packet takes the TUN path: {e:#}");
+            status.reason = Some(format!("{e:#}"));
+            Ok((None, status))
+        }
+        Err(e) => Err(e.context("fastpath = \"on\"")),
+    }
 }
 
 impl DataplaneHandle {
@@ -211,6 +280,25 @@ impl DataplaneHandle {
         kernel
             .set_routes(routes)
             .context("updating the routes into the TUN device")
+    }
+
+    /// The fast path's state and counters.
+    pub(crate) fn fastpath_status(&self) -> FastPathStatus {
+        let mut status = self.running.fastpath_status.clone();
+        if let Some(f) = &self.running.fastpath {
+            status.sessions = f.sessions();
+            status.program = f.counters();
+        }
+        status
+    }
+
+    /// What the fast path carries now, not yet in the engine's counters.
+    pub(crate) fn fastpath_traffic(&self) -> LiveTraffic {
+        self.running
+            .fastpath
+            .as_ref()
+            .map(|f| f.live_traffic())
+            .unwrap_or_default()
     }
 
     /// Per-worker counters.
