@@ -85,6 +85,9 @@ pub(crate) struct NodeConfig {
     /// The devices the fast path is attached to; `None`: every device that is up, but the
     /// loopback and the TUN device.
     pub(crate) fastpath_devices: Option<Vec<String>>,
+    /// Sessions the fast path holds at most (its map has two entries a session); more stay on
+    /// the slow path.
+    pub(crate) fastpath_sessions: u32,
 }
 
 /// `[node] fastpath`.
@@ -257,6 +260,7 @@ struct NodeFile {
     #[serde(default)]
     fastpath: FastPathMode,
     fastpath_devices: Option<Vec<String>>,
+    fastpath_sessions: Option<u32>,
 }
 
 fn default_tun() -> String {
@@ -681,6 +685,15 @@ fn check_node(n: NodeFile) -> Result<NodeConfig, Invalid> {
             return Err(invalid(key, "must be greater than 0"));
         }
     }
+    let fastpath_sessions = n
+        .fastpath_sessions
+        .unwrap_or_else(|| max_v4.saturating_add(max_v6));
+    if fastpath_sessions == 0 {
+        return Err(invalid(
+            "node.fastpath_sessions",
+            "must be greater than 0 (fastpath = \"off\" turns the fast path off)",
+        ));
+    }
     if let Some(devices) = &n.fastpath_devices {
         if devices.is_empty() {
             return Err(invalid(
@@ -705,6 +718,7 @@ fn check_node(n: NodeFile) -> Result<NodeConfig, Invalid> {
         max_sessions_v6: max_v6,
         fastpath: n.fastpath,
         fastpath_devices: n.fastpath_devices,
+        fastpath_sessions,
     })
 }
 

@@ -146,10 +146,7 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
         routes,
         fastpath: config.node.fastpath,
         fastpath_devices: config.node.fastpath_devices.clone(),
-        max_sessions: config
-            .node
-            .max_sessions_v4
-            .saturating_add(config.node.max_sessions_v6),
+        fastpath_sessions: config.node.fastpath_sessions,
     };
     let state = Arc::new(NodeState::new(node_name.clone(), engine, initial)?);
     if let Mode::Cluster { admin, .. } = &mode

@@ -410,6 +410,39 @@ pub fn tcp_echo(addr: SocketAddr, message: &[u8], timeout: Duration) -> Result<V
     answer.with_context(|| format!("tcp echo with {addr}"))
 }
 
+/// Sends [`pattern`]`(n)` through the TCP echo server at `addr`, checks it came back, then
+/// aborts the connection: it closes with a RST (`SO_LINGER` 0), not a FIN.
+pub fn tcp_echo_reset(addr: SocketAddr, n: usize, timeout: Duration) -> Result<()> {
+    let mut stream = connect(addr, timeout)?;
+    let sent = pattern(n);
+    stream.write_all(&sent)?;
+    let mut echo = vec![0; n];
+    stream
+        .read_exact(&mut echo)
+        .with_context(|| format!("read the echo from {addr}"))?;
+    ensure!(
+        echo == sent,
+        "the echo from {addr} differs from what was sent"
+    );
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket descriptor, and a pointer to a linger struct with its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    ensure!(rc == 0, "SO_LINGER: {}", io::Error::last_os_error());
+    drop(stream);
+    Ok(())
+}
+
 /// `n` bytes of a pattern that repeats only every 251 × 256 bytes (so that a lost, repeated or
 /// reordered segment shows).
 pub fn pattern(n: usize) -> Vec<u8> {

@@ -735,6 +735,15 @@ impl Lab {
         Ok(())
     }
 
+    /// [`Lab::tcp_echo_check`], then the connection is aborted with a RST.
+    pub fn tcp_echo_reset(&self, role: &str, addr: SocketAddr, bytes: usize) -> Result<()> {
+        self.client_tool(
+            role,
+            &["tcp-echo-reset", &addr.to_string(), &bytes.to_string()],
+        )?;
+        Ok(())
+    }
+
     /// Sends `message` to a UDP echo server from `role`'s namespace; what came back.
     pub fn udp_echo(&self, role: &str, addr: SocketAddr, message: &str) -> Result<String> {
         let echo = self.client_tool(role, &["udp-echo", &addr.to_string(), message])?;

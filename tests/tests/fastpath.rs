@@ -128,3 +128,93 @@ fn fastpath_off_keeps_the_tun_path() -> Result<()> {
     ensure!(site.event("forwarded_inbound")? - engine0 > 100);
     Ok(())
 }
+
+/// Sessions the fast path holds now.
+fn offloaded(site: &Site) -> Result<u64> {
+    status(site)?["fastpath"]["sessions"]["offloaded"]
+        .as_u64()
+        .context("no fast path sessions")
+}
+
+#[test]
+fn a_rst_reaches_the_engine_and_closes_the_session_and_its_entries() -> Result<()> {
+    let site = Site::start("rr")?;
+    site.lab
+        .tcp_echo_reset("client", echo(IpAddr::V4(VIP)), 4 << 20)?;
+    // The RST went through the engine, which closed the session and withdrew it.
+    site_wait(&site, |st| {
+        st["fastpath"]["sessions"]["offloaded"] == 0 && st["fastpath"]["sessions"]["offloads"] == 1
+    })?;
+    let sessions = site.sessions()?;
+    ensure!(
+        !sessions.contains("ESTABLISHED"),
+        "the reset session is still established:\n{sessions}"
+    );
+    Ok(())
+}
+
+/// A flow the fast path carries for four times its established timeout is not expired: the
+/// engine reads the last-seen time from the map before it expires anything.
+#[test]
+fn an_offloaded_flow_outlives_its_established_timeout_while_it_streams() -> Result<()> {
+    let site = Site::start_with(SiteOptions {
+        echo: "timeouts = { established = 5 }",
+        ..SiteOptions::default()
+    })?;
+    let streams = tests::load::client_tool(
+        &site.lab,
+        &[
+            "streams",
+            &echo(IpAddr::V4(VIP)).to_string(),
+            "--conns",
+            "4",
+            "--seconds",
+            "20",
+        ],
+    )?;
+    tests::lab::wait_for(
+        "four streams offloaded",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            let n = offloaded(&site)?;
+            ensure!(n == 4, "{n} offloaded");
+            Ok(())
+        },
+    )?;
+    let report = tests::load::report(&streams, Duration::from_secs(40))?;
+    println!("20 s streams with a 5 s established timeout: {report}");
+    assert_eq!(report["completed"], 4, "{report}");
+    assert_eq!(report["resets"], 0, "{report}");
+    assert_eq!(report["content_errors"], 0, "{report}");
+    Ok(())
+}
+
+/// A fast path with room for one session: the second and third flows stay on the slow path,
+/// counted, and work all the same.
+#[test]
+fn a_full_map_leaves_flows_on_the_slow_path_counted() -> Result<()> {
+    let site = Site::start_with(SiteOptions {
+        node: "fastpath_sessions = 1",
+        ..SiteOptions::default()
+    })?;
+    let streams = tests::load::client_tool(
+        &site.lab,
+        &[
+            "streams",
+            &echo(IpAddr::V4(VIP)).to_string(),
+            "--conns",
+            "3",
+            "--seconds",
+            "5",
+        ],
+    )?;
+    let report = tests::load::report(&streams, Duration::from_secs(30))?;
+    assert_eq!(report["completed"], 3, "{report}");
+    assert_eq!(report["resets"], 0, "{report}");
+    let st = status(&site)?;
+    let sessions = &st["fastpath"]["sessions"];
+    assert_eq!(sessions["offloads"], 1, "{sessions}");
+    assert_eq!(sessions["refused"], 2, "{sessions}");
+    Ok(())
+}

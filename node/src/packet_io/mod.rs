@@ -75,8 +75,8 @@ pub(crate) struct DataplaneSpec {
     pub(crate) fastpath: FastPathMode,
     /// `None`: every device that is up, but the loopback and the TUN device.
     pub(crate) fastpath_devices: Option<Vec<String>>,
-    /// Sessions the engine holds at most (the fast path's map has two entries a session).
-    pub(crate) max_sessions: u32,
+    /// Sessions the fast path holds at most (its map has two entries a session).
+    pub(crate) fastpath_sessions: u32,
 }
 
 /// Which path established flows take, and why, as `status` shows it.
@@ -243,7 +243,7 @@ fn start_fastpath(spec: &DataplaneSpec) -> Result<(Option<Arc<FastPath>>, FastPa
         Some(devices) => Ok(devices.clone()),
         None => fastpath::uplinks(&spec.tun_name),
     }
-    .and_then(|devices| FastPath::start(&devices, spec.max_sessions.saturating_mul(2)));
+    .and_then(|devices| FastPath::start(&devices, spec.fastpath_sessions.saturating_mul(2)));
     match started {
         Ok(f) => {
             tracing::info!(devices = ?f.devices(), "kernel fast path on");

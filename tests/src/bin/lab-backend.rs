@@ -46,6 +46,8 @@ enum Command {
     TcpEcho { addr: SocketAddr, message: String },
     /// Send BYTES bytes of a pattern through a TCP echo server; fail unless they come back.
     TcpEchoCheck { addr: SocketAddr, bytes: usize },
+    /// Like tcp-echo-check, then abort the connection with a RST instead of closing it.
+    TcpEchoReset { addr: SocketAddr, bytes: usize },
     /// Send a message to a UDP echo server and print the answer.
     UdpEcho { addr: SocketAddr, message: String },
     /// Long-lived streams and new short HTTP connections at a rate; print a JSON report.
@@ -91,6 +93,10 @@ fn main() -> Result<()> {
         Command::TcpEchoCheck { addr, bytes } => {
             backend::tcp_echo_check(addr, bytes, timeout)?;
             format!("{bytes} bytes echoed intact\n").into_bytes()
+        }
+        Command::TcpEchoReset { addr, bytes } => {
+            backend::tcp_echo_reset(addr, bytes, timeout)?;
+            format!("{bytes} bytes echoed intact, then reset\n").into_bytes()
         }
         Command::UdpEcho { addr, message } => backend::udp_echo(addr, message.as_bytes(), timeout)?,
         Command::Load {
