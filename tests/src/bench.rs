@@ -104,21 +104,25 @@ impl Cli {
     }
 }
 
-/// The four data paths on n1.
+/// The five data paths on n1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataPath {
     Kernel,
     Nftables,
     Haproxy,
+    /// lbcluster with `fastpath = "off"`: every packet through the TUN device.
     Lbcluster,
+    /// lbcluster with its kernel fast path: established flows forwarded by eBPF.
+    Fastpath,
 }
 
 impl DataPath {
-    pub const ALL: [DataPath; 4] = [
+    pub const ALL: [DataPath; 5] = [
         DataPath::Kernel,
         DataPath::Nftables,
         DataPath::Haproxy,
         DataPath::Lbcluster,
+        DataPath::Fastpath,
     ];
 
     fn label(self) -> &'static str {
@@ -126,9 +130,18 @@ impl DataPath {
             DataPath::Kernel => "(a) kernel routing via n1, no NAT",
             DataPath::Nftables => "(b) nftables Full-NAT on n1",
             DataPath::Haproxy => "(c) HAProxy mode tcp on n1",
-            DataPath::Lbcluster => "(d) lbcluster on n1",
+            DataPath::Lbcluster => "(d) lbcluster on n1, TUN only",
+            DataPath::Fastpath => "(e) lbcluster on n1, fast path",
         }
     }
+}
+
+/// What iperf3 measured of one TCP stream.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TcpRate {
+    pub bps: f64,
+    /// Segments the sender sent again.
+    pub retransmits: u64,
 }
 
 /// One measured figure, or why there is none.
@@ -188,8 +201,8 @@ pub struct Report {
     pub seconds: u32,
     /// `(interface, ethtool -k summary)` lines.
     pub offloads: Vec<(String, String)>,
-    /// TCP throughput in bit/s, per path in [`DataPath::ALL`] order.
-    pub tcp: Vec<(DataPath, Figure<f64>)>,
+    /// TCP throughput, per path in [`DataPath::ALL`] order.
+    pub tcp: Vec<(DataPath, Figure<TcpRate>)>,
     pub udp: Vec<(DataPath, Figure<UdpRate>)>,
 }
 
@@ -260,7 +273,11 @@ pub fn render(report: &Report) -> String {
     );
     for (path, fig) in &report.tcp {
         let text = match fig {
-            Figure::Measured(bps) => format!("{:>8.2} Gbit/s", bps / 1e9),
+            Figure::Measured(t) => format!(
+                "{:>8.2} Gbit/s   ({} retransmissions)",
+                t.bps / 1e9,
+                t.retransmits
+            ),
             other => not_measured(other).unwrap_or_default(),
         };
         let _ = writeln!(s, "  {:<36} {text}", path.label());
@@ -294,41 +311,61 @@ pub fn render(report: &Report) -> String {
         "  * on veth the sender's CPU carries each datagram through every kernel hop (softirq \
          in its context): where all arrive, the path kept up with one CPU's sending"
     );
-    let tcp = |p| figure_of(&report.tcp, p);
+    let tcp = |p| figure_of(&report.tcp, p).map(|t: TcpRate| t.bps);
     let udp = |p| figure_of(&report.udp, p).map(|r: UdpRate| r.received_pps());
-    let _ = writeln!(s, "\nRatios");
-    ratio_line(
-        &mut s,
-        "TCP lbcluster / nftables Full-NAT",
-        ratio(tcp(DataPath::Lbcluster), tcp(DataPath::Nftables)),
-        Some(1.0),
-    );
-    ratio_line(
-        &mut s,
-        "TCP lbcluster / HAProxy",
-        ratio(tcp(DataPath::Lbcluster), tcp(DataPath::Haproxy)),
-        Some(2.0),
-    );
-    ratio_line(
-        &mut s,
-        "TCP lbcluster / kernel routing",
-        ratio(tcp(DataPath::Lbcluster), tcp(DataPath::Kernel)),
-        None,
-    );
-    ratio_line(
-        &mut s,
-        "UDP pps lbcluster / nftables Full-NAT",
-        ratio(udp(DataPath::Lbcluster), udp(DataPath::Nftables)),
-        None,
-    );
+    let offered = |p| figure_of(&report.udp, p).map(|r: UdpRate| r.offered_pps());
+    let _ = writeln!(s, "\nRatios (e = the fast path, d = TUN only)");
+    let (d, e) = (DataPath::Lbcluster, DataPath::Fastpath);
+    let (nft, kernel, haproxy) = (DataPath::Nftables, DataPath::Kernel, DataPath::Haproxy);
+    for (what, a, b, goal) in [
+        ("TCP (e) / nftables Full-NAT", tcp(e), tcp(nft), Some(1.0)),
+        ("TCP (e) / HAProxy", tcp(e), tcp(haproxy), Some(2.0)),
+        ("TCP (e) / kernel routing", tcp(e), tcp(kernel), None),
+        ("TCP (d) / nftables Full-NAT", tcp(d), tcp(nft), None),
+        (
+            "UDP offered (e) / nftables Full-NAT",
+            offered(e),
+            offered(nft),
+            Some(1.1),
+        ),
+        (
+            "UDP offered (e) / kernel routing",
+            offered(e),
+            offered(kernel),
+            Some(0.95),
+        ),
+        ("UDP pps (e) / nftables Full-NAT", udp(e), udp(nft), None),
+        ("UDP pps (d) / nftables Full-NAT", udp(d), udp(nft), None),
+    ] {
+        ratio_line(&mut s, what, ratio(a, b), goal);
+    }
+    if let Some(r) = figure_of(&report.udp, e) {
+        let _ = writeln!(
+            s,
+            "  {:<36} {:>6.1} %   (goal 100 %: {})",
+            "UDP delivered by (e)",
+            100.0 * r.received as f64 / r.sent.max(1) as f64,
+            if r.received >= r.sent {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+    }
+    let retransmits = |p| figure_of(&report.tcp, p).map(|t: TcpRate| t.retransmits);
+    if let (Some(re), Some(rn)) = (retransmits(e), retransmits(nft)) {
+        let _ = writeln!(
+            s,
+            "  {:<36} {re} vs {rn}   (goal ≤ nftables': {})",
+            "TCP retransmissions (e) vs nftables",
+            if re <= rn { "met" } else { "NOT met" }
+        );
+    }
     let _ = writeln!(
         s,
-        "  {:<36}    n/a (HAProxy does not do UDP)",
-        "UDP pps lbcluster / HAProxy"
-    );
-    let _ = writeln!(
-        s,
-        "\nGoal: lbcluster ≥ 1.0× nftables Full-NAT in TCP throughput and ≥ 2× HAProxy."
+        "\nGoals: (e) ≥ 1.0× nftables Full-NAT in TCP throughput with no more retransmissions, \
+         ≥ 2× HAProxy; in UDP every datagram delivered at an offered rate ≥ 1.1× nftables' and \
+         ≥ 0.95× kernel routing's."
     );
     s
 }
@@ -357,15 +394,21 @@ pub fn offload_summary(ethtool_k: &str) -> String {
         .join(", ")
 }
 
-/// Bits per second received, from `iperf3 -J` output.
-pub fn iperf3_bps(json: &str) -> Result<f64> {
+/// Bits per second received and the sender's retransmissions, from `iperf3 -J` output.
+pub fn iperf3_rate(json: &str) -> Result<TcpRate> {
     let v: serde_json::Value = serde_json::from_str(json).context("iperf3 output is not JSON")?;
     if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
         bail!("iperf3: {err}");
     }
-    v.pointer("/end/sum_received/bits_per_second")
+    let bps = v
+        .pointer("/end/sum_received/bits_per_second")
         .and_then(serde_json::Value::as_f64)
-        .context("iperf3 output has no end.sum_received.bits_per_second")
+        .context("iperf3 output has no end.sum_received.bits_per_second")?;
+    let retransmits = v
+        .pointer("/end/sum_sent/retransmits")
+        .and_then(serde_json::Value::as_u64)
+        .context("iperf3 output has no end.sum_sent.retransmits")?;
+    Ok(TcpRate { bps, retransmits })
 }
 
 /// What the sender prints: `sent N SECONDS`.
@@ -562,7 +605,7 @@ pub fn install_missing() -> Result<()> {
 }
 
 /// A path's TCP and UDP figures.
-type PathFigures = (Figure<f64>, Figure<UdpRate>);
+type PathFigures = (Figure<TcpRate>, Figure<UdpRate>);
 
 /// The benchmark's lab: 1 node, 1 backend running an iperf3 server.
 #[derive(Debug)]
@@ -641,8 +684,8 @@ impl Bench {
             .collect()
     }
 
-    /// iperf3, one stream, from the client to `addr`:IPERF_PORT; bit/s.
-    fn tcp(&self, addr: Ipv4Addr) -> Result<f64> {
+    /// iperf3, one stream, from the client to `addr`:IPERF_PORT.
+    fn tcp(&self, addr: Ipv4Addr) -> Result<TcpRate> {
         let (t, limit) = (self.seconds.to_string(), (self.seconds + 20).to_string());
         let addr = addr.to_string();
         let port = IPERF_PORT.to_string();
@@ -654,7 +697,7 @@ impl Bench {
             .output()
             .context("run iperf3")?;
         // iperf3 -J prints its errors as JSON on stdout, with a failing exit status.
-        iperf3_bps(&String::from_utf8_lossy(&out.stdout))
+        iperf3_rate(&String::from_utf8_lossy(&out.stdout))
             .with_context(|| format!("iperf3 to {addr} exited with {}", out.status))
     }
 
@@ -797,7 +840,7 @@ impl Bench {
     }
 
     /// (c): HAProxy `mode tcp` on n1, listening on the VIP (on n1's `lo`).
-    fn haproxy(&self) -> Result<Figure<f64>> {
+    fn haproxy(&self) -> Result<Figure<TcpRate>> {
         let b1 = self.lab.backend_addr(1);
         let config = format!(
             "global\n  nbthread {HAPROXY_THREADS}\n  maxconn 1000\n\
@@ -825,14 +868,16 @@ impl Bench {
         Ok(Figure::from_result(figure))
     }
 
-    /// (d): `lbcluster run` on n1 with a TCP service on VIP:5201 and a UDP one on VIP:53, both
-    /// to b1, and its LIP routed to n1. Also returns the TUN device's offloads.
-    fn lbcluster(&self) -> Result<(PathFigures, (String, String))> {
+    /// (d) and (e): `lbcluster run` on n1 with a TCP service on VIP:5201 and a UDP one on
+    /// VIP:53, both to b1, and its LIP routed to n1; the fast path off (d) or on (e, and
+    /// failing if the kernel refuses it). Also returns the TUN device's offloads.
+    fn lbcluster(&self, fastpath: bool) -> Result<(PathFigures, (String, String))> {
         let b1 = self.lab.backend_addr(1);
         let socket = self.lab.dir().join("bench-n1.sock");
+        let mode = if fastpath { "on" } else { "off" };
         let config = format!(
             "[node]\nname = \"n1\"\ntun = \"lbc0\"\nworkers = {LB_WORKERS}\n\
-             local_addrs = [\"{LIP}\"]\n\n\
+             local_addrs = [\"{LIP}\"]\nfastpath = \"{mode}\"\n\n\
              [admin]\nsocket = \"{}\"\n\n\
              [[service]]\nvip = \"{VIP}:{IPERF_PORT}\"\nproto = \"tcp\"\n\
              [[service.backend]]\naddr = \"{b1}:{IPERF_PORT}\"\n\n\
@@ -851,10 +896,16 @@ impl Bench {
             .context("no TUN offloads")?;
         let figures = self.both(VIP, SocketAddr::new(VIP.into(), UDP_VIP_PORT));
         ensure!(node.is_running(), "lbcluster exited:\n{}", node.log());
+        node.signal("TERM")?;
+        ensure!(
+            node.wait_timeout(Duration::from_secs(15)).is_some(),
+            "lbcluster did not stop:\n{}",
+            node.log()
+        );
         Ok((figures, tun))
     }
 
-    /// Runs the four paths in turn and returns the report.
+    /// Runs the five paths in turn and returns the report.
     pub fn run(&self) -> Report {
         let mut offloads = self.offloads(&[]);
         let (ka, ua) = self.kernel().unwrap_or_else(|e| failed_both(&e));
@@ -862,20 +913,23 @@ impl Bench {
         let kc = self
             .haproxy()
             .unwrap_or_else(|e| Figure::Failed(format!("{e:#}")));
-        let (kd, ud) = match self.lbcluster() {
+        let (kd, ud) = match self.lbcluster(false) {
             Ok(((kd, ud), (iface, tun))) => {
                 offloads.push((iface, format!("{tun} (lbcluster's TUN, while it ran)")));
                 (kd, ud)
             }
             Err(e) => failed_both(&e),
         };
+        let (ke, ue) = self
+            .lbcluster(true)
+            .map_or_else(|e| failed_both(&e), |(figures, _)| figures);
         let udp_na = Figure::NotApplicable("HAProxy does not do UDP".into());
-        let [a, b, c, d] = DataPath::ALL;
+        let [a, b, c, d, e] = DataPath::ALL;
         Report {
             seconds: self.seconds,
             offloads,
-            tcp: vec![(a, ka), (b, kb), (c, kc), (d, kd)],
-            udp: vec![(a, ua), (b, ub), (c, udp_na), (d, ud)],
+            tcp: vec![(a, ka), (b, kb), (c, kc), (d, kd), (e, ke)],
+            udp: vec![(a, ua), (b, ub), (c, udp_na), (d, ud), (e, ue)],
         }
     }
 }
@@ -958,16 +1012,23 @@ mod tests {
 
     #[test]
     fn iperf3_json() {
-        let ok = r#"{"start":{},"end":{"sum_received":{"bits_per_second":1.5e10}}}"#;
-        assert_eq!(iperf3_bps(ok).unwrap(), 1.5e10);
+        let ok = r#"{"start":{},"end":{"sum_received":{"bits_per_second":1.5e10},
+                     "sum_sent":{"retransmits":12}}}"#;
+        assert_eq!(
+            iperf3_rate(ok).unwrap(),
+            TcpRate {
+                bps: 1.5e10,
+                retransmits: 12
+            }
+        );
         let err = r#"{"start":{},"end":{},"error":"unable to connect to server"}"#;
         assert!(
-            iperf3_bps(err)
+            iperf3_rate(err)
                 .unwrap_err()
                 .to_string()
                 .contains("unable to connect")
         );
-        assert!(iperf3_bps("").is_err());
+        assert!(iperf3_rate("").is_err());
     }
 
     #[test]
@@ -998,37 +1059,32 @@ mod tests {
     }
 
     fn sample() -> Report {
-        let [a, b, c, d] = DataPath::ALL;
-        let udp = |pps: u64| {
+        let [a, b, c, d, e] = DataPath::ALL;
+        let udp = |sent: u64, pps: u64| {
             Figure::Measured(UdpRate {
-                sent: 2 * pps,
+                sent,
                 send_secs: 1.0,
                 received: pps,
                 receive_secs: 1.0,
             })
         };
+        let tcp = |bps, retransmits| Figure::Measured(TcpRate { bps, retransmits });
         Report {
             seconds: 5,
             offloads: vec![("n1 uplink".into(), "tx-csum off, TSO off".into())],
             tcp: vec![
-                (a, Figure::Measured(20e9)),
-                (b, Figure::Measured(18e9)),
-                (c, Figure::Measured(6e9)),
-                (d, Figure::Measured(9e9)),
+                (a, tcp(20e9, 10)),
+                (b, tcp(18e9, 600)),
+                (c, tcp(6e9, 0)),
+                (d, tcp(9e9, 5)),
+                (e, tcp(16e9, 900)),
             ],
             udp: vec![
-                (
-                    a,
-                    Figure::Measured(UdpRate {
-                        sent: 200_000,
-                        send_secs: 1.0,
-                        received: 200_000,
-                        receive_secs: 1.0,
-                    }),
-                ),
-                (b, udp(180_000)),
+                (a, udp(200_000, 200_000)),
+                (b, udp(360_000, 180_000)),
                 (c, Figure::NotApplicable("HAProxy does not do UDP".into())),
                 (d, Figure::Failed("sink did not start".into())),
+                (e, udp(220_000, 220_000)),
             ],
         }
     }
@@ -1038,19 +1094,22 @@ mod tests {
         let text = render(&sample());
         for want in [
             "n1 uplink                    tx-csum off, TSO off",
-            "(a) kernel routing via n1, no NAT       20.00 Gbit/s",
-            "(d) lbcluster on n1                      9.00 Gbit/s",
+            "(a) kernel routing via n1, no NAT       20.00 Gbit/s   (10 retransmissions)",
+            "(d) lbcluster on n1, TUN only            9.00 Gbit/s   (5 retransmissions)",
             "(b) nftables Full-NAT on n1               180 kpps received   (offered 360 kpps, \
              180000 of 360000 delivered)",
             "(a) kernel routing via n1, no NAT         200 kpps received   (offered 200 kpps, \
              200000 of 200000 delivered: sender-bound *)",
             "(c) HAProxy mode tcp on n1           n/a (HAProxy does not do UDP)",
-            "(d) lbcluster on n1                  FAILED: sink did not start",
-            "TCP lbcluster / nftables Full-NAT      0.50×   (goal ≥ 1×: NOT met)",
-            "TCP lbcluster / HAProxy                1.50×   (goal ≥ 2×: NOT met)",
-            "TCP lbcluster / kernel routing         0.45×",
-            "UDP pps lbcluster / nftables Full-NAT    n/a",
-            "Goal: lbcluster ≥ 1.0× nftables Full-NAT in TCP throughput and ≥ 2× HAProxy.",
+            "(d) lbcluster on n1, TUN only        FAILED: sink did not start",
+            "TCP (e) / nftables Full-NAT            0.89×   (goal ≥ 1×: NOT met)",
+            "TCP (e) / HAProxy                      2.67×   (goal ≥ 2×: met)",
+            "TCP (d) / nftables Full-NAT            0.50×",
+            "UDP offered (e) / nftables Full-NAT    0.61×   (goal ≥ 1.1×: NOT met)",
+            "UDP offered (e) / kernel routing       1.10×   (goal ≥ 0.95×: met)",
+            "UDP pps (d) / nftables Full-NAT         n/a",
+            "UDP delivered by (e)                  100.0 %   (goal 100 %: met)",
+            "TCP retransmissions (e) vs nftables  900 vs 600   (goal ≤ nftables': NOT met)",
         ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
         }
@@ -1059,9 +1118,15 @@ mod tests {
     #[test]
     fn goal_met() {
         let mut report = sample();
-        report.tcp[3].1 = Figure::Measured(18e9);
+        report.tcp[4].1 = Figure::Measured(TcpRate {
+            bps: 18e9,
+            retransmits: 600,
+        });
         let text = render(&report);
         assert!(text.contains("1.00×   (goal ≥ 1×: met)"), "{text}");
-        assert!(text.contains("3.00×   (goal ≥ 2×: met)"), "{text}");
+        assert!(
+            text.contains("600 vs 600   (goal ≤ nftables': met)"),
+            "{text}"
+        );
     }
 }
