@@ -238,6 +238,10 @@ fn spec(queues: usize) -> DataplaneSpec {
             LIP6.into(),
             VIP4.into(),
         ],
+        // These tests are about the TUN path; the fast path has its own (tests/tests/fastpath.rs).
+        fastpath: crate::config::FastPathMode::Off,
+        fastpath_devices: None,
+        fastpath_sessions: 1024,
     }
 }
 
