@@ -478,6 +478,7 @@ mod tests {
                 sport,
                 dport,
                 wscale,
+                side,
                 pad,
                 seq_delta,
                 ack_delta,
