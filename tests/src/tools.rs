@@ -49,6 +49,8 @@ pub const TOOLS: &[Tool] = &[
     // Not run by the lab itself: Ansible runs it over SSH on the node namespaces (the
     // inventory's `ansible_python_interpreter`).
     tool("/usr/bin/python3", "python3"),
+    // Not run by the lab either: node/build.rs compiles the fast path's eBPF program with it.
+    tool("clang", "clang"),
     tool("iperf3", "iperf3"),
     tool("haproxy", "haproxy"),
 ];
@@ -176,7 +178,7 @@ mod tests {
         let list = scripts_packages();
         for l in &list {
             assert!(
-                ["lab", "deploy", "bench"].contains(&l.set.as_str()),
+                ["build", "lab", "deploy", "bench"].contains(&l.set.as_str()),
                 "scripts/packages: {} has set {:?}",
                 l.package,
                 l.set
