@@ -6,7 +6,9 @@
 //!
 //! Guarantees:
 //! * [`LogStore::save_vote`](openraft::storage::RaftLogStorage::save_vote) and `append` are on
-//!   disk (fsync'd) before they report success; a torn last log record is dropped on reopen.
+//!   disk (fsync'd) before they report success; a torn last log record is dropped on reopen,
+//!   and a damaged record with intact ones after it (corruption of acknowledged entries) makes
+//!   the store refuse to open instead of cutting them off.
 //! * A command is validated against the configuration it is applied to; a rejected command is
 //!   the applied result ([`Applied::result`]) and changes nothing.
 
