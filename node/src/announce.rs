@@ -69,16 +69,17 @@ impl Announcer {
         })
     }
 
-    /// Makes BIRD announce nothing, before the data plane starts: a config left by an earlier
+    /// Makes BIRD announce nothing: before the data plane starts (a config left by an earlier
     /// run would otherwise announce the VIPs as soon as the TUN device is up again, while this
-    /// run is still cold. BIRD not running is not an error here (then nothing is announced).
+    /// run is still cold), and when the node exits because its Raft failed. BIRD not running is
+    /// not an error here (then nothing is announced).
     pub(crate) async fn withdraw_all(&self) {
         let s = &self.settings;
         let mut nothing = Announce::new(s.router_id, s.local_as, self.device.clone());
         nothing.peers.clone_from(&s.peers);
         match self.bird.apply(&nothing).await {
             Ok(_) => {}
-            Err(e) => tracing::info!("BIRD not told to withdraw at start: {e}"),
+            Err(e) => tracing::info!("BIRD not told to withdraw everything: {e}"),
         }
         *self.current.lock() = Some(nothing);
     }

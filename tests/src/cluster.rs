@@ -244,7 +244,6 @@ impl ClusterSite {
 
     /// Writes node k's config file, trusting the CA certificate in `ca_dir`.
     pub fn write_config(&self, k: usize, ca_dir: &Path) -> Result<()> {
-        let dir = self.lab.dir();
         let tls = self.tls_dir();
         let backends: String = (1..=self.lab.spec().backends)
             .map(|j| {
@@ -282,7 +281,7 @@ scheduler = "rr"
             lip6 = lip6(k),
             socket = self.socket(k).display(),
             uplink = self.lab.node_uplink(k),
-            data = dir.join(format!("n{k}-raft")).display(),
+            data = self.data_dir(k).display(),
             ca = ca_dir.join("ca.pem").display(),
             tls = tls.display(),
             bgp = self.bgp_section(k),
@@ -322,6 +321,11 @@ keepalive_secs = {KEEPALIVE_SECS}
             uplink = self.lab.node_uplink(k),
             gateway = self.lab.node_gateway(k),
         )
+    }
+
+    /// Node k's Raft data directory (`cluster.data_dir`).
+    pub fn data_dir(&self, k: usize) -> PathBuf {
+        self.lab.dir().join(format!("n{k}-raft"))
     }
 
     /// Node k's BIRD configuration file (written by its daemon).
@@ -398,6 +402,11 @@ keepalive_secs = {KEEPALIVE_SECS}
             );
         }
         Ok(())
+    }
+
+    /// Node k's daemon, `None` while it is stopped.
+    pub fn node(&self, k: usize) -> Option<&LabProcess> {
+        self.nodes[k - 1].as_ref()
     }
 
     /// Node k's daemon log so far.
