@@ -31,7 +31,7 @@
 //! the peer itself. A refused request closes the whole connection with one of the
 //! [refusal codes](is_refusal) and a reason; a connection whose peer stops being a member is
 //! closed the same way once the answers in flight are delivered. A client that sees its
-//! connection closed so reports the refusal ([`RpcFailure::Refused`]) instead of retrying.
+//! connection closed so reports the refusal (`ClusterError::Refused`) instead of retrying.
 //!
 //! # Dialling
 //! One connection per peer, dialled by one task that every RPC in the meantime waits on (each
@@ -888,7 +888,7 @@ impl ServeCounters {
 /// Each request is authorised when it is served (see the module doc); a refused one closes the
 /// connection. Once this node applies a membership without `peer`, no further request is read
 /// and the connection closes when the answers in flight are delivered (at most
-/// [`REVOKE_GRACE`]). A malformed or oversized request closes its stream (nothing else); all
+/// half a second). A malformed or oversized request closes its stream (nothing else); all
 /// of these are counted in `counters`. Concurrency per connection is bounded by QUIC's stream
 /// limit. The node stops it by closing the connection (or its endpoint).
 pub async fn serve_connection<D: Dialer>(

@@ -13,7 +13,9 @@
 //!   configuration without a peer, each connection served for it stops reading requests and
 //!   closes when the answers in flight are delivered (so a node that removed itself gets the
 //!   answer to its own removal), and the connections this node dialled to it close. Its later
-//!   handshakes are refused at once.
+//!   handshakes are refused at once. The removed node, which may never learn of its removal,
+//!   finds out at its next request: it asks the leader it knows or, knowing none, the voters in
+//!   turn, and a refusal ends a request at once ([`ClusterError::Refused`]).
 //! * **Cluster identity.** Every cluster has a [`ClusterIdentity`], created by the first
 //!   command of [`Cluster::init`] and never changed: a public id (shown by `status`) and a
 //!   secret. Every Raft request carries its sender's; a node answers only its own cluster's,
@@ -25,7 +27,8 @@
 //!   by `lbcluster cluster join-token`, read when needed), and a request only if it carries
 //!   that identity, checked before anything reaches its Raft. So no other certificate holder
 //!   can make it vote, append or install a snapshot: a refused attempt leaves it uninitialized
-//!   and joinable. Session sync (another ALPN) waits until it has joined.
+//!   and joinable. Session sync (another ALPN) waits until it has joined. The token is a secret
+//!   of the cluster, like the CA key: every member knows it, and so does a node once removed.
 //! * **Until a member has applied its cluster's identity** it checks names only, as before
 //!   identities existed, and takes any identity: a node that has just joined (its join token
 //!   got it that far), and the members of a cluster initialized by an earlier version, which
@@ -41,7 +44,9 @@ use tracing::{info, warn};
 
 use super::{Budget, Cluster, ClusterError, Inner, node_id};
 use crate::Member;
-use crate::config::{ClusterConfig, ClusterId, ClusterIdentity, Command, IDENTITY_BYTES, NodeId};
+use crate::config::{
+    ClusterConfig, ClusterId, ClusterIdentity, Command, ConfigError, IDENTITY_BYTES, NodeId,
+};
 use crate::transport::{
     CLOSE_IMPERSONATION, CLOSE_NOT_MEMBER, CLOSE_WRONG_CLUSTER, Credentials, Dialer, RpcKind,
 };
@@ -50,6 +55,9 @@ use crate::transport::{
 /// added to. Asked whenever it is needed (the node reads its token file then, so a token written
 /// after the node started counts); `Err` says why there is none.
 pub type JoinToken = Arc<dyn Fn() -> Result<ClusterIdentity, String> + Send + Sync>;
+
+/// The pause before a leader tries again to give its cluster an identity.
+const IDENTITY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a node refused a peer or one of its requests. Its text names the node that refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -182,7 +190,7 @@ impl<D: Dialer> Cluster<D> {
 
     /// The handshake check of a Raft connection from (or to) `peer`: a member; or, on a node
     /// that has not joined, anyone while it has a join token (each request then has to carry
-    /// the token's identity, see [`Cluster::authorize`]).
+    /// the token's identity, checked when each is served).
     pub fn admit(&self, peer: &str) -> Result<(), Refusal> {
         if self.has_joined() {
             return if self.is_member(peer) {
@@ -336,7 +344,12 @@ pub(super) async fn run<D: Dialer>(inner: Weak<Inner<D>>) {
                 // Version 0: `init` is under way, and gives the identity itself.
                 if config.version > 0 && config.identity.is_none() {
                     proposed = Some(term);
-                    cluster.give_identity().await;
+                    if !cluster.give_identity().await {
+                        drop(cluster);
+                        (proposed, last) = (None, None);
+                        tokio::time::sleep(IDENTITY_RETRY).await;
+                        continue;
+                    }
                 }
             }
         }
@@ -348,8 +361,9 @@ pub(super) async fn run<D: Dialer>(inner: Weak<Inner<D>>) {
 }
 
 impl<D: Dialer> Cluster<D> {
-    /// Commits a new identity for a cluster initialized before identities (this node leads).
-    async fn give_identity(&self) {
+    /// Commits a new identity for a cluster initialized before identities (this node leads);
+    /// false if that failed and is worth another try.
+    async fn give_identity(&self) -> bool {
         let committed = match new_identity() {
             Ok(identity) => {
                 let budget = Budget::new(self.inner.deadlines.write);
@@ -360,11 +374,19 @@ impl<D: Dialer> Cluster<D> {
             Err(e) => Err(e),
         };
         match committed {
-            Ok(identity) => info!(
-                cluster = %identity.id,
-                "gave the cluster (initialized by an earlier version) its identity"
-            ),
-            Err(e) => warn!(error = %e, "could not give the cluster its identity"),
+            Ok(identity) => {
+                info!(
+                    cluster = %identity.id,
+                    "gave the cluster (initialized by an earlier version) its identity"
+                );
+                true
+            }
+            // Another leader gave it one first.
+            Err(ClusterError::Rejected(ConfigError::IdentitySet { .. })) => true,
+            Err(e) => {
+                warn!(error = %e, "could not give the cluster its identity; trying again");
+                false
+            }
         }
     }
 }
