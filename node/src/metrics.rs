@@ -494,14 +494,22 @@ fn cluster_families(c: &ClusterStatus) -> Vec<Family> {
         },
         Family {
             name: "lbcluster_raft_rpcs_total",
-            help: "Raft RPC streams this node served, by outcome.",
+            help: "Raft RPC streams this node served, by outcome (refused: not a member, \
+                   another cluster, or in another node's name).",
             kind: Kind::Counter,
             samples: results(&[
                 ("answered", c.raft_rpcs.answered),
                 ("malformed", c.raft_rpcs.malformed),
                 ("oversized", c.raft_rpcs.oversized),
                 ("abandoned", c.raft_rpcs.abandoned),
+                ("refused", c.raft_rpcs.refused),
             ]),
+        },
+        Family {
+            name: "lbcluster_raft_connections_revoked_total",
+            help: "Raft connections closed because their peer stopped being a member.",
+            kind: Kind::Counter,
+            samples: vec![(Vec::new(), c.raft_rpcs.revoked)],
         },
     ]
 }
@@ -596,6 +604,7 @@ mod tests {
             quorum: true,
             read_error: None,
             config_version: 12,
+            cluster_id: Some("ab".repeat(16)),
             leader: Some("n1".to_owned()),
             nodes: vec![consensus::NodeReport {
                 id: 7,
@@ -621,6 +630,8 @@ mod tests {
             raft_rpcs: consensus::transport::ServeCounterValues {
                 answered: 100,
                 malformed: 1,
+                refused: 4,
+                revoked: 2,
                 ..Default::default()
             },
         };
@@ -634,6 +645,8 @@ mod tests {
             "lbcluster_quic_peers_total{result=refused_untrusted_ca} 2",
             "lbcluster_quic_peers_total{result=accepted} 5",
             "lbcluster_raft_rpcs_total{result=malformed} 1",
+            "lbcluster_raft_rpcs_total{result=refused} 4",
+            "lbcluster_raft_connections_revoked_total{} 2",
         ] {
             assert!(text.iter().any(|t| t == want), "{want} not in {text:#?}");
         }

@@ -148,6 +148,9 @@ fn cluster_table(s: &mut String, c: &ClusterStatus) {
         c.leader.as_deref().unwrap_or("none"),
         c.config_version,
     );
+    if let Some(id) = &c.cluster_id {
+        let _ = writeln!(s, "  cluster id {id}");
+    }
     if let Some(e) = &c.read_error {
         let _ = writeln!(s, "  {e}");
     }
