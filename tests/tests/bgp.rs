@@ -132,6 +132,78 @@ fn ecmp_lip_owner_and_backup_routes_and_health_gated_vip() -> Result<()> {
     Ok(())
 }
 
+/// A committed change that leaves a VIP's service serving keeps the VIP announced by every node:
+/// the router's route to it does not change while 120 changes are applied (each node applies a
+/// change a moment after it commits; a node must not withdraw the VIPs it serves meanwhile).
+#[test]
+fn configuration_changes_keep_the_vip_announced() -> Result<()> {
+    let site = site(false)?;
+    let monitor = site
+        .lab
+        .spawn("router", &["ip", "-4", "monitor", "route"])?;
+    // The monitor runs once it prints the route a probe adds and deletes.
+    let probe = "198.18.99.1";
+    let mark = || -> Result<()> {
+        site.lab
+            .exec("router", &["ip", "route", "add", probe, "dev", "lo"])?;
+        site.lab
+            .exec("router", &["ip", "route", "del", probe, "dev", "lo"])?;
+        Ok(())
+    };
+    let marks = site.wait_for("the route monitor", SETTLE, |_| {
+        mark()?;
+        let seen = monitor.log().matches(probe).count();
+        ensure!(seen > 0, "not listening yet");
+        Ok(seen)
+    })?;
+    let vip80 = format!("{VIP}:80");
+    let before = site.running_version(1)?;
+    for k in 0..120 {
+        let udp = format!("udp={}", 300 + k);
+        site.cli(
+            1 + k % 3,
+            &["service", "edit", "-t", &vip80, "--timeout", &udp],
+        )?
+        .ok()?;
+    }
+    let last = before + 120;
+    site.wait_for("every node running the last change", SETTLE, |s| {
+        for k in 1..=3 {
+            ensure!(s.running_version(k)? >= last, "n{k} behind");
+        }
+        Ok(())
+    })?;
+    // Longer than a node's announcement tick and BIRD's round trip to the router.
+    std::thread::sleep(Duration::from_secs(1));
+    mark()?;
+    let log = site.wait_for("the monitor's last line", SETTLE, |_| {
+        let log = monitor.log();
+        ensure!(log.matches(probe).count() >= marks + 2, "{log}");
+        Ok(log)
+    })?;
+    monitor.kill();
+    // Each change of the route: its first line names the VIP, its next hops follow indented.
+    let vip = VIP.to_string();
+    let mut changes: Vec<String> = Vec::new();
+    for line in log.lines() {
+        if line.starts_with(char::is_whitespace) {
+            if let Some(last) = changes.last_mut() {
+                last.push_str(line);
+            }
+        } else if line.split_whitespace().any(|w| w == vip) {
+            changes.push(line.to_owned());
+        }
+    }
+    println!(
+        "120 changes committed and applied: {} changes of the VIP's route",
+        changes.len()
+    );
+    assert!(changes.is_empty(), "{changes:#?}");
+    site.lab
+        .wait_next_hops(IpAddr::V4(VIP), &[1, 2, 3], Duration::ZERO)?;
+    Ok(())
+}
+
 fn created(status: &serde_json::Value) -> u64 {
     status["events"]
         .as_array()
