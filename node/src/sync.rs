@@ -82,7 +82,11 @@ impl NodeSync {
             let engine = engine.clone();
             let applied = applied.clone();
             move |a: Apply| match a {
-                Apply::Install(rec) => match engine.install(clock::now(), &rec) {
+                Apply::Install(rec) => match engine.install(
+                    clock::now(),
+                    &rec,
+                    dataplane::Authority::Owner { mark: 0 },
+                ) {
                     Ok(_) => {
                         applied.installed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -92,7 +96,7 @@ impl NodeSync {
                     }
                 },
                 Apply::Remove(rec) => {
-                    if engine.remove(&rec) {
+                    if engine.remove(&rec) == Ok(true) {
                         applied.removed.fetch_add(1, Ordering::Relaxed);
                     }
                 }

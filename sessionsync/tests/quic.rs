@@ -99,10 +99,12 @@ impl Node {
         let target = engine.clone();
         let sync = SyncHandle::start(name, epoch, config, rx, source, move |a| match a {
             Apply::Install(r) => {
-                target.install(NOW, &r).unwrap();
+                target
+                    .install(NOW, &r, dataplane::Authority::Owner { mark: 0 })
+                    .unwrap();
             }
             Apply::Remove(r) => {
-                target.remove(&r);
+                target.remove(&r).unwrap();
             }
         })
         .unwrap();
