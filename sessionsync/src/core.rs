@@ -546,6 +546,8 @@ pub struct Core {
     next_refresh: Instant,
     /// The node's table is not asked for before this (see `table_interval`).
     next_table_at: Instant,
+    /// A table copy was due at the last timeout: the next poll asks for it.
+    table_due: bool,
     foreign_frames: u64,
 }
 
@@ -573,6 +575,7 @@ impl Core {
             epoch,
             next_refresh: now + config.refresh_interval,
             next_table_at: now,
+            table_due: false,
             config,
             seed,
             peers: Vec::new(),
@@ -772,6 +775,9 @@ impl Core {
                 self.refresh_due = true;
             }
         }
+        // From now on the copy waits for a poll, not for a timeout: a timeout in the past would
+        // only wake the caller again and again until it polls.
+        self.table_due |= now >= self.next_table_at && self.table_owed();
     }
 
     /// A table copy is waiting for `table_interval` to pass.
@@ -782,7 +788,7 @@ impl Core {
     /// When [`Core::handle_timeout`] or [`Core::poll_output`] has something to do next.
     pub fn poll_timeout(&self) -> Instant {
         let flush_after = self.config.flush_after;
-        let table = self.table_owed().then_some(self.next_table_at);
+        let table = (self.table_owed() && !self.table_due).then_some(self.next_table_at);
         self.peers
             .iter()
             .flat_map(|p| [p.pending_since.map(|t| t + flush_after), p.bulk_retry_at])
@@ -1110,9 +1116,11 @@ impl Core {
             }
             return Some(Output::Apply(a.apply));
         }
-        if now >= self.next_table_at && self.table_owed() && self.start_streams() {
-            self.next_table_at = now + self.config.table_interval;
-            return Some(Output::TableWanted);
+        if std::mem::take(&mut self.table_due) || now >= self.next_table_at {
+            if self.table_owed() && self.start_streams() {
+                self.next_table_at = now + self.config.table_interval;
+                return Some(Output::TableWanted);
+            }
         }
         None
     }
@@ -1160,6 +1168,36 @@ fn relayed_in_bulk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A table copy that has to wait for `table_interval` is a timeout until it is due, and
+    /// then an output: the driver sleeps until it, and is not woken again and again by a
+    /// timeout already past while its output thread has yet to poll.
+    #[test]
+    fn test_a_table_copy_waits_as_a_timeout_and_is_never_one_in_the_past() {
+        let t0 = Instant::now();
+        let config = Config::default();
+        let interval = config.table_interval;
+        let mut a = Core::new("a", 1, config.clone(), t0).unwrap();
+        let mut b = Core::new("b", 1, config, t0).unwrap();
+        a.set_peers(&["b"]);
+        b.set_peers(&["a"]);
+        a.peer_connected("b");
+        b.peer_connected("a");
+        let request = b.poll_transmit(t0, "a").unwrap();
+        a.handle_frame(t0, "b", &request);
+        assert_eq!(a.poll_output(t0), Some(Output::TableWanted));
+        a.handle_table(Vec::new());
+        // b asks again at once: the copy waits for the interval.
+        let mut again = codec::decode(&request).unwrap();
+        again.seq += 1;
+        a.handle_frame(t0, "b", &codec::encode(&again).unwrap());
+        assert_eq!(a.poll_output(t0), None);
+        assert_eq!(a.poll_timeout(), t0 + interval);
+        let late = t0 + interval * 2;
+        a.handle_timeout(late);
+        assert!(a.poll_timeout() > late, "no timeout in the past");
+        assert_eq!(a.poll_output(late), Some(Output::TableWanted));
+    }
 
     #[test]
     fn test_config_without_bulk_retry_is_refused() {
