@@ -532,7 +532,7 @@ pub struct Core {
     /// Names of the peers connected now.
     connected: HashSet<String>,
     /// Who owns each LIP, and each node's LIPs (see the module doc on ownership).
-    lip_owners: HashMap<IpAddr, Owner>,
+    lip_owners: HashMap<IpAddr, Owner, Xxh3Builder>,
     node_lips: HashMap<String, Arc<[IpAddr]>>,
     next_peer_id: u64,
     next_bulk_id: u64,
@@ -580,7 +580,7 @@ impl Core {
             seed,
             peers: Vec::new(),
             connected: HashSet::new(),
-            lip_owners: HashMap::new(),
+            lip_owners: HashMap::with_hasher(Xxh3Builder::new().with_seed(seed)),
             node_lips: HashMap::new(),
             next_peer_id: 0,
             next_bulk_id: 1,
@@ -1031,25 +1031,40 @@ impl Core {
         p.stats.received_batches += 1;
         p.stats.received_entries += batch.entries.len() as u64;
         let half_rtt = p.rtt / 2;
+        // Entries come in runs on one LIP (a table is streamed in table order): its owner is
+        // looked up once per run.
+        let mut last: Option<(IpAddr, Result<Authority, DropReason>)> = None;
         for e in batch.entries {
             let mut record = e.record;
-            let key = flow_id(&record);
-            let apply = match lip_owners.get(&record.local.ip()) {
-                None => Err(DropReason::UnknownLip),
-                Some(Owner::Peer(o)) if *o == p.name => {
-                    adopted.remove(&key);
-                    Ok(Authority::Owner { mark: p.mark })
+            let lip = record.local.ip();
+            let authority = match last {
+                Some((l, a)) if l == lip => a,
+                _ => {
+                    let a = match lip_owners.get(&lip) {
+                        None => Err(DropReason::UnknownLip),
+                        Some(Owner::Peer(o)) if *o == p.name => {
+                            Ok(Authority::Owner { mark: p.mark })
+                        }
+                        Some(Owner::Peer(o)) if connected.contains(o) => Err(DropReason::NotOwner),
+                        Some(Owner::Peer(_)) => Ok(Authority::Relay),
+                        Some(Owner::Me) if p.table_in => Err(DropReason::NotOwner),
+                        Some(Owner::Me) => Ok(Authority::Reclaim),
+                    };
+                    last = Some((lip, a));
+                    a
                 }
-                Some(Owner::Peer(o)) if connected.contains(o) => Err(DropReason::NotOwner),
-                Some(Owner::Peer(_)) => Ok(Authority::Relay),
-                Some(Owner::Me) if p.table_in || e.closed => Err(DropReason::NotOwner),
-                Some(Owner::Me) => Ok(Authority::Reclaim),
             };
-            let apply = match apply {
-                Ok(_) if e.closed => {
-                    adopted.remove(&key);
-                    Apply::Remove(record)
-                }
+            let authority = match authority {
+                Ok(Authority::Reclaim) if e.closed => Err(DropReason::NotOwner),
+                a => a,
+            };
+            // An owner record or a close ends an adoption of the flow here.
+            if !adopted.is_empty() && (e.closed || matches!(authority, Ok(Authority::Owner { .. })))
+            {
+                adopted.remove(&flow_id(&record));
+            }
+            let apply = match authority {
+                Ok(_) if e.closed => Apply::Remove(record),
                 Ok(authority) => {
                     record.synced = authority != Authority::Reclaim;
                     Apply::Install(record, authority)
@@ -1116,13 +1131,22 @@ impl Core {
             }
             return Some(Output::Apply(a.apply));
         }
-        if std::mem::take(&mut self.table_due) || now >= self.next_table_at {
-            if self.table_owed() && self.start_streams() {
-                self.next_table_at = now + self.config.table_interval;
-                return Some(Output::TableWanted);
-            }
+        // A copy due at the last timeout is taken now, or given up if nothing is owed any more.
+        if (std::mem::take(&mut self.table_due) || now >= self.next_table_at)
+            && self.table_owed()
+            && self.start_streams()
+        {
+            self.next_table_at = now + self.config.table_interval;
+            return Some(Output::TableWanted);
         }
         None
+    }
+
+    /// Whether [`Core::poll_output`] has something now: the driver wakes whoever polls only
+    /// then.
+    pub fn output_ready(&self, now: Instant) -> bool {
+        !self.applies.is_empty()
+            || ((self.table_due || now >= self.next_table_at) && self.table_owed())
     }
 
     /// Frames received from nodes that are not current peers.
@@ -1152,7 +1176,7 @@ impl Core {
 /// speak for: a flow on the requester's own LIPs when it asked for them back, or a flow whose
 /// owner is neither and is not connected here.
 fn relayed_in_bulk(
-    lip_owners: &HashMap<IpAddr, Owner>,
+    lip_owners: &HashMap<IpAddr, Owner, Xxh3Builder>,
     connected: &HashSet<String>,
     requester: &str,
     request: &BulkRequest,

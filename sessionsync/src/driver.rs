@@ -403,7 +403,9 @@ async fn run_main(shared: Arc<Shared>, mut events: mpsc::Receiver<SessionEvent>)
                 lock(&shared.core).handle_timeout(Instant::now());
             }
         }
-        shared.outputs_due();
+        if lock(&shared.core).output_ready(Instant::now()) {
+            shared.outputs_due();
+        }
         shared.wake_writers();
     }
 }
@@ -494,8 +496,14 @@ async fn read_frames(
         }
         let mut frame = vec![0; len];
         recv.read_exact(&mut frame).await?;
-        shared.with_core(|core| core.handle_frame(Instant::now(), peer, &frame));
-        shared.outputs_due();
+        let ready = shared.with_core(|core| {
+            let now = Instant::now();
+            core.handle_frame(now, peer, &frame);
+            core.output_ready(now)
+        });
+        if ready {
+            shared.outputs_due();
+        }
         shared.wake_writers();
     }
 }
