@@ -167,10 +167,18 @@ pub(crate) struct SyncStatus {
     pub(crate) warm: bool,
     /// This run's epoch (peers reject what an earlier run sent).
     pub(crate) epoch: u64,
-    /// Peers' updates installed in the engine, removed from it, and refused by it.
+    /// Peers' updates installed in the engine, removed from it, and refused (by the engine,
+    /// or for not coming from the flow's owner).
     pub(crate) installed: u64,
     pub(crate) removed: u64,
     pub(crate) refused: u64,
+    /// Refusals by reason.
+    #[serde(default)]
+    pub(crate) refused_by: std::collections::BTreeMap<String, u64>,
+    /// Copies dropped because their owner's complete table no longer had them (removals that
+    /// were lost on the way).
+    #[serde(default)]
+    pub(crate) reconciled: u64,
     pub(crate) peers: Vec<SyncPeer>,
 }
 

@@ -150,7 +150,7 @@ impl ClusterNode {
                 );
             })
         };
-        let (sync, events) = NodeSync::start(name, engine)?;
+        let (sync, events) = NodeSync::start(name, engine, &settings.data_dir)?;
         {
             let sync = sync.clone();
             let announcer = announcer.clone();

@@ -427,15 +427,27 @@ fn sync_families(sync: &SyncStatus) -> Vec<Family> {
         },
         Family {
             name: "lbcluster_sync_applied_total",
-            help: "Peers' session updates applied to the engine, by result.",
+            help: "Peers' session updates applied to the engine, by result; reconciled: copies \
+                   dropped because their owner's complete table no longer had them.",
             kind: Kind::Counter,
             samples: [
                 ("installed", sync.installed),
                 ("removed", sync.removed),
                 ("refused", sync.refused),
+                ("reconciled", sync.reconciled),
             ]
             .map(|(r, v)| (vec![("result", r.to_owned())], v))
             .to_vec(),
+        },
+        Family {
+            name: "lbcluster_sync_refused_total",
+            help: "Peers' session updates refused, by reason.",
+            kind: Kind::Counter,
+            samples: sync
+                .refused_by
+                .iter()
+                .map(|(reason, v)| (vec![("reason", reason.clone())], *v))
+                .collect(),
         },
     ]
 }
@@ -555,7 +567,9 @@ mod tests {
             epoch: 1,
             installed: 10,
             removed: 4,
-            refused: 1,
+            refused: 3,
+            refused_by: [("conflict".to_owned(), 1), ("not_owner".to_owned(), 2)].into(),
+            reconciled: 5,
             peers: vec![SyncPeer {
                 peer: "n2".to_owned(),
                 connected: true,
@@ -577,7 +591,10 @@ mod tests {
             "lbcluster_sync_updates_total{peer=n2,direction=received} 9",
             "lbcluster_sync_dropped_total{peer=n2} 2",
             "lbcluster_sync_queue_depth{peer=n2} 3",
-            "lbcluster_sync_applied_total{result=refused} 1",
+            "lbcluster_sync_applied_total{result=refused} 3",
+            "lbcluster_sync_applied_total{result=reconciled} 5",
+            "lbcluster_sync_refused_total{reason=conflict} 1",
+            "lbcluster_sync_refused_total{reason=not_owner} 2",
         ] {
             assert!(text.iter().any(|t| t == want), "{want} not in {text:#?}");
         }

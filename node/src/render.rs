@@ -218,9 +218,14 @@ fn cluster_table(s: &mut String, c: &ClusterStatus) {
 }
 
 fn sync_table(s: &mut String, sync: &SyncStatus) {
+    let reasons: Vec<String> = sync
+        .refused_by
+        .iter()
+        .map(|(reason, n)| format!("{reason} {n}"))
+        .collect();
     let _ = writeln!(
         s,
-        "session sync: {}; from peers: {} installed, {} removed, {} refused",
+        "session sync: {}; from peers: {} installed, {} removed, {} reconciled, {} refused{}",
         if sync.warm {
             "warm"
         } else {
@@ -228,7 +233,13 @@ fn sync_table(s: &mut String, sync: &SyncStatus) {
         },
         sync.installed,
         sync.removed,
-        sync.refused
+        sync.reconciled,
+        sync.refused,
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", reasons.join(", "))
+        }
     );
     let _ = writeln!(
         s,
