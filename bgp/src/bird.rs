@@ -1,7 +1,18 @@
 //! Control of one BIRD daemon: write a validated config atomically and make BIRD load it, read
 //! its protocols. Every process runs with a timeout and is killed when it passes.
+//!
+//! The config holds the peers' TCP-MD5 passwords, so it is private from the moment it exists:
+//!
+//! * The new config is written to a temporary file beside it that is *created* with its final
+//!   mode and given its final owner while still empty; nothing is chmod'ed after the password
+//!   is in. The mode is 0600, plus group read where the file it replaces had group read (a BIRD
+//!   that runs as its own user, e.g. Debian's `bird -u bird -g bird` with `root:bird 0640`,
+//!   keeps reading it); never anything for others, whatever the old file had. The owner and
+//!   group are the old file's, for the same reason.
+//! * The rename over the config is followed by an fsync of the directory, so that after a
+//!   crash the directory holds the new config (the one BIRD was told to load), not the old.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -16,8 +27,10 @@ use crate::{Announce, BgpError, ProtocolState, parse_show_protocols, render};
 /// How long `bird -p` and `birdc` may take by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Mode of a new config file: it holds the TCP-MD5 passwords. An existing file's mode is kept.
-const NEW_CONFIG_MODE: u32 = 0o640;
+/// Mode of the config file: it holds the TCP-MD5 passwords.
+const CONFIG_MODE: u32 = 0o600;
+/// What of an existing config's mode a rewrite keeps on top of [`CONFIG_MODE`]: group read.
+const KEPT_MODE: u32 = 0o040;
 
 /// What [`Bird::apply`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,10 +152,8 @@ impl Bird {
     }
 
     async fn validate_and_install(&self, temp: &Path, config: &str) -> Result<(), BgpError> {
-        let mode = match tokio::fs::metadata(&self.config_path).await {
-            Ok(meta) => meta.permissions().mode() & 0o7777,
-            Err(_) => NEW_CONFIG_MODE,
-        };
+        let old = tokio::fs::metadata(&self.config_path).await.ok();
+        let mode = CONFIG_MODE | old.as_ref().map_or(0, |m| m.mode() & KEPT_MODE);
         let at = |what: &str| format!("{what} {}", temp.display());
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
@@ -151,6 +162,28 @@ impl Bird {
             .open(temp)
             .await
             .map_err(|e| BgpError::io(at("creating"), &e))?;
+        if let Some(old) = &old {
+            let new = file
+                .metadata()
+                .await
+                .map_err(|e| BgpError::io(at("reading the owner of"), &e))?;
+            if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
+                std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid())).map_err(
+                    |e| {
+                        BgpError::io(
+                            format!(
+                                "giving {} the owner of {} ({}:{})",
+                                temp.display(),
+                                self.config_path.display(),
+                                old.uid(),
+                                old.gid()
+                            ),
+                            &e,
+                        )
+                    },
+                )?;
+            }
+        }
         file.write_all(config.as_bytes())
             .await
             .map_err(|e| BgpError::io(at("writing"), &e))?;
@@ -181,7 +214,16 @@ impl Bird {
                     ),
                     &e,
                 )
-            })
+            })?;
+        let dir = match self.config_path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let synced = match tokio::fs::File::open(dir).await {
+            Ok(dir) => dir.sync_all().await,
+            Err(e) => Err(e),
+        };
+        synced.map_err(|e| BgpError::io(format!("syncing the directory {}", dir.display()), &e))
     }
 
     /// Runs `birdc -s SOCKET ARGS…` and returns what it printed.

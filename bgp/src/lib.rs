@@ -4,7 +4,9 @@
 //! * [`render`] turns an [`Announce`] into BIRD's whole config file; it performs no I/O and
 //!   rejects anything BIRD would misread (DESIGN §5, TESTBED "Owner and backup routes").
 //! * [`Bird`] writes a config atomically after `bird -p` accepted it and calls
-//!   `birdc configure`; [`Applier`] runs that in the background, coalescing bursts.
+//!   `birdc configure`; [`Applier`] runs that in the background, coalescing bursts. The config
+//!   holds the BGP passwords: it is 0600 (0640 where the old file let its group read) from its
+//!   creation on, and its rename is followed by a directory fsync.
 //! * [`parse_show_protocols`] reads `birdc show protocols all` (BIRD 2 and 3); it never panics.
 //!
 //! Failures are [`BgpError`]s that name the failing part (binary missing, socket missing, daemon

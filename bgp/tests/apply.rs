@@ -2,13 +2,13 @@
 //! asked, a silent socket plays a hung daemon. Needs no root and no network.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bgp::{Announce, Applied, Applier, BgpError, Bird, render};
+use bgp::{Announce, Applied, Applier, BgpError, Bird, Peer, render};
 use tokio::sync::watch;
 
 fn announce(vips: usize) -> Announce {
@@ -90,6 +90,121 @@ async fn validates_renames_and_reloads_once_per_change() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o007, 0);
+}
+
+const PASSWORD: &str = "s3cret-md5";
+
+/// An announcement whose config holds a peer's password.
+fn announce_with_password(vips: usize) -> Announce {
+    let mut a = announce(vips);
+    let mut peer = Peer::new("router", IpAddr::V4(Ipv4Addr::new(198, 18, 51, 1)), 65000);
+    peer.password = Some(PASSWORD.into());
+    a.peers.push(peer);
+    a
+}
+
+/// A stand-in `bird` that, when it validates a file holding [`PASSWORD`], records that file's
+/// mode, owner and group (`stat -c '%a %u:%g'`) in `validated.log`: the temporary file, while
+/// the password is in it and before it is renamed.
+fn recording_fake() -> Fake {
+    let f = fake("", 0);
+    let log = f.dir.path().join("validated.log");
+    let path = f.dir.path().join("bird");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh
+if grep -q 'password \"{PASSWORD}\"' \"$3\"; then stat -c '%a %u:%g' \"$3\" >> '{}'; fi
+",
+            log.display()
+        ),
+    )
+    .unwrap();
+    f
+}
+
+/// What [`recording_fake`]'s `bird` recorded: one `MODE UID:GID` per file it validated.
+fn validated(f: &Fake) -> Vec<String> {
+    calls(f.dir.path(), "validated")
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[tokio::test]
+async fn a_new_config_holds_the_password_in_mode_0600_from_its_creation_on() {
+    let f = recording_fake();
+    let me = std::fs::metadata(f.dir.path()).unwrap();
+    f.bird.apply(&announce_with_password(1)).await.unwrap();
+    assert_eq!(
+        validated(&f),
+        [format!("600 {}:{}", me.uid(), me.gid())],
+        "the temporary file"
+    );
+    assert_eq!(mode(f.bird.config_path()), 0o600);
+    assert!(
+        std::fs::read_to_string(f.bird.config_path())
+            .unwrap()
+            .contains(PASSWORD)
+    );
+}
+
+#[tokio::test]
+async fn a_rewrite_never_widens_the_mode_and_keeps_only_group_read() {
+    // The old file's mode, and what the password may be in: 0600, or 0640 where the old file
+    // let its group read (BIRD running as its own user).
+    for (old, want) in [
+        (0o644, 0o640),
+        (0o666, 0o640),
+        (0o660, 0o640),
+        (0o640, 0o640),
+        (0o604, 0o600),
+        (0o600, 0o600),
+        (0o400, 0o600),
+    ] {
+        let f = recording_fake();
+        std::fs::write(f.bird.config_path(), "old\n").unwrap();
+        std::fs::set_permissions(f.bird.config_path(), PermissionsExt::from_mode(old)).unwrap();
+        f.bird.apply(&announce_with_password(1)).await.unwrap();
+        // Rewritten again: the mode stays.
+        f.bird.apply(&announce_with_password(2)).await.unwrap();
+        let modes: Vec<String> = validated(&f)
+            .iter()
+            .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(
+            modes,
+            [format!("{want:o}"), format!("{want:o}")],
+            "old {old:o}"
+        );
+        assert_eq!(mode(f.bird.config_path()), want, "old {old:o}");
+    }
+}
+
+#[tokio::test]
+async fn a_rewrite_keeps_the_owner_and_group_of_the_config() {
+    let f = recording_fake();
+    std::fs::write(f.bird.config_path(), "old\n").unwrap();
+    std::fs::set_permissions(f.bird.config_path(), PermissionsExt::from_mode(0o640)).unwrap();
+    if std::fs::metadata(f.bird.config_path()).unwrap().uid() != 0 {
+        eprintln!("not root: a file cannot be given to another owner, nothing to check");
+        return;
+    }
+    // BIRD's own user and group, as a distribution's package makes them.
+    let (uid, gid) = (4321, 4322);
+    std::os::unix::fs::chown(f.bird.config_path(), Some(uid), Some(gid)).unwrap();
+    f.bird.apply(&announce_with_password(1)).await.unwrap();
+    assert_eq!(
+        validated(&f),
+        [format!("640 {uid}:{gid}")],
+        "the temporary file"
+    );
+    let meta = std::fs::metadata(f.bird.config_path()).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), mode(f.bird.config_path())),
+        (uid, gid, 0o640)
+    );
 }
 
 #[tokio::test]

@@ -7,8 +7,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A Raft node id; the same number names the node in the configuration.
 pub type NodeId = u64;
@@ -27,6 +28,175 @@ pub struct ClusterConfig {
     /// In the order they were added.
     pub services: Vec<Service>,
     pub settings: Settings,
+    /// Set once, by the first command of `cluster init` (or, for a cluster initialized before
+    /// identities existed, by its first leader); `None` only before that.
+    #[serde(default)]
+    pub identity: Option<ClusterIdentity>,
+}
+
+/// The length of a [`ClusterId`] and of a cluster secret, in bytes.
+const IDENTITY_PART: usize = 16;
+
+/// A cluster's public name: 16 random bytes, written as 32 lowercase hex digits. Never all
+/// zeros (the Raft requests of a node that knows no cluster carry zeros).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterId([u8; IDENTITY_PART]);
+
+impl ClusterId {
+    pub fn as_bytes(&self) -> &[u8; IDENTITY_PART] {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex(&self.0))
+    }
+}
+
+impl fmt::Debug for ClusterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClusterId({self})")
+    }
+}
+
+impl FromStr for ClusterId {
+    type Err = TokenError;
+
+    fn from_str(s: &str) -> Result<Self, TokenError> {
+        Ok(ClusterId(unhex(s)?))
+    }
+}
+
+impl Serialize for ClusterId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ClusterId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What sets a cluster apart from every other cluster whose nodes the same CA signed: its
+/// [`ClusterId`] and a random secret. Every Raft request carries its sender's, and a node
+/// answers only requests that carry its own cluster's (see the consensus crate's `access`
+/// module). Its text form, `ID.SECRET` in hex, is the join token a node must hold to be added
+/// to the cluster. `Debug` does not show the secret.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterIdentity {
+    pub id: ClusterId,
+    secret: Secret,
+}
+
+/// The secret half of a [`ClusterIdentity`], serialized as hex.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Secret([u8; IDENTITY_PART]);
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&hex(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        unhex(&text).map(Secret).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The length of [`ClusterIdentity::to_bytes`].
+pub const IDENTITY_BYTES: usize = 2 * IDENTITY_PART;
+
+impl ClusterIdentity {
+    /// The identity made of these 32 bytes (id, then secret); `None` for an id of all zeros,
+    /// which no cluster has.
+    pub fn from_bytes(bytes: [u8; IDENTITY_BYTES]) -> Option<ClusterIdentity> {
+        let mut id = [0; IDENTITY_PART];
+        let mut secret = [0; IDENTITY_PART];
+        id.copy_from_slice(&bytes[..IDENTITY_PART]);
+        secret.copy_from_slice(&bytes[IDENTITY_PART..]);
+        (id != [0; IDENTITY_PART]).then_some(ClusterIdentity {
+            id: ClusterId(id),
+            secret: Secret(secret),
+        })
+    }
+
+    /// The id, then the secret.
+    pub fn to_bytes(&self) -> [u8; IDENTITY_BYTES] {
+        let mut bytes = [0; IDENTITY_BYTES];
+        bytes[..IDENTITY_PART].copy_from_slice(&self.id.0);
+        bytes[IDENTITY_PART..].copy_from_slice(&self.secret.0);
+        bytes
+    }
+
+    /// Whether `other` carries this identity's secret too; compared in constant time, so the
+    /// time an answer takes tells nothing about the secret.
+    pub fn same_secret(&self, other: &ClusterIdentity) -> bool {
+        self.secret
+            .0
+            .iter()
+            .zip(&other.secret.0)
+            .fold(0, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+
+    /// The join token: `ID.SECRET`, both in hex.
+    pub fn token(&self) -> String {
+        format!("{}.{}", self.id, hex(&self.secret.0))
+    }
+}
+
+impl fmt::Debug for ClusterIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterIdentity")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses a join token ([`ClusterIdentity::token`]).
+impl FromStr for ClusterIdentity {
+    type Err = TokenError;
+
+    fn from_str(s: &str) -> Result<Self, TokenError> {
+        let (id, secret) = s.split_once('.').ok_or(TokenError)?;
+        let bytes = {
+            let mut bytes = [0; IDENTITY_BYTES];
+            bytes[..IDENTITY_PART].copy_from_slice(&unhex(id)?);
+            bytes[IDENTITY_PART..].copy_from_slice(&unhex(secret)?);
+            bytes
+        };
+        ClusterIdentity::from_bytes(bytes).ok_or(TokenError)
+    }
+}
+
+/// A join token or cluster id that is not one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "not a join token (ID.SECRET, 32 hex digits each, as `lbcluster cluster join-token` prints \
+     it) or cluster id"
+)]
+pub struct TokenError;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Result<[u8; IDENTITY_PART], TokenError> {
+    let mut out = [0; IDENTITY_PART];
+    if s.len() != 2 * IDENTITY_PART || !s.is_ascii() {
+        return Err(TokenError);
+    }
+    for (byte, pair) in out.iter_mut().zip(s.as_bytes().chunks(2)) {
+        let pair = std::str::from_utf8(pair).map_err(|_| TokenError)?;
+        *byte = u8::from_str_radix(pair, 16).map_err(|_| TokenError)?;
+    }
+    Ok(out)
 }
 
 /// A forwarding node.
@@ -234,6 +404,8 @@ pub enum Command {
         id: NodeId,
         drained: bool,
     },
+    /// Gives the cluster its identity; refused once it has one.
+    SetIdentity(ClusterIdentity),
 }
 
 /// Why a command was rejected. Each says what is wrong; none changes the configuration.
@@ -290,6 +462,8 @@ pub enum ConfigError {
     ZeroTimeout { service: ServiceKey, which: String },
     #[error("maglev table size {size} must be a prime of at least {MIN_MAGLEV_TABLE_SIZE}")]
     BadMaglevTableSize { size: u32 },
+    #[error("the cluster already has its identity (cluster {id}); it never changes")]
+    IdentitySet { id: ClusterId },
 }
 
 impl ClusterConfig {
@@ -343,6 +517,10 @@ impl ClusterConfig {
                 }
                 Ok(())
             }
+            Command::SetIdentity(_) => match self.identity {
+                Some(identity) => Err(ConfigError::IdentitySet { id: identity.id }),
+                None => Ok(()),
+            },
         }
     }
 
@@ -388,6 +566,7 @@ impl ClusterConfig {
                     node.drained = *drained;
                 }
             }
+            Command::SetIdentity(identity) => self.identity = Some(*identity),
         }
         self.version += 1;
         Ok(())
@@ -1168,6 +1347,90 @@ mod tests {
         accepted(&mut config, Command::DelService { key: web });
         assert!(config.services.is_empty());
         assert_eq!(config.version, 7);
+    }
+
+    fn identity(id: u8, secret: u8) -> ClusterIdentity {
+        let mut bytes = [secret; IDENTITY_BYTES];
+        bytes[..IDENTITY_PART].fill(id);
+        ClusterIdentity::from_bytes(bytes).unwrap()
+    }
+
+    #[test]
+    fn test_identity_is_set_once() {
+        let mut config = base();
+        let first = identity(1, 2);
+        accepted(&mut config, Command::SetIdentity(first));
+        assert_eq!(config.identity, Some(first));
+        let before = config.clone();
+        let err = config
+            .apply(&Command::SetIdentity(identity(3, 4)))
+            .unwrap_err();
+        assert_eq!(err, ConfigError::IdentitySet { id: first.id });
+        assert_eq!(config, before);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the cluster already has its identity (cluster {}); it never changes",
+                "01".repeat(16)
+            )
+        );
+    }
+
+    #[test]
+    fn test_join_token_round_trips_and_hides_its_secret() {
+        let identity = identity(0xab, 0x5c);
+        let token = identity.token();
+        assert_eq!(token, format!("{}.{}", "ab".repeat(16), "5c".repeat(16)));
+        assert_eq!(token.parse::<ClusterIdentity>(), Ok(identity));
+        assert_eq!(
+            ClusterIdentity::from_bytes(identity.to_bytes()),
+            Some(identity)
+        );
+        assert!(!format!("{identity:?}").contains("5c5c"), "{identity:?}");
+        assert!(identity.same_secret(&identity));
+        assert!(!identity.same_secret(&self::identity(0xab, 0x5d)));
+        assert_eq!(
+            identity.id.to_string().parse::<ClusterId>(),
+            Ok(identity.id)
+        );
+        // Through the snapshot's MessagePack, as hex text.
+        let mut config = base();
+        config.identity = Some(identity);
+        let packed = rmp_serde::to_vec_named(&config).unwrap();
+        assert_eq!(
+            rmp_serde::from_slice::<ClusterConfig>(&packed).unwrap(),
+            config
+        );
+        let secret = "5c".repeat(16);
+        assert!(packed.windows(32).any(|w| w == secret.as_bytes()));
+        // A snapshot written before identities existed has none.
+        let mut old = base();
+        old.identity = None;
+        let packed = rmp_serde::to_vec_named(&old).unwrap();
+        assert_eq!(
+            rmp_serde::from_slice::<ClusterConfig>(&packed).unwrap(),
+            old
+        );
+    }
+
+    #[test]
+    fn test_bad_join_tokens() {
+        let good = identity(1, 2).token();
+        for bad in [
+            "",
+            ".",
+            "0102",
+            &good[..good.len() - 1],
+            &format!("{good}0"),
+            &good.replace('.', ":"),
+            &good.replacen('0', "g", 1),
+            // An id of zeros is no cluster's.
+            &format!("{}.{}", "00".repeat(16), "02".repeat(16)),
+            "é".repeat(32).as_str(),
+        ] {
+            assert_eq!(bad.parse::<ClusterIdentity>(), Err(TokenError), "{bad:?}");
+        }
+        assert_eq!(ClusterIdentity::from_bytes([0; IDENTITY_BYTES]), None);
     }
 
     #[test]

@@ -6,9 +6,14 @@
 //!
 //! Guarantees:
 //! * [`LogStore::save_vote`](openraft::storage::RaftLogStorage::save_vote) and `append` are on
-//!   disk (fsync'd) before they report success; a torn last log record is dropped on reopen.
+//!   disk (fsync'd) before they report success; a torn last log record is dropped on reopen,
+//!   and a damaged record with intact ones after it (corruption of acknowledged entries) makes
+//!   the store refuse to open instead of cutting them off.
 //! * A command is validated against the configuration it is applied to; a rejected command is
 //!   the applied result ([`Applied::result`]) and changes nothing.
+//! * A node answers Raft requests only from members of its own cluster (a node not yet joined:
+//!   only from the cluster whose join token it holds), each checked when it is served; a node
+//!   removed from the cluster is cut off as soon as each member applies the removal.
 
 mod cluster;
 pub mod config;
@@ -25,11 +30,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use cluster::{
-    BgpPeerReport, BgpReport, Cluster, ClusterError, Deadlines, NodeReport, Probes, Role, node_id,
+    BgpPeerReport, BgpReport, Cluster, ClusterError, Deadlines, JoinToken, NodeReport, Probes,
+    Refusal, Role, node_id,
 };
-pub use config::{ClusterConfig, Command, ConfigError, NodeId};
+pub use config::{ClusterConfig, ClusterId, ClusterIdentity, Command, ConfigError, NodeId};
 pub use store::{ConfigStateMachine, LogReader, LogStore, SnapshotBuilder, StoreError};
-pub use transport::{Dialer, QuicNetwork, ServeCounters, serve_connection};
+pub use transport::{Credentials, Dialer, QuicNetwork, ServeCounters, serve_connection};
 
 openraft::declare_raft_types!(
     /// The openraft types of the configuration cluster.

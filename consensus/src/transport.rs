@@ -3,13 +3,15 @@
 //! The same connections carry the [`Cluster`]'s own RPCs: a request forwarded to the leader
 //! ([`RpcKind::Forward`]) and a node's status ([`RpcKind::Report`]).
 //!
-//! The node owns the QUIC endpoint and its mutual TLS (ALPN `lbc-raft/1`); this module only sees
-//! `quinn::Connection`s that already passed the node's peer checks.
+//! The node owns the QUIC endpoint and its mutual TLS (ALPN [`ALPN`], `lbc-raft/2`); this module
+//! only sees `quinn::Connection`s that already passed the node's handshake checks.
 //!
 //! # Wire format
 //! Every RPC has its own bidirectional stream:
-//! * request: `kind: u8` ([`RpcKind`]), `len: u32` big-endian, then `len` bytes of MessagePack
-//!   (`rmp_serde`, named fields) of the openraft request;
+//! * request: `kind: u8` ([`RpcKind`]), the sender's cluster identity (32 bytes:
+//!   [`ClusterIdentity::to_bytes`], or zeros from a node that knows none), `len: u32`
+//!   big-endian, then `len` bytes of MessagePack (`rmp_serde`, named fields) of the openraft
+//!   request;
 //! * response: `len: u32` big-endian, then the MessagePack of
 //!   `Result<openraft response, RaftError>` as the remote `Raft` returned it; for `Forward`,
 //!   `Result<Response, ClusterError>`; for `Report` (whose request is MessagePack `nil`), a
@@ -20,6 +22,16 @@
 //!
 //! Pre-votes ([`RpcKind::PreVote`]) and hand-overs ([`RpcKind::TimeoutNow`]) decide elections
 //! beside openraft (see `cluster::election`).
+//!
+//! # Who is answered
+//! [`serve_connection`] is given the peer's node name as its certificate says it. Every request
+//! is authorised when it is served (`cluster::access`): its cluster identity must be this
+//! node's cluster's (or, on a node not yet joined, its join token's), its sender a current
+//! member, and a sender named inside the request (a vote's candidate, a hand-over's leader)
+//! the peer itself. A refused request closes the whole connection with one of the
+//! [refusal codes](is_refusal) and a reason; a connection whose peer stops being a member is
+//! closed the same way once the answers in flight are delivered. A client that sees its
+//! connection closed so reports the refusal (`ClusterError::Refused`) instead of retrying.
 //!
 //! # Dialling
 //! One connection per peer, dialled by one task that every RPC in the meantime waits on (each
@@ -37,7 +49,9 @@
 //!   dropped, so a peer that restarted (and lost the old connection's state) is dialled afresh
 //!   instead of waiting for QUIC's idle timeout;
 //! * too many log entries for one frame: `PayloadTooLarge`, so openraft sends fewer;
-//! * the remote `Raft` refused: `RemoteError` carrying its error.
+//! * the remote `Raft` refused: `RemoteError` carrying its error;
+//! * the peer refused this node (see above): `Unreachable`, the refusal remembered for the
+//!   operator ([`QuicNetwork::refusal`]).
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -63,12 +77,16 @@ use quinn::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
-use crate::cluster::{Cluster, Forward, PreVoteRequest, TimeoutNow};
+use crate::cluster::{Cluster, Forward, PreVoteRequest, Refusal, TimeoutNow};
+use crate::config::{ClusterIdentity, IDENTITY_BYTES};
 use crate::{Member, NodeId, TypeConfig};
 
+/// The ALPN of Raft RPCs on the node's QUIC endpoint (2: requests carry the cluster identity).
+pub const ALPN: &[u8] = b"lbc-raft/2";
 /// The cap of a request carrying a snapshot chunk (openraft's default chunk is 3 MiB).
 pub const MAX_SNAPSHOT_FRAME: u32 = 64 << 20;
 /// The cap of every other Raft request and of every response.
@@ -98,6 +116,47 @@ const STREAM_INCOMPLETE: VarInt = VarInt::from_u32(3);
 const CLOSE_UNRESPONSIVE: VarInt = VarInt::from_u32(0x200);
 /// Connection close code: this node stopped.
 const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0x201);
+/// Connection close code, a refusal: the peer's node name is not a current member (at the
+/// handshake, at a request, or since a membership change removed it).
+pub const CLOSE_NOT_MEMBER: VarInt = VarInt::from_u32(0x100);
+/// Connection close code, a refusal: the request carried another cluster's identity, or none,
+/// or came to a node that has not joined a cluster and has no join token.
+pub const CLOSE_WRONG_CLUSTER: VarInt = VarInt::from_u32(0x103);
+/// Connection close code, a refusal: the request names another node as its sender.
+pub const CLOSE_IMPERSONATION: VarInt = VarInt::from_u32(0x104);
+/// How long a connection whose peer stopped being a member still delivers the answers in
+/// flight (a node that removed itself waits for the answer to its own removal).
+const REVOKE_GRACE: Duration = Duration::from_millis(500);
+
+/// Whether `code` closes a connection because its peer was refused.
+pub fn is_refusal(code: VarInt) -> bool {
+    [CLOSE_NOT_MEMBER, CLOSE_WRONG_CLUSTER, CLOSE_IMPERSONATION].contains(&code)
+}
+
+/// The reason `connection` was refused with, once the peer closed it so.
+fn refusal(connection: &Connection) -> Option<String> {
+    refusal_of(&connection.close_reason()?)
+}
+
+fn refusal_of(e: &ConnectionError) -> Option<String> {
+    match e {
+        ConnectionError::ApplicationClosed(close) if is_refusal(close.error_code) => {
+            Some(String::from_utf8_lossy(&close.reason).into_owned())
+        }
+        _ => None,
+    }
+}
+
+/// The refusal somewhere in `e`'s chain of causes: a dial whose handshake the peer refused
+/// before it completed on this side.
+fn refusal_in(mut e: &(dyn Error + 'static)) -> Option<String> {
+    loop {
+        if let Some(closed) = e.downcast_ref::<ConnectionError>() {
+            return refusal_of(closed);
+        }
+        e = e.source()?;
+    }
+}
 
 /// The first byte of a request stream: which RPC it carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,8 +236,12 @@ pub fn quic_transport() -> quinn::TransportConfig {
     transport
 }
 
-/// Opens QUIC connections to Raft peers. The node implements it with its endpoint and ALPN
-/// `lbc-raft/1`; the connection it returns must be to the node named `peer_name` (the node's
+/// The cluster identity this node's requests carry, asked at each request; `None` (sent as
+/// zeros) from a node that knows none.
+pub type Credentials = Arc<dyn Fn() -> Option<ClusterIdentity> + Send + Sync>;
+
+/// Opens QUIC connections to Raft peers. The node implements it with its endpoint and
+/// [`ALPN`]; the connection it returns must be to the node named `peer_name` (the node's
 /// mutual TLS checks that).
 pub trait Dialer: Send + Sync + 'static {
     type Error: Into<Box<dyn Error + Send + Sync>>;
@@ -195,15 +258,17 @@ pub trait Dialer: Send + Sync + 'static {
 pub struct QuicNetwork<D> {
     id: NodeId,
     dialer: Arc<D>,
+    credentials: Credentials,
     links: Arc<Mutex<HashMap<NodeId, Arc<Link>>>>,
 }
 
 impl<D> QuicNetwork<D> {
-    /// The network of node `id`, dialling with `dialer`.
-    pub fn new(id: NodeId, dialer: D) -> Self {
+    /// The network of node `id`, dialling with `dialer`, its requests carrying `credentials`.
+    pub fn new(id: NodeId, dialer: D, credentials: Credentials) -> Self {
         Self {
             id,
             dialer: Arc::new(dialer),
+            credentials,
             links: Arc::default(),
         }
     }
@@ -214,6 +279,7 @@ impl<D> Clone for QuicNetwork<D> {
         Self {
             id: self.id,
             dialer: self.dialer.clone(),
+            credentials: self.credentials.clone(),
             links: self.links.clone(),
         }
     }
@@ -256,20 +322,55 @@ impl<D: Dialer> QuicNetwork<D> {
         let connection = link
             .connect_by(&self.dialer, deadline)
             .await
-            .map_err(|e| RpcError {
-                failure: RpcFailure::NotSent,
-                reason: e.to_string(),
+            .map_err(|e| match e {
+                TransportError::Refused { reason, .. } => RpcError {
+                    failure: RpcFailure::Refused,
+                    reason,
+                },
+                e => RpcError {
+                    failure: RpcFailure::NotSent,
+                    reason: e.to_string(),
+                },
             })?;
-        Ok(PeerConnection { link, connection })
+        Ok(PeerConnection {
+            link,
+            connection,
+            credentials: self.credentials.clone(),
+        })
     }
 
     /// Closes every cached connection, for a node that stops.
     pub(crate) fn close_all(&self) {
         for link in self.links.lock().drain().map(|(_, link)| link) {
-            if let LinkState::Up(c) = &*link.state.lock() {
-                c.close(CLOSE_SHUTDOWN, b"node stopped");
-            }
+            link.close(CLOSE_SHUTDOWN, b"node stopped");
         }
+    }
+
+    /// Closes and forgets the connections to peers `keep` says no (those no longer members).
+    pub(crate) fn retain(&self, mut keep: impl FnMut(&Member) -> bool) {
+        self.links.lock().retain(|_, link| {
+            let kept = keep(&link.member);
+            if !kept {
+                info!(peer = %link.member, "closing the raft connection to a node no longer a member");
+                link.close(CLOSE_NOT_MEMBER, b"no longer a member of this cluster");
+            }
+            kept
+        });
+    }
+
+    /// Forgets that peer `target` refused this node.
+    pub(crate) fn forget_refusal(&self, target: NodeId) {
+        if let Some(link) = self.links.lock().get(&target) {
+            *link.refused.lock() = None;
+        }
+    }
+
+    /// Why peer `target` last refused this node, if its latest answer was a refusal.
+    pub fn refusal(&self, target: NodeId) -> Option<String> {
+        self.links
+            .lock()
+            .get(&target)
+            .and_then(|link| link.refused.lock().clone())
     }
 }
 
@@ -277,6 +378,7 @@ impl<D: Dialer> QuicNetwork<D> {
 pub(crate) struct PeerConnection {
     link: Arc<Link>,
     connection: Connection,
+    credentials: Credentials,
 }
 
 /// Why a cluster RPC got no answer.
@@ -295,6 +397,8 @@ pub(crate) enum RpcFailure {
     ConnectionLost,
     /// The peer is there but did not answer in time, or answered with something unreadable.
     NoAnswer,
+    /// The peer refused this node (see the module doc); the request was not carried out.
+    Refused,
 }
 
 impl PeerConnection {
@@ -305,7 +409,7 @@ impl PeerConnection {
         request: &Req,
         deadline: Instant,
     ) -> Result<Resp, RpcError> {
-        let frame = encode_request(kind, request).map_err(|e| RpcError {
+        let frame = encode_request(kind, (self.credentials)(), request).map_err(|e| RpcError {
             failure: RpcFailure::NotSent,
             reason: e.to_string(),
         })?;
@@ -314,6 +418,7 @@ impl PeerConnection {
             .await
             .map_err(|e| {
                 let failure = match &e {
+                    CallError::Refused { .. } => RpcFailure::Refused,
                     CallError::Unreachable(TransportError::Frame {
                         source: FrameError::Stream(stream),
                         ..
@@ -332,6 +437,7 @@ impl PeerConnection {
                 let reason = match e {
                     CallError::Unreachable(e) | CallError::TooLarge(e) => e.to_string(),
                     CallError::Timeout(ttl) => format!("no answer within {ttl:?}"),
+                    CallError::Refused { reason, .. } => reason,
                 };
                 RpcError { failure, reason }
             })
@@ -347,6 +453,7 @@ impl<D: Dialer> RaftNetworkFactory<TypeConfig> for QuicNetwork<D> {
             target,
             link: self.link(target, node),
             dialer: self.dialer.clone(),
+            credentials: self.credentials.clone(),
         }
     }
 }
@@ -358,6 +465,8 @@ struct Link {
     state: Mutex<LinkState>,
     /// Timeouts in a row on the current connection.
     timeouts: AtomicU32,
+    /// Why the peer refused this node, if its latest answer was a refusal.
+    refused: Mutex<Option<String>>,
 }
 
 type DialOutcome = Option<Result<Connection, Arc<dyn Error + Send + Sync>>>;
@@ -398,6 +507,14 @@ impl Link {
             member,
             state: Mutex::new(LinkState::FRESH),
             timeouts: AtomicU32::new(0),
+            refused: Mutex::new(None),
+        }
+    }
+
+    /// Closes the current connection, if there is one.
+    fn close(&self, code: VarInt, reason: &[u8]) {
+        if let LinkState::Up(c) = &*self.state.lock() {
+            c.close(code, reason);
         }
     }
 
@@ -439,9 +556,15 @@ impl Link {
                 })?;
         match outcome.as_ref() {
             Some(Ok(c)) => Ok(c.clone()),
-            Some(Err(source)) => Err(TransportError::Connect {
-                peer: self.member.clone(),
-                source: source.clone(),
+            Some(Err(source)) => Err(match refusal_in(source.as_ref()) {
+                Some(reason) => TransportError::Refused {
+                    peer: self.member.clone(),
+                    reason,
+                },
+                None => TransportError::Connect {
+                    peer: self.member.clone(),
+                    source: source.clone(),
+                },
             }),
             // `wait_for` returns only a finished dial.
             None => Err(TransportError::DialAbandoned {
@@ -473,6 +596,9 @@ impl Link {
                     LinkState::Up(c.clone())
                 }
                 Err(e) => {
+                    if let Some(reason) = refusal_in(e.as_ref()) {
+                        *self.refused.lock() = Some(reason);
+                    }
                     let failures = failures.saturating_add(1);
                     let wait = dial_backoff(failures);
                     debug!(
@@ -525,11 +651,19 @@ impl Link {
                 self.timed_out(connection);
                 return Err(CallError::Timeout(ttl));
             }
-            Ok(answer) => answer.map_err(|source| {
-                CallError::Unreachable(TransportError::Frame {
+            Ok(answer) => answer.map_err(|source| match refusal(connection) {
+                Some(reason) => {
+                    warn!(peer = %self.member, %reason, "refused by a raft peer");
+                    *self.refused.lock() = Some(reason.clone());
+                    CallError::Refused {
+                        peer: self.member.clone(),
+                        reason,
+                    }
+                }
+                None => CallError::Unreachable(TransportError::Frame {
                     peer: self.member.clone(),
                     source,
-                })
+                }),
             })?,
         };
         self.answered();
@@ -544,6 +678,7 @@ impl Link {
 
     fn answered(&self) {
         self.timeouts.store(0, Ordering::Relaxed);
+        *self.refused.lock() = None;
     }
 
     /// After `REDIAL_AFTER_TIMEOUTS` in a row, forgets `connection` (if it is still the current
@@ -570,6 +705,7 @@ pub struct QuicPeer<D> {
     target: NodeId,
     link: Arc<Link>,
     dialer: Arc<D>,
+    credentials: Credentials,
 }
 
 impl<D> fmt::Debug for QuicPeer<D> {
@@ -589,6 +725,7 @@ enum CallError {
     Unreachable(TransportError),
     Timeout(Duration),
     TooLarge(TransportError),
+    Refused { peer: Member, reason: String },
 }
 
 impl<D: Dialer> QuicPeer<D> {
@@ -604,7 +741,7 @@ impl<D: Dialer> QuicPeer<D> {
         Resp: DeserializeOwned,
         E: Error + DeserializeOwned,
     {
-        let frame = encode_request(kind, request).map_err(|source| {
+        let frame = encode_request(kind, (self.credentials)(), request).map_err(|source| {
             let too_large = matches!(source, FrameError::TooLarge { .. });
             let e = TransportError::Frame {
                 peer: self.link.member.clone(),
@@ -647,6 +784,9 @@ impl<D: Dialer> QuicPeer<D> {
             Err(CallError::Unreachable(e) | CallError::TooLarge(e)) => {
                 Err(RPCError::Unreachable(Unreachable::new(&e)))
             }
+            Err(CallError::Refused { peer, reason }) => Err(RPCError::Unreachable(
+                Unreachable::new(&TransportError::Refused { peer, reason }),
+            )),
             Err(CallError::Timeout(timeout)) => Err(RPCError::Timeout(Timeout {
                 action,
                 id: self.id,
@@ -703,6 +843,8 @@ pub struct ServeCounters {
     malformed: AtomicU64,
     oversized: AtomicU64,
     abandoned: AtomicU64,
+    refused: AtomicU64,
+    revoked: AtomicU64,
 }
 
 /// A copy of [`ServeCounters`] at one moment.
@@ -717,6 +859,13 @@ pub struct ServeCounterValues {
     /// Streams the peer gave up on: ended or reset before the request was complete, or the
     /// answer could not be sent.
     pub abandoned: u64,
+    /// Requests refused (each closing its connection): from a node not a member, of another
+    /// cluster, or in another node's name.
+    #[serde(default)]
+    pub refused: u64,
+    /// Connections closed because their peer stopped being a member.
+    #[serde(default)]
+    pub revoked: u64,
 }
 
 impl ServeCounters {
@@ -726,36 +875,66 @@ impl ServeCounters {
             malformed: self.malformed.load(Ordering::Relaxed),
             oversized: self.oversized.load(Ordering::Relaxed),
             abandoned: self.abandoned.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            revoked: self.revoked.load(Ordering::Relaxed),
         }
     }
 }
 
-/// The server side: answers every RPC that arrives on `connection` by calling the local
-/// `cluster` (its `Raft` for the Raft RPCs), each stream in its own task, until the connection
-/// closes.
+/// The server side: answers every RPC that arrives on `connection` from node `peer` (the
+/// name its certificate carries) by calling the local `cluster` (its `Raft` for the Raft RPCs),
+/// each stream in its own task, until the connection closes or `peer` stops being a member.
 ///
-/// A malformed or oversized request closes its stream (nothing else) and is counted in
-/// `counters`. Concurrency per connection is bounded by QUIC's stream limit. The node stops it
-/// by closing the connection (or its endpoint).
+/// Each request is authorised when it is served (see the module doc); a refused one closes the
+/// connection. Once this node applies a membership without `peer`, no further request is read
+/// and the connection closes when the answers in flight are delivered (at most
+/// half a second). A malformed or oversized request closes its stream (nothing else); all
+/// of these are counted in `counters`. Concurrency per connection is bounded by QUIC's stream
+/// limit. The node stops it by closing the connection (or its endpoint).
 pub async fn serve_connection<D: Dialer>(
     cluster: Cluster<D>,
     connection: Connection,
+    peer: String,
     counters: Arc<ServeCounters>,
 ) {
-    let span = debug_span!("raft_serve", remote = %connection.remote_address());
+    let span = debug_span!("raft_serve", %peer, remote = %connection.remote_address());
     async move {
+        let mut answering = JoinSet::new();
+        let revoked = cluster.until_not_member(&peer);
+        tokio::pin!(revoked);
         loop {
-            match connection.accept_bi().await {
-                Ok((send, recv)) => {
-                    let answer = answer(cluster.clone(), send, recv, counters.clone());
-                    tokio::spawn(answer.in_current_span());
-                }
-                Err(e) => {
-                    debug!(error = %e, "raft connection closed");
-                    return;
-                }
+            tokio::select! {
+                accepted = connection.accept_bi() => match accepted {
+                    Ok((send, recv)) => {
+                        let answer = answer(
+                            cluster.clone(),
+                            connection.clone(),
+                            peer.clone(),
+                            send,
+                            recv,
+                            counters.clone(),
+                        );
+                        answering.spawn(answer.in_current_span());
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "raft connection closed");
+                        // The answers in flight finish on their own.
+                        answering.detach_all();
+                        return;
+                    }
+                },
+                () = &mut revoked => break,
+                Some(_) = answering.join_next() => {}
             }
         }
+        let delivered = tokio::time::timeout(REVOKE_GRACE, async {
+            while answering.join_next().await.is_some() {}
+        });
+        let _ = delivered.await;
+        counters.revoked.fetch_add(1, Ordering::Relaxed);
+        info!("closing the raft connection of a node no longer a member");
+        let refusal = cluster.not_member(&peer);
+        connection.close(refusal.code(), refusal.to_string().as_bytes());
     }
     .instrument(span)
     .await
@@ -764,6 +943,8 @@ pub async fn serve_connection<D: Dialer>(
 /// Reads one request, asks `cluster`, writes the answer.
 async fn answer<D: Dialer>(
     cluster: Cluster<D>,
+    connection: Connection,
+    peer: String,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     counters: Arc<ServeCounters>,
@@ -774,15 +955,31 @@ async fn answer<D: Dialer>(
             .await
             .map_err(StreamError::from)?;
         let kind = RpcKind::from_u8(kind[0]).ok_or(FrameError::UnknownKind(kind[0]))?;
+        let mut identity = [0u8; IDENTITY_BYTES];
+        recv.read_exact(&mut identity)
+            .await
+            .map_err(StreamError::from)?;
+        // Before the payload is read: nothing of a stranger's is buffered.
+        cluster.authorize(&peer, ClusterIdentity::from_bytes(identity))?;
         let payload = read_frame(&mut recv, kind.request_cap()).await?;
         let raft = cluster.raft();
+        // The sender a request names must be the peer TLS authenticated.
+        let from = |claimed: Option<NodeId>| cluster.check_sender(&peer, kind, claimed);
         let response = match kind {
             RpcKind::AppendEntries => {
-                encode_response(&raft.append_entries(decode(&payload)?).await)
+                let rpc: AppendEntriesRequest<TypeConfig> = decode(&payload)?;
+                from(rpc.vote.leader_id().voted_for())?;
+                encode_response(&raft.append_entries(rpc).await)
             }
-            RpcKind::Vote => encode_response(&raft.vote(decode(&payload)?).await),
+            RpcKind::Vote => {
+                let rpc: VoteRequest<NodeId> = decode(&payload)?;
+                from(rpc.vote.leader_id().voted_for())?;
+                encode_response(&raft.vote(rpc).await)
+            }
             RpcKind::InstallSnapshot => {
-                encode_response(&raft.install_snapshot(decode(&payload)?).await)
+                let rpc: InstallSnapshotRequest<TypeConfig> = decode(&payload)?;
+                from(rpc.vote.leader_id().voted_for())?;
+                encode_response(&raft.install_snapshot(rpc).await)
             }
             RpcKind::Forward => {
                 let forward: Forward = decode(&payload)?;
@@ -794,10 +991,12 @@ async fn answer<D: Dialer>(
             }
             RpcKind::PreVote => {
                 let request: PreVoteRequest = decode(&payload)?;
+                from(Some(request.candidate))?;
                 encode_response(&cluster.serve_pre_vote(request).await)
             }
             RpcKind::TimeoutNow => {
                 let request: TimeoutNow = decode(&payload)?;
+                from(Some(request.from))?;
                 encode_response(&cluster.serve_timeout_now(request).await)
             }
         }?;
@@ -809,6 +1008,15 @@ async fn answer<D: Dialer>(
     let (counter, code) = match outcome {
         Ok(()) => {
             counters.answered.fetch_add(1, Ordering::Relaxed);
+            // Until the peer has it all: a connection closed for a revocation drops what is
+            // unsent.
+            let _ = send.stopped().await;
+            return;
+        }
+        Err(FrameError::Refused(refusal)) => {
+            warn!(%refusal, "refused a raft request; closing the connection");
+            counters.refused.fetch_add(1, Ordering::Relaxed);
+            connection.close(refusal.code(), refusal.to_string().as_bytes());
             return;
         }
         Err(FrameError::Stream(e)) => {
@@ -843,6 +1051,8 @@ enum FrameError {
     Decode(#[from] rmp_serde::decode::Error),
     #[error("cannot encode the frame: {0}")]
     Encode(#[from] rmp_serde::encode::Error),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -873,6 +1083,8 @@ enum TransportError {
     BackingOff { peer: Member, wait: Duration },
     #[error("raft RPC to {peer}: {source}")]
     Frame { peer: Member, source: FrameError },
+    #[error("raft peer {peer} refused this node: {reason}")]
+    Refused { peer: Member, reason: String },
 }
 
 /// A dial abandoned after [`DIAL_ATTEMPT`].
@@ -880,9 +1092,14 @@ enum TransportError {
 #[error("the QUIC handshake did not finish within {0:?}")]
 struct DialTimedOut(Duration);
 
-/// `kind`, then the frame of `request` under `kind`'s cap.
-fn encode_request<T: Serialize>(kind: RpcKind, request: &T) -> Result<Vec<u8>, FrameError> {
+/// `kind`, the sender's cluster `identity`, then the frame of `request` under `kind`'s cap.
+fn encode_request<T: Serialize>(
+    kind: RpcKind,
+    identity: Option<ClusterIdentity>,
+    request: &T,
+) -> Result<Vec<u8>, FrameError> {
     let mut frame = vec![kind as u8];
+    frame.extend_from_slice(&identity.map_or([0; IDENTITY_BYTES], |i| i.to_bytes()));
     encode_into(&mut frame, request, kind.request_cap())?;
     Ok(frame)
 }

@@ -38,8 +38,12 @@ fn node_of(node: &TestNode, lip: u8) -> config::Node {
     config_node(&node.member.name, node.member.quic_addr, lip)
 }
 
+/// The configuration version of [`three_nodes`]: the identity, three nodes and a service.
+const FORMED: u64 = 5;
+
 /// Three nodes: n1 initializes the cluster with one service, n1 adds n2, n2 (a follower, so
-/// the request is forwarded) adds n3. The configuration is then at version 4.
+/// the request is forwarded) adds n3, each given the cluster's join token first. The
+/// configuration is then at version [`FORMED`].
 async fn three_nodes(ca: &Ca, deadlines: Deadlines) -> Vec<TestNode> {
     let mut nodes = Vec::new();
     for name in ["n1", "n2", "n3"] {
@@ -50,14 +54,17 @@ async fn three_nodes(ca: &Ca, deadlines: Deadlines) -> Vec<TestNode> {
         .init(node_of(&nodes[0], 1), vec![add_service(1)])
         .await
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
+    for node in &nodes[1..] {
+        node.join_token_of(&nodes[0]).await;
+    }
     assert_eq!(
         nodes[0].cluster.add_node(node_of(&nodes[1], 2)).await,
-        Ok(3)
+        Ok(4)
     );
     assert_eq!(
         nodes[1].cluster.add_node(node_of(&nodes[2], 3)).await,
-        Ok(4)
+        Ok(FORMED)
     );
     nodes
 }
@@ -99,7 +106,7 @@ async fn test_form_write_read_and_reject_through_any_node() {
         assert_eq!(voters(node), ids, "{}", node.member);
     }
     assert!(configs.iter().all(|c| *c == configs[0]));
-    assert_eq!(configs[0].version, 4);
+    assert_eq!(configs[0].version, FORMED);
     assert_eq!(
         configs[0].nodes.keys().copied().collect::<BTreeSet<_>>(),
         ids
@@ -114,13 +121,13 @@ async fn test_form_write_read_and_reject_through_any_node() {
         .filter(|n| n.cluster.id() != leader_id)
         .collect::<Vec<_>>();
     let version = followers[0].cluster.write(add_service(2)).await.unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, FORMED + 1);
     let local = followers[0].cluster.local_config();
-    assert_eq!(local.version, 5);
+    assert_eq!(local.version, FORMED + 1);
     assert!(local.service(&service_key(2)).is_ok());
     // ... and a linearizable read on the other follower sees it.
     let read = followers[1].cluster.read(READ).await.unwrap();
-    assert_eq!(read.version, 5);
+    assert_eq!(read.version, FORMED + 1);
     assert!(read.service(&service_key(2)).is_ok());
 
     // Invalid commands are rejected on every node and change nothing anywhere.
@@ -152,7 +159,7 @@ async fn test_form_write_read_and_reject_through_any_node() {
     );
     let mut outcomes = [a, b];
     outcomes.sort_by_key(Result::is_err);
-    assert_eq!(outcomes[0], Ok(6));
+    assert_eq!(outcomes[0], Ok(FORMED + 2));
     assert_eq!(
         outcomes[1],
         Err(ClusterError::Rejected(ConfigError::DuplicateService {
@@ -160,18 +167,28 @@ async fn test_form_write_read_and_reject_through_any_node() {
         }))
     );
     for node in &nodes {
-        assert_eq!(node.cluster.read(READ).await.unwrap().version, 6);
+        assert_eq!(node.cluster.read(READ).await.unwrap().version, FORMED + 2);
     }
 
-    // Membership checks: members yes, strangers no; a node never added admits anyone.
+    // Membership checks: members yes, strangers no; a node never added admits nobody until it
+    // has a join token, then anybody at the handshake (its requests must carry the token).
     for node in &nodes {
         for name in ["n1", "n2", "n3"] {
             assert!(node.cluster.is_member(name), "{name} on {}", node.member);
+            assert_eq!(node.cluster.admit(name), Ok(()));
         }
         assert!(!node.cluster.is_member("n4"), "{}", node.member);
+        assert!(node.cluster.admit("n4").is_err(), "{}", node.member);
     }
     let fresh = TestNode::start(&ca, "n4", DEADLINES).await;
-    assert!(fresh.cluster.is_member("anyone"));
+    assert!(!fresh.cluster.is_member("anyone"));
+    let refused = fresh.cluster.admit("anyone").unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "n4 has not joined a cluster and answers none without a join token: no join token given"
+    );
+    fresh.join_token_of(&nodes[0]).await;
+    assert_eq!(fresh.cluster.admit("anyone"), Ok(()));
     assert_eq!(
         fresh.cluster.write(add_service(4)).await,
         Err(ClusterError::NotInitialized)
@@ -194,7 +211,7 @@ async fn test_form_write_read_and_reject_through_any_node() {
     assert!(reports.windows(2).all(|w| w[0].id < w[1].id));
     for report in &reports {
         assert!(report.reachable && report.voter, "{report:?}");
-        assert_eq!(report.config_version, Some(6), "{report:?}");
+        assert_eq!(report.config_version, Some(FORMED + 2), "{report:?}");
         assert_eq!(report.leader, Some(leader_id), "{report:?}");
         assert!(
             report.applied.is_some() && report.committed.is_some(),
@@ -206,7 +223,7 @@ async fn test_form_write_read_and_reject_through_any_node() {
 
     // Every node published what it applied, and its RPCs were all well formed.
     for node in &nodes {
-        assert_eq!(node.applied.borrow().version, 6, "{}", node.member);
+        assert_eq!(node.applied.borrow().version, FORMED + 2, "{}", node.member);
         let counters = node.counters.values();
         assert!(counters.answered > 0, "{counters:?}");
         assert_eq!((counters.malformed, counters.oversized), (0, 0));
@@ -230,8 +247,14 @@ async fn test_leader_failure_then_writes_and_reports_through_a_survivor() {
         .collect::<Vec<_>>();
 
     // The survivor forwards to the new leader once one is elected (within the write deadline).
-    assert_eq!(survivors[0].cluster.write(add_service(2)).await, Ok(5));
-    assert_eq!(survivors[1].cluster.read(READ).await.unwrap().version, 5);
+    assert_eq!(
+        survivors[0].cluster.write(add_service(2)).await,
+        Ok(FORMED + 1)
+    );
+    assert_eq!(
+        survivors[1].cluster.read(READ).await.unwrap().version,
+        FORMED + 1
+    );
 
     let reports = survivors[0]
         .cluster
@@ -258,7 +281,7 @@ async fn test_leader_failure_then_writes_and_reports_through_a_survivor() {
                 report.term.is_some() && report.applied.is_some(),
                 "{report:?}"
             );
-            assert_eq!(report.config_version, Some(5));
+            assert_eq!(report.config_version, Some(FORMED + 1));
         }
     }
     for node in survivors {
@@ -274,7 +297,7 @@ async fn test_the_leader_removes_itself() {
     let old = leader(&all).await;
     let old_id = old.cluster.id();
 
-    assert_eq!(old.cluster.remove_node(old_id).await, Ok(5));
+    assert_eq!(old.cluster.remove_node(old_id).await, Ok(FORMED + 1));
 
     let rest = nodes
         .iter()
@@ -285,7 +308,7 @@ async fn test_the_leader_removes_itself() {
     let remaining = rest.iter().map(|n| n.cluster.id()).collect::<BTreeSet<_>>();
     for node in &rest {
         let config = node.cluster.read(READ).await.unwrap();
-        assert_eq!(config.version, 5);
+        assert_eq!(config.version, FORMED + 1);
         assert_eq!(
             config.nodes.keys().copied().collect::<BTreeSet<_>>(),
             remaining
@@ -294,7 +317,7 @@ async fn test_the_leader_removes_itself() {
         assert!(!node.cluster.is_member(&old.member.name));
     }
     // The cluster goes on without it.
-    assert_eq!(rest[0].cluster.write(add_service(2)).await, Ok(6));
+    assert_eq!(rest[0].cluster.write(add_service(2)).await, Ok(FORMED + 2));
     for node in &nodes {
         node.stop().await;
     }
@@ -324,7 +347,7 @@ async fn test_a_node_that_does_not_catch_up_and_no_quorum() {
     assert!(!voters(&nodes[2]).contains(&ghost.id));
     assert!(nodes[2].cluster.is_member("ghost"));
     // Removing it takes it out of both.
-    assert_eq!(nodes[2].cluster.remove_node(ghost.id).await, Ok(6));
+    assert_eq!(nodes[2].cluster.remove_node(ghost.id).await, Ok(FORMED + 2));
     assert!(!nodes[2].cluster.is_member("ghost"));
     assert_eq!(
         nodes[2].cluster.remove_node(ghost.id).await,
@@ -430,7 +453,7 @@ async fn test_the_leader_steps_down_and_the_node_it_names_leads() {
 
     // Hand over again and again: each time the node named is the one that leads, and it keeps
     // leading (nobody else campaigns meanwhile).
-    let mut version = 4;
+    let mut version = FORMED;
     for _ in 0..6 {
         let old = leader(&all).await;
         let term = old.cluster.raft().metrics().borrow().current_term;
@@ -492,7 +515,7 @@ async fn test_a_node_cut_off_comes_back_without_deposing_the_leader() {
     cut.cut();
     tokio::time::sleep(Duration::from_secs(4)).await;
     // The others carry on meanwhile.
-    assert_eq!(lead.cluster.write(add_service(5)).await, Ok(5));
+    assert_eq!(lead.cluster.write(add_service(5)).await, Ok(FORMED + 1));
     cut.heal();
     let took = caught_up(cut, lead).await;
     assert!(took < Duration::from_secs(2), "caught up after {took:?}");
@@ -540,7 +563,7 @@ async fn test_a_restarted_leader_rejoins_without_an_election() {
     let new = nodes.iter().find(|n| n.cluster.id() == new_id).unwrap();
     let took = caught_up(&back, new).await;
     assert!(took < Duration::from_secs(2), "caught up after {took:?}");
-    assert_eq!(back.cluster.write(add_service(5)).await, Ok(5));
+    assert_eq!(back.cluster.write(add_service(5)).await, Ok(FORMED + 1));
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     assert_eq!(roles.stop(), vec![(ServerState::Leader, term)]);

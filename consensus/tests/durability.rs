@@ -7,7 +7,7 @@ use std::path::Path;
 use consensus::config::{Backend, Proto, Scheduler, Service, ServiceKey, ServiceSettings};
 use consensus::{
     Applied, ClusterConfig, Command, ConfigError, ConfigStateMachine, LogStore, Member, NodeId,
-    TypeConfig,
+    StoreError, TypeConfig,
 };
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::{
@@ -191,6 +191,112 @@ async fn test_corrupted_tail_record_is_dropped() {
     std::fs::write(&path, &bytes).unwrap();
 
     assert_eq!(contents(dir.path()).await, (ids(1, 1..=3), None));
+}
+
+#[tokio::test]
+async fn test_torn_multi_entry_append_is_dropped_whole() {
+    let dir = TempDir::new().unwrap();
+    let before = {
+        let mut store = LogStore::open(dir.path()).unwrap();
+        append_each(&mut store, 1, 1..=2).await;
+        let len = log_file_len(dir.path());
+        store
+            .blocking_append((3..=5).map(|i| entry(1, i)))
+            .await
+            .unwrap();
+        len
+    };
+    // A crash while the three-entry append was written: whatever part of it reached the disk,
+    // none of it was acknowledged.
+    let whole = std::fs::read(dir.path().join("log")).unwrap();
+    for cut in before as usize + 1..whole.len() {
+        std::fs::write(dir.path().join("log"), &whole[..cut]).unwrap();
+        assert_eq!(
+            contents(dir.path()).await,
+            (ids(1, 1..=2), None),
+            "cut at {cut}"
+        );
+        assert_eq!(log_file_len(dir.path()), before, "cut at {cut}");
+    }
+}
+
+/// A log of entries 1..=4, one append each; returns the byte offset where each append began.
+async fn four_appends(dir: &Path) -> Vec<u64> {
+    let mut store = LogStore::open(dir).unwrap();
+    let mut starts = Vec::new();
+    for index in 1..=4 {
+        starts.push(log_file_len(dir));
+        append_each(&mut store, 1, [index]).await;
+    }
+    starts
+}
+
+#[tokio::test]
+async fn test_corrupted_middle_record_refuses_to_open() {
+    const HEADER_LEN: usize = 8;
+    for damage in ["payload", "checksum", "length", "zeroed"] {
+        let dir = TempDir::new().unwrap();
+        let starts = four_appends(dir.path()).await;
+        let path = dir.path().join("log");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let second = starts[1] as usize;
+        match damage {
+            "payload" => bytes[second + HEADER_LEN + 3] ^= 0x10,
+            "checksum" => bytes[second + 5] ^= 0x01,
+            "length" => bytes[second + 1] ^= 0x01,
+            _ => bytes[second..starts[2] as usize].fill(0),
+        }
+        std::fs::write(&path, &bytes).unwrap();
+
+        let err = LogStore::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Corrupt { offset, intact, .. }
+                if offset == second && intact == starts[2] as usize),
+            "{damage}: {err:?}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.starts_with(&format!(
+                "{}: the record at byte {second} is damaged",
+                path.display()
+            )) && message.contains("lbcluster node remove"),
+            "{damage}: {message}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "{damage}: the log is left untouched"
+        );
+        // Refusing is not a one-off: the file still says the same thing the next time.
+        assert!(matches!(
+            LogStore::open(dir.path()),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+}
+
+#[tokio::test]
+async fn test_log_written_one_record_per_entry_still_opens() {
+    // The framing versions before `Entries` wrote: one `Entry` record per entry.
+    #[derive(serde::Serialize)]
+    enum OldRecord<'a> {
+        Entry(&'a Entry<TypeConfig>),
+    }
+    let dir = TempDir::new().unwrap();
+    let mut bytes = Vec::new();
+    for index in 1..=3 {
+        let payload = rmp_serde::to_vec_named(&OldRecord::Entry(&entry(1, index))).unwrap();
+        bytes.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+    }
+    std::fs::write(dir.path().join("log"), &bytes).unwrap();
+    assert_eq!(contents(dir.path()).await, (ids(1, 1..=3), None));
+    {
+        let mut store = LogStore::open(dir.path()).unwrap();
+        append_each(&mut store, 1, 4..=5).await;
+    }
+    assert_eq!(contents(dir.path()).await, (ids(1, 1..=5), None));
 }
 
 #[tokio::test]

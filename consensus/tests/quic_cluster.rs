@@ -1,4 +1,5 @@
-//! Raft over real QUIC with mutual TLS: three nodes agree on the configuration and fail over
+//! Raft over real QUIC with mutual TLS: three nodes agree on the configuration (and, formed
+//! without `init` as an earlier version did, get an identity from their leader) and fail over
 //! when the leader goes; the transport's error mapping and its handling of bad frames.
 
 mod common;
@@ -13,8 +14,8 @@ use common::{Ca, TestDialer, TestNode, add_service};
 use consensus::config::{self, Settings};
 use consensus::transport::{MAX_FORWARD_FRAME, MAX_RPC_FRAME, RpcKind, ServeCounterValues};
 use consensus::{
-    ClusterConfig, Command, Deadlines, Dialer, Member, NodeId, NodeReport, QuicNetwork, Role,
-    TypeConfig, node_id,
+    ClusterConfig, ClusterIdentity, Command, Deadlines, Dialer, Member, NodeId, NodeReport,
+    QuicNetwork, Role, TypeConfig, node_id,
 };
 use openraft::error::{Fatal, RPCError, RaftError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -49,12 +50,23 @@ async fn leader_among(nodes: &[&TestNode], not: Option<NodeId>) -> NodeId {
     metrics.current_leader.unwrap()
 }
 
+/// A join token for tests.
+fn token() -> ClusterIdentity {
+    format!("{}.{}", "1d".repeat(16), "5e".repeat(16))
+        .parse()
+        .unwrap()
+}
+
+/// The cluster is formed with openraft's own `initialize`, as a cluster of an earlier version
+/// was: without an identity. Its leader gives it one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_three_nodes_over_quic_agree_and_fail_over() {
     let ca = Ca::new();
     let mut nodes: BTreeMap<NodeId, TestNode> = BTreeMap::new();
     for name in ["n1", "n2", "n3"] {
         let node = TestNode::start(&ca, name, Deadlines::default()).await;
+        // Not joined yet, they answer only a cluster whose identity they hold.
+        node.token.set(token());
         nodes.insert(node.cluster.id(), node);
     }
     let members = nodes
@@ -87,13 +99,18 @@ async fn test_three_nodes_over_quic_agree_and_fail_over() {
             .unwrap();
         assert_eq!(reply.data.result, Ok(()));
     }
+    // The three commands and the identity the leader committed.
     let mut configs = Vec::new();
     for node in nodes.values_mut() {
-        configs.push(converged(node, 3).await);
+        configs.push(converged(node, 4).await);
     }
     assert!(configs.iter().all(|c| *c == configs[0]));
     assert_eq!(configs[0].services.len(), 2);
     assert_eq!(configs[0].settings.maglev_table_size, 251);
+    let identity = configs[0]
+        .identity
+        .expect("the leader gave the cluster an identity");
+    assert_ne!(identity.id, token().id, "a new one, not a join token");
 
     // The leader goes away: its Raft stops and its endpoint closes every connection.
     let old = nodes.remove(&leader).unwrap();
@@ -110,10 +127,11 @@ async fn test_three_nodes_over_quic_agree_and_fail_over() {
     assert_eq!(reply.data.result, Ok(()));
     let mut configs = Vec::new();
     for node in nodes.values_mut() {
-        configs.push(converged(node, 4).await);
+        configs.push(converged(node, 5).await);
     }
     assert_eq!(configs[0], configs[1]);
     assert_eq!(configs[0].services.len(), 3);
+    assert_eq!(configs[0].identity, Some(identity), "it never changes");
 
     for node in nodes.values() {
         let counters = node.counters.values();
@@ -123,8 +141,9 @@ async fn test_three_nodes_over_quic_agree_and_fail_over() {
     }
 }
 
+/// A vote request of the client node n9.
 fn vote_request() -> VoteRequest<NodeId> {
-    VoteRequest::new(Vote::new(1, 9), None)
+    VoteRequest::new(Vote::new(1, node_id("n9")), None)
 }
 
 /// An append-entries request with an entry of about each of `sizes` bytes.
@@ -154,16 +173,30 @@ fn entries_of(sizes: &[usize]) -> AppendEntriesRequest<TypeConfig> {
 const RPC: Duration = Duration::from_millis(400);
 const MIB: usize = 1 << 20;
 
-/// A single node and a client-only endpoint with its own certificate.
+/// A single node that holds [`token`] and a client-only endpoint n9 with its own certificate
+/// whose requests carry it.
 async fn node_and_client(ca: &Ca) -> (TestNode, QuicNetwork<TestDialer>, TestDialer) {
     let node = TestNode::start(ca, "n1", Deadlines::default()).await;
+    node.token.set(token());
     let (endpoint, client) = ca.endpoint("n9", common::ALPN_RAFT);
     let dialer = TestDialer::new(&endpoint, &client);
-    (
-        node,
-        QuicNetwork::new(node_id("n9"), dialer.clone()),
-        dialer,
-    )
+    (node, client_network(&dialer, Some(token())), dialer)
+}
+
+/// The Raft network of client n9, its requests carrying `identity`.
+fn client_network(
+    dialer: &TestDialer,
+    identity: Option<ClusterIdentity>,
+) -> QuicNetwork<TestDialer> {
+    QuicNetwork::new(node_id("n9"), dialer.clone(), Arc::new(move || identity))
+}
+
+/// A raw request: `kind`, [`token`]'s identity, then `rest` (length and payload).
+fn request(kind: RpcKind, rest: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![kind as u8];
+    bytes.extend_from_slice(&token().to_bytes());
+    bytes.extend_from_slice(rest);
+    bytes
 }
 
 /// Writes `bytes` on a new stream and returns how the server ended it.
@@ -185,33 +218,32 @@ async fn test_bad_frames_close_only_their_stream_and_are_counted() {
 
     let unknown_kind = raw_request(&connection, &[0x7f, 0, 0, 0, 1, 0xc0]).await;
     assert!(unknown_kind.unwrap_err().contains("reset by peer"));
-    let mut oversized = vec![RpcKind::AppendEntries as u8];
-    oversized.extend_from_slice(&(MAX_RPC_FRAME + 1).to_be_bytes());
+    let oversized = request(RpcKind::AppendEntries, &(MAX_RPC_FRAME + 1).to_be_bytes());
     assert!(raw_request(&connection, &oversized).await.is_err());
     // A vote request whose payload is not MessagePack of one.
-    let garbage = [RpcKind::Vote as u8, 0, 0, 0, 3, 0xc1, 0xc1, 0xc1];
+    let garbage = request(RpcKind::Vote, &[0, 0, 0, 3, 0xc1, 0xc1, 0xc1]);
     assert!(raw_request(&connection, &garbage).await.is_err());
-    // The sender gives up half way.
-    let truncated = [RpcKind::Vote as u8, 0, 0, 0, 9, 1, 2];
+    // The sender gives up half way, in the payload and in the identity.
+    let truncated = request(RpcKind::Vote, &[0, 0, 0, 9, 1, 2]);
     assert!(raw_request(&connection, &truncated).await.is_err());
+    assert!(raw_request(&connection, &truncated[..20]).await.is_err());
     // A forwarded request that is MessagePack `nil`, not a request; one over its 1 MiB cap.
-    let not_a_request = [RpcKind::Forward as u8, 0, 0, 0, 1, 0xc0];
+    let not_a_request = request(RpcKind::Forward, &[0, 0, 0, 1, 0xc0]);
     assert!(raw_request(&connection, &not_a_request).await.is_err());
-    let mut oversized = vec![RpcKind::Forward as u8];
-    oversized.extend_from_slice(&(MAX_FORWARD_FRAME + 1).to_be_bytes());
+    let oversized = request(RpcKind::Forward, &(MAX_FORWARD_FRAME + 1).to_be_bytes());
     assert!(raw_request(&connection, &oversized).await.is_err());
     // A report request carries `nil`, nothing else.
-    let bad_report = [RpcKind::Report as u8, 0, 0, 0, 1, 0x01];
+    let bad_report = request(RpcKind::Report, &[0, 0, 0, 1, 0x01]);
     assert!(raw_request(&connection, &bad_report).await.is_err());
 
     // The same connection still serves good requests.
-    let report = raw_request(&connection, &[RpcKind::Report as u8, 0, 0, 0, 1, 0xc0])
+    let report = raw_request(&connection, &request(RpcKind::Report, &[0, 0, 0, 1, 0xc0]))
         .await
         .unwrap();
     let report: NodeReport = rmp_serde::from_slice(&report[4..]).unwrap();
     assert_eq!((report.id, report.name.as_str()), (node_id("n1"), "n1"));
     assert_eq!(report.role, Some(Role::Learner));
-    let mut network = QuicNetwork::new(node_id("n9"), dialer.clone());
+    let mut network = client_network(&dialer, Some(token()));
     let mut peer = network.new_client(node_id("n1"), &node.member).await;
     let vote = peer
         .vote(vote_request(), RPCOption::new(RPC))
@@ -225,7 +257,9 @@ async fn test_bad_frames_close_only_their_stream_and_are_counted() {
             answered: 2,
             malformed: 4,
             oversized: 2,
-            abandoned: 1,
+            abandoned: 2,
+            refused: 0,
+            revoked: 0,
         }
     );
     node.stop().await;

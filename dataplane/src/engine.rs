@@ -16,6 +16,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -24,11 +25,11 @@ use crate::counters::{CounterTotals, Counters, DropReason, Event};
 use crate::family::Family;
 use crate::laddr::{L4Proto, LocalAddr, LocalAddrError, LocalAddrPool};
 use crate::offload::{FlowActivity, Offload, Offloaded};
-use crate::service::{Dest, Snapshot, TrafficSlotId};
+use crate::service::{Snapshot, TrafficSlotId};
 use crate::session::{
     FlowKey, FlowState, InsertError, SessionData, SessionEvent, SessionRecord, SessionTable,
 };
-use crate::tcp_state::{Direction, Segment, TcpFlags, TcpState, TcpWindow, Timeouts};
+use crate::tcp_state::{Direction, MAX_WSCALE, Segment, TcpFlags, TcpState, TcpWindow, Timeouts};
 use crate::time::Instant;
 use crate::wire::{
     self, Icmpv4Packet, Icmpv6Packet, IpProtocol, Ipv4Packet, Ipv6Packet, TcpOption, TcpOptions,
@@ -115,6 +116,9 @@ pub struct EngineConfig {
     pub local_ports: RangeInclusive<u16>,
     /// Session events a worker buffers between two drains.
     pub event_capacity: usize,
+    /// A peer's record keeps at most its state's timeout plus this much time: the grace session
+    /// sync adds to the sessions a node sends (`sessionsync::Config::expiry_grace`).
+    pub sync_grace: Duration,
 }
 
 impl Default for EngineConfig {
@@ -126,6 +130,7 @@ impl Default for EngineConfig {
             local_addrs: Vec::new(),
             local_ports: LocalAddrPool::DEFAULT_PORTS,
             event_capacity: 4096,
+            sync_grace: Duration::from_secs(60),
         }
     }
 }
@@ -151,15 +156,25 @@ impl SessionCounts {
     }
 }
 
-/// Why a session record from a peer was not installed.
+/// Why a session record from a peer was not applied (installed, or removed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum InstallError {
     #[error("addresses of different families in one session")]
     FamilyMismatch,
     #[error("protocol and state disagree")]
     StateMismatch,
+    #[error("TCP window tracking out of range (a window scale above 14)")]
+    Window,
     #[error("no service {0} here")]
     UnknownService(SocketAddr),
+    #[error("real server {0} is not one of the service's")]
+    UnknownBackend(SocketAddr),
+    #[error("LIP {0} is this node's own: only this node speaks for its flows")]
+    OwnLip(IpAddr),
+    #[error("LIP {0} is not this node's: the flow cannot be taken back as its own")]
+    ForeignLip(IpAddr),
+    #[error("the flow is this node's own: a peer's record does not change it")]
+    Owned,
     #[error("local port {0} is held by another session")]
     LocalPortInUse(SocketAddr),
     #[error("another session holds one of the flow's keys")]
@@ -168,11 +183,48 @@ pub enum InstallError {
     TableFull,
 }
 
+impl InstallError {
+    /// A stable name, for counters.
+    pub fn name(self) -> &'static str {
+        match self {
+            InstallError::FamilyMismatch => "family_mismatch",
+            InstallError::StateMismatch => "state_mismatch",
+            InstallError::Window => "window",
+            InstallError::UnknownService(_) => "unknown_service",
+            InstallError::UnknownBackend(_) => "unknown_backend",
+            InstallError::OwnLip(_) => "own_lip",
+            InstallError::ForeignLip(_) => "foreign_lip",
+            InstallError::Owned => "owned",
+            InstallError::LocalPortInUse(_) => "local_port_in_use",
+            InstallError::Conflict => "conflict",
+            InstallError::TableFull => "table_full",
+        }
+    }
+}
+
 /// What installing a record did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Installed {
     New,
     Updated,
+}
+
+/// Who speaks for a record a peer sent. Session sync decides it from the committed
+/// configuration, which says which node owns each LIP; the engine applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authority {
+    /// The sender owns the record's LIP: the record is the flow's truth. It replaces a synced
+    /// copy that holds one of its keys (a stale copy of an earlier flow on the same LIP:port
+    /// towards the same real server, or of the client's earlier connection), and marks the copy
+    /// with `mark`, the owner's table stream under way (see [`Engine::reconcile`]).
+    Owner { mark: u32 },
+    /// The sender relays the flow of a node not connected here (a copy in a bulk answer, a flow
+    /// the sender adopted): the record fills a gap or updates the copy of the same flow, and
+    /// never replaces another session.
+    Relay,
+    /// A flow on this node's own LIP, handed back by a peer after this node restarted: it is
+    /// installed as this node's own session (not synced), its local port reserved.
+    Reclaim,
 }
 
 /// What all packet workers of a node share.
@@ -186,6 +238,7 @@ pub struct Engine {
     event_capacity: usize,
     /// The faster path established flows are handed to, once the node has one.
     offload: OnceLock<Arc<dyn Offload>>,
+    sync_grace: Duration,
 }
 
 impl Engine {
@@ -202,6 +255,7 @@ impl Engine {
             workers: Mutex::new(Vec::new()),
             event_capacity: config.event_capacity,
             offload: OnceLock::new(),
+            sync_grace: config.sync_grace,
         }))
     }
 
@@ -300,7 +354,20 @@ impl Engine {
 
     /// Installs (or refreshes) a session received from a peer, so that packets of that flow are
     /// forwarded here with the same local address, port and real server. Emits no event.
-    pub fn install(&self, now: Instant, rec: &SessionRecord) -> Result<Installed, InstallError> {
+    ///
+    /// The record is checked first: consistent addresses and state, TCP tracking in range
+    /// ([`TcpWindow::is_valid`]), a service here with the record's VIP and, for a new session,
+    /// the record's real server among the service's (a copy this node already holds keeps its
+    /// real server after the configuration dropped it, as a session this node created does);
+    /// its remaining time is capped at its state's timeout plus [`EngineConfig::sync_grace`].
+    /// Then `authority` decides what it may change; a session this node owns (not synced) is
+    /// never changed by a peer's record.
+    pub fn install(
+        &self,
+        now: Instant,
+        rec: &SessionRecord,
+        authority: Authority,
+    ) -> Result<Installed, InstallError> {
         match (
             rec.client.ip(),
             rec.vip.ip(),
@@ -308,10 +375,10 @@ impl Engine {
             rec.backend.ip(),
         ) {
             (IpAddr::V4(_), IpAddr::V4(_), IpAddr::V4(_), IpAddr::V4(_)) => {
-                self.install_in::<Ipv4Addr>(now, rec)
+                self.install_in::<Ipv4Addr>(now, rec, authority)
             }
             (IpAddr::V6(_), IpAddr::V6(_), IpAddr::V6(_), IpAddr::V6(_)) => {
-                self.install_in::<Ipv6Addr>(now, rec)
+                self.install_in::<Ipv6Addr>(now, rec, authority)
             }
             _ => Err(InstallError::FamilyMismatch),
         }
@@ -321,6 +388,7 @@ impl Engine {
         &self,
         now: Instant,
         rec: &SessionRecord,
+        authority: Authority,
     ) -> Result<Installed, InstallError> {
         let consistent = matches!(
             (rec.proto, rec.state),
@@ -329,114 +397,34 @@ impl Engine {
         if !consistent {
             return Err(InstallError::StateMismatch);
         }
+        if !rec.window.is_valid() {
+            return Err(InstallError::Window);
+        }
         let ip = |a: SocketAddr| A::from_ip(a.ip()).ok_or(InstallError::FamilyMismatch);
-        let now_s = now.as_secs();
-        let expires = deadline(now_s, u64::from(rec.expires_in_secs));
-        let table = A::table(&self.table);
-        let key = FlowKey {
-            src: ip(rec.client)?,
-            dst: ip(rec.vip)?,
-            sport: rec.client.port(),
-            dport: rec.vip.port(),
-            proto: rec.proto.number(),
-        };
-        if let Some(mut locked) = table.lookup(&key) {
-            let from_client = locked.from_client;
-            let Some(s) = locked.guard.as_mut() else {
-                return Err(InstallError::Conflict);
-            };
-            if !from_client
-                || s.rs != ip(rec.backend)?
-                || s.lip != ip(rec.local)?
-                || s.lport != rec.local.port()
-            {
-                return Err(InstallError::Conflict);
+        let (client, vip, lip, rs) = (
+            ip(rec.client)?,
+            ip(rec.vip)?,
+            ip(rec.local)?,
+            ip(rec.backend)?,
+        );
+        let laddr = self.laddr.load();
+        let ours = laddr.is_local(rec.local.ip());
+        match authority {
+            Authority::Reclaim if !ours => return Err(InstallError::ForeignLip(rec.local.ip())),
+            Authority::Owner { .. } | Authority::Relay if ours => {
+                return Err(InstallError::OwnLip(rec.local.ip()));
             }
-            s.dest
-                .stats
-                .moved(s.state.is_active(), rec.state.is_active());
-            s.state = rec.state;
-            s.window = rec.window;
-            s.expires = expires;
-            if let Some(offload) = self.offload.get() {
-                follow_offload(&**offload, s);
-            }
-            return Ok(Installed::Updated);
+            _ => {}
         }
         let snap = self.snapshot.load();
         let svc = snap
             .service(rec.proto, rec.vip)
             .ok_or(InstallError::UnknownService(rec.vip))?;
-        // A real server missing from our config (removed while the flow lives) still carries it.
-        let dest = svc.dest_by_addr(rec.backend).cloned().unwrap_or_else(|| {
-            Arc::new(Dest {
-                addr: rec.backend,
-                stats: Default::default(),
-                params: svc.params.clone(),
-            })
-        });
-        let local = LocalAddr {
-            ip: rec.local.ip(),
-            port: rec.local.port(),
-        };
-        let laddr = self.laddr.load();
-        let ours = laddr.is_local(local.ip);
-        if ours && !laddr.reserve(rec.proto, local) {
-            return Err(InstallError::LocalPortInUse(rec.local));
-        }
-        let data = SessionData {
-            dest: dest.clone(),
-            expires,
-            window: rec.window,
-            client: key.src,
-            vip: key.dst,
-            lip: ip(rec.local)?,
-            rs: ip(rec.backend)?,
-            cport: rec.client.port(),
-            vport: rec.vip.port(),
-            lport: rec.local.port(),
-            rport: rec.backend.port(),
-            state: rec.state,
-            synced: true,
-            offloaded: Offloaded::No,
-        };
-        // A flow that moved here is offloaded like one of this node's own.
-        let mut data = data;
-        let offload = self.offload.get();
-        if let Some(offload) = offload {
-            follow_offload(&**offload, &mut data);
-        }
-        let flow = (data.offloaded == Offloaded::Yes).then(|| data.offload_flow());
-        // Counted before the insert so that a removal racing it balances the count.
-        dest.stats.opened(rec.state.is_active());
-        match table.insert(data) {
-            Ok(_) => Ok(Installed::New),
-            Err(e) => {
-                if let (Some(offload), Some(flow)) = (offload, flow) {
-                    offload.withdraw(&flow);
-                }
-                dest.stats.closed(rec.state.is_active());
-                if ours {
-                    laddr.release(rec.proto, local);
-                }
-                Err(match e {
-                    InsertError::Full => InstallError::TableFull,
-                    InsertError::Exists(_) => InstallError::Conflict,
-                })
-            }
-        }
-    }
-
-    /// Removes a session (closed on its owner); true if it was here. Emits no event.
-    pub fn remove(&self, rec: &SessionRecord) -> bool {
-        match (rec.client.ip(), rec.vip.ip()) {
-            (IpAddr::V4(c), IpAddr::V4(v)) => self.remove_in(rec, c, v).is_some(),
-            (IpAddr::V6(c), IpAddr::V6(v)) => self.remove_in(rec, c, v).is_some(),
-            _ => false,
-        }
-    }
-
-    fn remove_in<A: Family>(&self, rec: &SessionRecord, client: A, vip: A) -> Option<()> {
+        let now_s = now.as_secs();
+        let cap =
+            timeout_secs(rec.state, &svc.params.timeouts).saturating_add(self.sync_grace.as_secs());
+        let expires = deadline(now_s, u64::from(rec.expires_in_secs).min(cap));
+        let table = A::table(&self.table);
         let key = FlowKey {
             src: client,
             dst: vip,
@@ -444,16 +432,221 @@ impl Engine {
             dport: rec.vip.port(),
             proto: rec.proto.number(),
         };
-        let mut data = A::table(&self.table).remove(&key)?;
-        if let Some(offload) = self.offload.get() {
-            withdraw(&**offload, &mut data);
+        let same_flow = |s: &SessionData<A>| {
+            s.rs == rs
+                && s.rport == rec.backend.port()
+                && s.lip == lip
+                && s.lport == rec.local.port()
+        };
+        let dest = svc.dest_by_addr(rec.backend).cloned();
+        let mut evicted = 0;
+        if let Some(mut locked) = table.lookup(&key) {
+            let from_client = locked.from_client;
+            let Some(s) = locked.guard.as_mut() else {
+                return Err(InstallError::Conflict);
+            };
+            if !s.synced {
+                return Err(InstallError::Owned);
+            }
+            if from_client && same_flow(s) {
+                s.dest
+                    .stats
+                    .moved(s.state.is_active(), rec.state.is_active());
+                s.state = rec.state;
+                s.window = rec.window;
+                s.expires = expires;
+                if let Authority::Owner { mark } = authority {
+                    s.mark = mark;
+                }
+                if let Some(offload) = self.offload.get() {
+                    follow_offload(&**offload, s);
+                }
+                return Ok(Installed::Updated);
+            }
+            // Another flow holds the key: the copy of the client's earlier connection, say.
+            if !(from_client && matches!(authority, Authority::Owner { .. })) {
+                return Err(InstallError::Conflict);
+            }
+            if dest.is_none() {
+                return Err(InstallError::UnknownBackend(rec.backend));
+            }
+            let mut old = table.take(locked).ok_or(InstallError::Conflict)?;
+            self.release(&mut old);
+            evicted += 1;
         }
-        self.release(&data);
-        Some(())
+        let dest = dest.ok_or(InstallError::UnknownBackend(rec.backend))?;
+        let local = LocalAddr {
+            ip: rec.local.ip(),
+            port: rec.local.port(),
+        };
+        if ours && !laddr.reserve(rec.proto, local) {
+            return Err(InstallError::LocalPortInUse(rec.local));
+        }
+        let (synced, mark) = match authority {
+            Authority::Owner { mark } => (true, mark),
+            Authority::Relay => (true, 0),
+            Authority::Reclaim => (false, 0),
+        };
+        let mut data = SessionData {
+            dest: dest.clone(),
+            expires,
+            window: rec.window,
+            client,
+            vip,
+            lip,
+            rs,
+            cport: rec.client.port(),
+            vport: rec.vip.port(),
+            lport: rec.local.port(),
+            rport: rec.backend.port(),
+            state: rec.state,
+            synced,
+            mark,
+            linked: false,
+            offloaded: Offloaded::No,
+        };
+        // A flow that moved here is offloaded like one of this node's own.
+        let offload = self.offload.get();
+        if let Some(offload) = offload {
+            follow_offload(&**offload, &mut data);
+        }
+        let flow = (data.offloaded == Offloaded::Yes).then(|| data.offload_flow());
+        // Counted before the insert so that a removal racing it balances the count.
+        dest.stats.opened(rec.state.is_active());
+        let error = loop {
+            match table.insert(data) {
+                Ok(_) => return Ok(Installed::New),
+                // The owner's record wins over a synced copy that holds its server-side key (a
+                // stale copy of an earlier flow on this LIP:port): the copy goes. Two keys, so
+                // at most two copies can stand in the way.
+                Err((InsertError::Exists(slot), Some(back)))
+                    if matches!(authority, Authority::Owner { .. }) && evicted < 2 =>
+                {
+                    match table.evict_synced(slot) {
+                        Some(mut old) => {
+                            self.release(&mut old);
+                            evicted += 1;
+                            data = back;
+                        }
+                        None => break InstallError::Conflict,
+                    }
+                }
+                Err((InsertError::Full, _)) => break InstallError::TableFull,
+                Err((InsertError::Exists(_), _)) => break InstallError::Conflict,
+            }
+        };
+        if let (Some(offload), Some(flow)) = (offload, flow) {
+            offload.withdraw(&flow);
+        }
+        dest.stats.closed(rec.state.is_active());
+        if ours {
+            laddr.release(rec.proto, local);
+        }
+        Err(error)
     }
 
-    /// Returns what a removed session held: its local port and its place in the counters.
-    fn release<A: Family>(&self, data: &SessionData<A>) {
+    /// Removes the synced copy of a flow that ended on the peer that sent `rec`: true if it was
+    /// here. A session this node owns stays (and is refused as [`InstallError::Owned`]); so does
+    /// a copy of another flow under the same client-side key. Emits no event.
+    pub fn remove(&self, rec: &SessionRecord) -> Result<bool, InstallError> {
+        match (
+            rec.client.ip(),
+            rec.vip.ip(),
+            rec.local.ip(),
+            rec.backend.ip(),
+        ) {
+            (IpAddr::V4(_), IpAddr::V4(_), IpAddr::V4(_), IpAddr::V4(_)) => {
+                self.remove_in::<Ipv4Addr>(rec)
+            }
+            (IpAddr::V6(_), IpAddr::V6(_), IpAddr::V6(_), IpAddr::V6(_)) => {
+                self.remove_in::<Ipv6Addr>(rec)
+            }
+            _ => Err(InstallError::FamilyMismatch),
+        }
+    }
+
+    fn remove_in<A: Family>(&self, rec: &SessionRecord) -> Result<bool, InstallError> {
+        let ip = |a: SocketAddr| A::from_ip(a.ip()).ok_or(InstallError::FamilyMismatch);
+        let key = FlowKey {
+            src: ip(rec.client)?,
+            dst: ip(rec.vip)?,
+            sport: rec.client.port(),
+            dport: rec.vip.port(),
+            proto: rec.proto.number(),
+        };
+        let (lip, rs) = (ip(rec.local)?, ip(rec.backend)?);
+        let table = A::table(&self.table);
+        let Some(locked) = table.lookup(&key) else {
+            return Ok(false);
+        };
+        let Some(s) = locked.guard.as_ref() else {
+            return Ok(false);
+        };
+        if !s.synced {
+            return Err(InstallError::Owned);
+        }
+        let same_flow = locked.from_client
+            && s.lip == lip
+            && s.lport == rec.local.port()
+            && s.rs == rs
+            && s.rport == rec.backend.port();
+        if !same_flow {
+            return Ok(false);
+        }
+        match table.take(locked) {
+            Some(mut data) => {
+                self.release(&mut data);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Drops the synced copies on `lips` (one node's LIPs) that are not marked `mark`: what is
+    /// left of that node's flows here once its table stream `mark` has arrived complete, which
+    /// marked every flow it holds (see [`Authority::Owner`]). Copies not confirmed by it are
+    /// flows its owner no longer has: their removal was lost (a disconnect, an overflowing
+    /// queue, a full event inbox). Returns how many went. Visits every slot; not for the packet
+    /// path. Emits no event.
+    pub fn reconcile(&self, lips: &[IpAddr], mark: u32) -> usize {
+        let v4: Vec<Ipv4Addr> = lips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let v6: Vec<Ipv6Addr> = lips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V6(a) => Some(*a),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        self.reconcile_in(&self.table.v4, &v4, mark) + self.reconcile_in(&self.table.v6, &v6, mark)
+    }
+
+    fn reconcile_in<A: Family>(
+        &self,
+        table: &crate::session::FamilyTable<A>,
+        lips: &[A],
+        mark: u32,
+    ) -> usize {
+        if lips.is_empty() {
+            return 0;
+        }
+        table.take_where(
+            |s| s.synced && s.mark != mark && lips.contains(&s.lip),
+            |mut data| self.release(&mut data),
+        )
+    }
+
+    /// Returns what a removed session held: its entry in the faster path (folding in what that
+    /// saw), its local port and its place in the counters.
+    fn release<A: Family>(&self, data: &mut SessionData<A>) {
+        if let Some(offload) = self.offload.get() {
+            withdraw(&**offload, data);
+        }
         data.dest.stats.closed(data.state.is_active());
         self.laddr.load().release(
             data.proto(),
@@ -603,7 +796,8 @@ impl TcpInfo {
         if flags.syn {
             for opt in TcpOptions::new(t.options()) {
                 match opt? {
-                    TcpOption::WindowScale(w) => wscale = Some(w),
+                    // RFC 7323 §2.3: a shift count above 14 is taken as 14.
+                    TcpOption::WindowScale(w) => wscale = Some(w.min(MAX_WSCALE)),
                     TcpOption::EndOfList => break,
                     _ => {}
                 }
@@ -718,10 +912,7 @@ impl Worker {
     }
 
     fn expired<A: Family>(&mut self, engine: &Engine, mut data: SessionData<A>, now_s: u64) {
-        if let Some(offload) = engine.offload.get() {
-            withdraw(&**offload, &mut data);
-        }
-        engine.release(&data);
+        engine.release(&mut data);
         emit(
             &mut self.events,
             &self.counters,
@@ -998,6 +1189,8 @@ impl Worker {
             state,
             synced: false,
             offloaded: Offloaded::No,
+            mark: 0,
+            linked: false,
         };
         let record = data.record(now_s);
         // Counted before the insert so that a removal racing it balances the count.
@@ -1022,7 +1215,7 @@ impl Worker {
                     toa,
                 })
             }
-            Err(e) => {
+            Err((e, _)) => {
                 dest.stats.closed(state.is_active());
                 laddr.release(proto, local);
                 match e {

@@ -20,8 +20,8 @@ pub mod wire;
 
 pub use counters::{CounterTotals, DropReason, Event};
 pub use engine::{
-    Engine, EngineConfig, InstallError, Installed, L4Checksum, Packet, SessionCounts, Verdict,
-    Worker,
+    Authority, Engine, EngineConfig, InstallError, Installed, L4Checksum, Packet, SessionCounts,
+    Verdict, Worker,
 };
 pub use laddr::{L4Proto, LocalAddr, LocalAddrPool};
 pub use offload::{FlowActivity, Offload, OffloadFlow, OffloadSide, SideActivity};

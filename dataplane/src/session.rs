@@ -12,6 +12,17 @@
 //! was found under (the session may have been removed and the slot reused in between). IPv4 and
 //! IPv6 sessions live in separate tables so an IPv4 session pays for 4-byte addresses only.
 //! Pure code: no clock, no I/O; deadlines are seconds of the caller's clock.
+//!
+//! Decisions:
+//! * **A session is taken out only once it is linked.** An insert stores the session in its
+//!   slot, then links both keys into the index, then marks the session linked; expiry, removal
+//!   and eviction leave an unlinked session alone. So an insert racing an expiry (a synced
+//!   record that arrives already due) either completes and is then expired whole, or fails and
+//!   is cleaned up by the insert itself: no index entry outlives its session, and no entry
+//!   counts against a shard's limit after its session is gone. Packets may use an unlinked
+//!   session: its data is complete before the first key is linked.
+//! * **Synced copies carry a mark** (see [`Engine::reconcile`](crate::Engine::reconcile)): the
+//!   table stream of the copy's owner that last confirmed it, or 0. It fits the slot's padding.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -164,6 +175,10 @@ pub(crate) struct SessionData<A> {
     pub(crate) state: FlowState,
     pub(crate) synced: bool,
     pub(crate) offloaded: Offloaded,
+    /// Of a synced copy: the owner's table stream that last confirmed it (0: none did).
+    pub(crate) mark: u32,
+    /// Both keys are in the index (see the module doc); set by the table only.
+    pub(crate) linked: bool,
 }
 
 impl<A: Family> SessionData<A> {
@@ -445,6 +460,12 @@ impl Index {
         true
     }
 
+    /// Entries in use, every shard together.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| *s.writer.lock()).sum()
+    }
+
     fn bytes(&self) -> usize {
         self.shards.len() * (self.capacity * size_of::<AtomicU64>() + size_of::<Shard>())
     }
@@ -542,16 +563,21 @@ impl<A: Family> FamilyTable<A> {
             .probe(self.position(key), |slot| self.verify(slot, key))
     }
 
-    /// Stores a new session under both its keys. On failure the session is dropped and the
-    /// caller undoes what it did for it.
-    pub(crate) fn insert(&self, data: SessionData<A>) -> Result<SlotId, InsertError> {
+    /// Stores a new session under both its keys. On failure the session is handed back and
+    /// the caller undoes what it did for it.
+    pub(crate) fn insert(
+        &self,
+        mut data: SessionData<A>,
+    ) -> Result<SlotId, (InsertError, Option<SessionData<A>>)> {
         let Some(slot) = self.free.lock().pop() else {
-            return Err(InsertError::Full);
+            return Err((InsertError::Full, Some(data)));
         };
         let client_key = data.client_key();
         let server_key = data.server_key();
         // The session is in its slot before any index entry points there, and no slot lock is
-        // held while an index lock is taken (the index takes slot locks under its own).
+        // held while an index lock is taken (the index takes slot locks under its own). Until
+        // it is linked, nobody else takes it out (see the module doc).
+        data.linked = false;
         *self.slots[slot as usize].lock() = Some(data);
         let holds = |key: FlowKey<A>| {
             move |s: SlotId| {
@@ -573,26 +599,47 @@ impl<A: Family> FamilyTable<A> {
                         self.index.remove(client_pos, slot);
                     })
             });
-        // If expiry or a removal took the session out meanwhile, it did all the cleaning up
-        // (slot, local port, counters): to the caller the session existed, briefly.
-        if let Err(e) = result
-            && self.slots[slot as usize].lock().take().is_some()
-        {
-            self.free.lock().push(slot);
-            return Err(e);
+        let mut guard = self.slots[slot as usize].lock();
+        match result {
+            Ok(()) => {
+                if let Some(s) = guard.as_mut() {
+                    s.linked = true;
+                }
+                Ok(slot)
+            }
+            Err(e) => {
+                // Nobody else takes an unlinked session: it is still in its slot.
+                let data = guard.take();
+                drop(guard);
+                self.free.lock().push(slot);
+                Err((e, data))
+            }
         }
-        Ok(slot)
     }
 
-    /// Removes the session with this client-side key; returns it.
-    pub(crate) fn remove(&self, client_key: &FlowKey<A>) -> Option<SessionData<A>> {
-        let mut locked = self.lookup(client_key)?;
-        if !locked.from_client {
+    /// Takes a looked-up session out of the table, if it is linked; returns it.
+    pub(crate) fn take(&self, mut locked: Locked<'_, A>) -> Option<SessionData<A>> {
+        if !locked.guard.as_ref().is_some_and(|s| s.linked) {
             return None;
         }
         let data = locked.guard.take()?;
         let slot = locked.slot;
+        // The slot lock goes before the index locks are taken (see `insert`).
         drop(locked);
+        self.retire(slot, &data);
+        Some(data)
+    }
+
+    /// Takes out the synced copy in `slot` (a session that conflicts with its owner's record);
+    /// returns it. An owned session, or one not linked yet, stays.
+    pub(crate) fn evict_synced(&self, slot: SlotId) -> Option<SessionData<A>> {
+        let data = {
+            let mut guard = self.slots.get(slot as usize)?.lock();
+            if !guard.as_ref().is_some_and(|s| s.synced && s.linked) {
+                return None;
+            }
+            guard.take()?
+        };
         self.retire(slot, &data);
         Some(data)
     }
@@ -626,7 +673,7 @@ impl<A: Family> FamilyTable<A> {
             let taken = {
                 let mut guard = self.slots[slot].lock();
                 let due = match guard.as_mut() {
-                    Some(s) => u64::from(s.expires) <= now_secs && !renew(s),
+                    Some(s) => s.linked && u64::from(s.expires) <= now_secs && !renew(s),
                     None => false,
                 };
                 if due { guard.take() } else { None }
@@ -638,6 +685,32 @@ impl<A: Family> FamilyTable<A> {
             }
         }
         expired
+    }
+
+    /// Takes out every linked session for which `pred` holds, handing each to `on_taken`;
+    /// visits every slot once (takes each slot lock briefly).
+    pub(crate) fn take_where(
+        &self,
+        pred: impl Fn(&SessionData<A>) -> bool,
+        mut on_taken: impl FnMut(SessionData<A>),
+    ) -> usize {
+        let mut taken = 0;
+        for (slot, cell) in self.slots.iter().enumerate() {
+            let data = {
+                let mut guard = cell.lock();
+                if guard.as_ref().is_some_and(|s| s.linked && pred(s)) {
+                    guard.take()
+                } else {
+                    None
+                }
+            };
+            if let Some(data) = data {
+                self.retire(slot as SlotId, &data);
+                taken += 1;
+                on_taken(data);
+            }
+        }
+        taken
     }
 
     /// Calls `f` for every session (admin listings; takes each slot lock briefly).
@@ -754,6 +827,18 @@ mod tests {
         })
     }
 
+    /// Removes the session with this client-side key, as the engine does; returns it.
+    fn remove(
+        t: &FamilyTable<Ipv4Addr>,
+        client_key: &FlowKey<Ipv4Addr>,
+    ) -> Option<SessionData<Ipv4Addr>> {
+        let locked = t.lookup(client_key)?;
+        if !locked.from_client {
+            return None;
+        }
+        t.take(locked)
+    }
+
     fn session(n: u16, expires: u32) -> SessionData<Ipv4Addr> {
         SessionData {
             dest: dest(),
@@ -770,6 +855,8 @@ mod tests {
             state: FlowState::Tcp(TcpState::Established),
             synced: false,
             offloaded: Offloaded::No,
+            mark: 0,
+            linked: false,
         }
     }
 
@@ -783,8 +870,8 @@ mod tests {
         assert!(!t.lookup(&sk).unwrap().from_client);
         assert!(t.lookup(&ck.reversed()).is_none());
         assert_eq!(t.len(), 1);
-        assert!(t.remove(&sk).is_none(), "removal goes by the client key");
-        assert!(t.remove(&ck).is_some());
+        assert!(remove(&t, &sk).is_none(), "removal goes by the client key");
+        assert!(remove(&t, &ck).is_some());
         assert!(t.lookup(&sk).is_none());
         assert_eq!(t.len(), 0);
     }
@@ -793,24 +880,24 @@ mod tests {
     fn test_full_and_conflicting_inserts_leave_nothing_behind() {
         let t = FamilyTable::new(2, 1);
         t.insert(session(1, 100)).unwrap();
-        let dup = t.insert(session(1, 100)).unwrap_err();
+        let dup = t.insert(session(1, 100)).unwrap_err().0;
         assert!(matches!(dup, InsertError::Exists(_)));
         // Same client key, other server side: refused, and the server key is not left behind.
         let mut other = session(1, 100);
         other.lport = 9999;
         assert!(matches!(
-            t.insert(other).unwrap_err(),
+            t.insert(other).unwrap_err().0,
             InsertError::Exists(_)
         ));
         let mut lport_clash = session(2, 100);
         lport_clash.lport = 1025;
         assert!(matches!(
-            t.insert(lport_clash).unwrap_err(),
+            t.insert(lport_clash).unwrap_err().0,
             InsertError::Exists(_)
         ));
         assert!(t.lookup(&session(2, 100).client_key()).is_none());
         t.insert(session(3, 100)).unwrap();
-        assert_eq!(t.insert(session(4, 100)).unwrap_err(), InsertError::Full);
+        assert_eq!(t.insert(session(4, 100)).unwrap_err().0, InsertError::Full);
         assert_eq!(t.len(), 2);
     }
 
@@ -833,6 +920,45 @@ mod tests {
         assert_eq!(t.len(), 0);
     }
 
+    /// Sessions that are due the moment they are stored (a synced record with no time left),
+    /// inserted from two threads while a third expires: every insert either stays or is taken
+    /// out whole. After each round the index holds exactly the live sessions' keys; at the end
+    /// the table fills to its capacity again.
+    #[test]
+    fn test_inserts_racing_expiry_leave_no_index_entry_behind() {
+        const MAX: u32 = 8;
+        let t = FamilyTable::new(MAX, 5);
+        for round in 0..100 {
+            std::thread::scope(|scope| {
+                for base in [0u16, 1000] {
+                    let t = &t;
+                    scope.spawn(move || {
+                        for n in 0..100_000u32 {
+                            let _ = t.insert(session(base + (n % 200) as u16, 0));
+                        }
+                    });
+                }
+                let t = &t;
+                scope.spawn(move || {
+                    for _ in 0..100_000 {
+                        t.expire(1, MAX as usize, |_| false, |_| {});
+                    }
+                });
+            });
+            t.expire(1, MAX as usize, |_| false, |_| {});
+            assert_eq!(t.len(), 0);
+            assert_eq!(
+                t.index.len(),
+                0,
+                "index entries of no session, round {round}"
+            );
+        }
+        for n in 0..MAX as u16 {
+            t.insert(session(n, 100)).unwrap();
+        }
+        assert_eq!(t.index.len(), 2 * MAX as usize);
+    }
+
     /// Two threads churn sessions while a third looks them up: a lookup returns either nothing
     /// or the session of the very key it asked for, never a reused slot's other flow.
     #[test]
@@ -848,7 +974,7 @@ mod tests {
                         let ck = s.client_key();
                         let _ = t.insert(s);
                         if round % 3 == 0 {
-                            t.remove(&ck);
+                            remove(t, &ck);
                         }
                     }
                 });

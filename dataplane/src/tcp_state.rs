@@ -199,6 +199,13 @@ mod secs {
 /// Window scale value meaning "this side offered no window scaling".
 const NO_WSCALE: u8 = 0xff;
 
+/// The largest window scale (RFC 7323 §2.3: a larger shift count is taken as 14). A window
+/// shifted by it still fits 32 bits.
+pub const MAX_WSCALE: u8 = 14;
+
+/// The largest scaled window a side can advertise.
+const MAX_WINDOW: u32 = (u16::MAX as u32) << MAX_WSCALE;
+
 /// Sequence-space tracking per direction, just enough to tell an in-window RST from a blind one.
 ///
 /// `end` is the highest sequence number a side has sent plus its length; `max_win` the largest
@@ -233,6 +240,16 @@ impl TcpWindow {
             wscale: [NO_WSCALE; 2],
             seen: [false; 2],
         }
+    }
+
+    /// Whether every field is one the tracker itself could have produced: window scales of at
+    /// most [`MAX_WSCALE`] (or none) and windows that fit them. Tracking from a peer's record is
+    /// installed only if it is.
+    pub fn is_valid(&self) -> bool {
+        self.wscale
+            .iter()
+            .all(|&w| w <= MAX_WSCALE || w == NO_WSCALE)
+            && self.max_win.iter().all(|&w| w <= MAX_WINDOW)
     }
 
     /// Whether a RST travelling in `dir` may close the session. Must be called before `update`
@@ -284,7 +301,7 @@ impl TcpWindow {
         let me = dir.index();
         let peer = 1 - me;
         if seg.flags.syn {
-            self.wscale[me] = seg.wscale.map_or(NO_WSCALE, |w| w.min(14));
+            self.wscale[me] = seg.wscale.map_or(NO_WSCALE, |w| w.min(MAX_WSCALE));
         }
         let end = seg.seq.wrapping_add(seg.len);
         if !self.seen[me] || (end.wrapping_sub(self.end[me]) as i32) > 0 {
@@ -292,9 +309,11 @@ impl TcpWindow {
         }
         self.seen[me] = true;
         // RFC 7323: windows are scaled only when both SYNs carried the option, never on SYNs.
+        // Clamped again here, whatever the stored scale: a 16-bit window shifted by at most
+        // `MAX_WSCALE` cannot overflow.
         let scale =
             if !seg.flags.syn && self.wscale[me] != NO_WSCALE && self.wscale[peer] != NO_WSCALE {
-                u32::from(self.wscale[me])
+                u32::from(self.wscale[me].min(MAX_WSCALE))
             } else {
                 0
             };

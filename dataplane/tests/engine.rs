@@ -818,8 +818,12 @@ fn test_session_record_installed_on_another_node_carries_the_flow() {
         ..small_config()
     };
     let (b, mut wb) = engine_with(&services(), config_b);
-    assert_eq!(b.install(T0, &rec), Ok(dataplane::Installed::New));
-    assert_eq!(b.install(T0, &rec), Ok(dataplane::Installed::Updated));
+    let owner = dataplane::Authority::Owner { mark: 1 };
+    assert_eq!(b.install(T0, &rec, owner), Ok(dataplane::Installed::New));
+    assert_eq!(
+        b.install(T0, &rec, owner),
+        Ok(dataplane::Installed::Updated)
+    );
     let data = ip(
         v4(CLIENT),
         v4(VIP),
@@ -838,7 +842,7 @@ fn test_session_record_installed_on_another_node_carries_the_flow() {
     let back = ip(v4(RS1), v4(LIP), &tcp(8080, lport, ACK, 5001, 1005, b"ok"));
     assert_eq!(run(&mut wa, T0, &back).1, run(&mut wb, T0, &back).1);
     assert!(b.sessions(T0)[0].synced);
-    assert!(b.remove(&rec));
+    assert_eq!(b.remove(&rec), Ok(true));
     assert_eq!(b.session_count(), 0);
 }
 

@@ -250,7 +250,7 @@ fn test_a_refused_flow_stays_with_the_engine_and_is_not_asked_again() {
 }
 
 #[test]
-fn test_a_session_from_a_peer_is_offloaded_and_a_removal_withdraws_it() {
+fn test_a_session_from_a_peer_is_offloaded_and_a_removal_or_reconcile_withdraws_it() {
     let (engine, mut w, rec) = with_recorder(false);
     handshake(&mut w, T0);
     let record = engine.sessions(T0)[0];
@@ -263,9 +263,15 @@ fn test_a_session_from_a_peer_is_offloaded_and_a_removal_withdraws_it() {
     };
     let mut peer = record;
     peer.local = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(198, 19, 200, 2)), 2000);
-    other.install(T0, &peer).unwrap();
+    let owner = dataplane::Authority::Owner { mark: 1 };
+    other.install(T0, &peer, owner).unwrap();
     assert_eq!(other_rec.offloaded.lock().len(), 1);
-    assert!(other.remove(&peer));
+    assert_eq!(other.remove(&peer), Ok(true));
     assert_eq!(other_rec.withdrawn.lock().len(), 1);
+    // A copy its owner's next table stream does not confirm goes, and its entries with it.
+    other.install(T0, &peer, owner).unwrap();
+    assert_eq!(other_rec.offloaded.lock().len(), 2);
+    assert_eq!(other.reconcile(&[peer.local.ip()], 2), 1);
+    assert_eq!(other_rec.withdrawn.lock().len(), 2);
     let _ = rec;
 }

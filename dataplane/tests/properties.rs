@@ -6,7 +6,7 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::*;
-use dataplane::{Direction, Instant, L4Checksum, Verdict};
+use dataplane::{Direction, Instant, L4Checksum, L4Proto, Verdict};
 use proptest::prelude::*;
 
 const T0: Instant = Instant::from_secs(50);
@@ -183,5 +183,171 @@ proptest! {
         }
         let len = p.len() - cut % (p.len() / 4 + 1);
         let _ = run_with(&mut w, T0, &p[..len], csum);
+    }
+}
+
+/// Addresses a peer's record may name: the lab's own (so that services, real servers and LIPs
+/// match), a few others, and the other family.
+fn record_addr() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        Just(IpAddr::from(CLIENT)),
+        Just(IpAddr::from(VIP)),
+        Just(IpAddr::from(RS1)),
+        Just(IpAddr::from(LIP)),
+        Just(IpAddr::from(Ipv4Addr::new(198, 19, 200, 2))),
+        Just(IpAddr::from(VIP6)),
+        Just(IpAddr::from(RS6)),
+        any::<u32>().prop_map(|a| IpAddr::from(Ipv4Addr::from(a))),
+    ]
+}
+
+fn record_port() -> impl Strategy<Value = u16> {
+    prop_oneof![
+        Just(80u16),
+        Just(53),
+        Just(8080),
+        Just(5353),
+        Just(1024),
+        any::<u16>()
+    ]
+}
+
+fn flow_state() -> impl Strategy<Value = dataplane::FlowState> {
+    use dataplane::{FlowState, TcpState};
+    prop_oneof![
+        Just(FlowState::Udp),
+        proptest::sample::select(vec![
+            TcpState::None,
+            TcpState::SynSent,
+            TcpState::SynRecv,
+            TcpState::Established,
+            TcpState::FinWait,
+            TcpState::CloseWait,
+            TcpState::LastAck,
+            TcpState::TimeWait,
+            TcpState::Close,
+        ])
+        .prop_map(FlowState::Tcp),
+    ]
+}
+
+/// Any tracking state a peer could put on the wire (every field arbitrary).
+fn window() -> impl Strategy<Value = dataplane::tcp_state::TcpWindow> {
+    (
+        any::<[u32; 2]>(),
+        any::<[u32; 2]>(),
+        prop_oneof![Just([7u8, 7]), Just([255, 255]), any::<[u8; 2]>()],
+        any::<[bool; 2]>(),
+    )
+        .prop_map(|(end, max_win, wscale, seen)| {
+            serde_json::from_value(serde_json::json!({
+                "end": end, "max_win": max_win, "wscale": wscale, "seen": seen,
+            }))
+            .unwrap()
+        })
+}
+
+fn session_record() -> impl Strategy<Value = dataplane::SessionRecord> {
+    (
+        any::<bool>(),
+        (record_addr(), record_port()),
+        (record_addr(), record_port()),
+        (record_addr(), record_port()),
+        (record_addr(), record_port()),
+        flow_state(),
+        window(),
+        any::<u32>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(udp, c, v, l, b, state, window, expires_in_secs, synced)| {
+                let sa = |(ip, port): (IpAddr, u16)| std::net::SocketAddr::new(ip, port);
+                dataplane::SessionRecord {
+                    proto: if udp { L4Proto::Udp } else { L4Proto::Tcp },
+                    client: sa(c),
+                    vip: sa(v),
+                    local: sa(l),
+                    backend: sa(b),
+                    state,
+                    window,
+                    expires_in_secs,
+                    synced,
+                }
+            },
+        )
+}
+
+fn authority() -> impl Strategy<Value = dataplane::Authority> {
+    prop_oneof![
+        (0u32..3).prop_map(|mark| dataplane::Authority::Owner { mark }),
+        Just(dataplane::Authority::Relay),
+        Just(dataplane::Authority::Reclaim),
+    ]
+}
+
+/// A TCP segment of the record's flow, either way, with arbitrary flags, numbers, window and
+/// window-scale option.
+fn segment_of(
+    r: &dataplane::SessionRecord,
+    inbound: bool,
+    flags: u8,
+    seq: u32,
+    window: u16,
+    wscale: u8,
+) -> Vec<u8> {
+    let (src, dst) = if inbound {
+        (r.client, r.vip)
+    } else {
+        (r.backend, r.local)
+    };
+    if src.is_ipv4() != dst.is_ipv4() {
+        return Vec::new();
+    }
+    let mut l4 = tcp_opts(
+        src.port(),
+        dst.port(),
+        flags,
+        seq,
+        seq ^ 0x5a5a,
+        &[1, 3, 3, wscale],
+    );
+    if let L4::Tcp { window: w, .. } = &mut l4 {
+        *w = window;
+    }
+    if r.proto == L4Proto::Udp {
+        l4 = udp(src.port(), dst.port(), b"x");
+    }
+    ip(src.ip(), dst.ip(), &l4)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+    /// Whatever a peer sends is installed, updated, removed and reconciled without a panic, and
+    /// packets of the flow it names are processed without one afterwards, whatever their flags,
+    /// windows and window scales.
+    #[test]
+    fn prop_arbitrary_peer_records_never_panic(
+        records in proptest::collection::vec((session_record(), authority()), 1..4),
+        packets in proptest::collection::vec((any::<bool>(), any::<u8>(), any::<u32>(), any::<u16>(), any::<u8>()), 0..6),
+        secs in any::<u64>(),
+    ) {
+        let (engine, mut w) = engine();
+        let now = Instant::from_secs(secs);
+        for (r, a) in &records {
+            let _ = engine.install(now, r, *a);
+        }
+        for (i, (inbound, flags, seq, window, wscale)) in packets.into_iter().enumerate() {
+            let (r, _) = &records[i % records.len()];
+            let p = segment_of(r, inbound, flags & 0x3f, seq, window, wscale);
+            if !p.is_empty() {
+                let _ = run(&mut w, now, &p);
+            }
+        }
+        let _ = engine.sessions(now);
+        let _ = engine.remove(&records[0].0);
+        engine.reconcile(&[records[0].0.local.ip()], 1);
+        w.expire(Instant::from_secs(secs.saturating_add(u64::from(u32::MAX))), 4096);
+        prop_assert_eq!(engine.session_count(), 0);
     }
 }

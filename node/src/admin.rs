@@ -19,9 +19,9 @@ use consensus::{ClusterError, Role};
 use tokio::net::UnixListener;
 
 use crate::api::{
-    ApiError, CLUSTER_INIT_PATH, COMMANDS_PATH, CONFIG_PATH, ClusterStatus, NODES_PATH, NodeSpec,
-    NodeStatus, SESSIONS_PATH, STATUS_PATH, STEP_DOWN_PATH, SessionEntry, SessionList,
-    SessionQuery, StatusQuery, SteppedDown, Written,
+    ApiError, CLUSTER_INIT_PATH, COMMANDS_PATH, CONFIG_PATH, ClusterStatus, JOIN_TOKEN_PATH,
+    JoinTokenAnswer, NODES_PATH, NodeSpec, NodeStatus, SESSIONS_PATH, STATUS_PATH, STEP_DOWN_PATH,
+    SessionEntry, SessionList, SessionQuery, StatusQuery, SteppedDown, Written,
 };
 use crate::clock;
 use crate::cluster::RaftCluster;
@@ -70,6 +70,7 @@ pub(crate) async fn serve(
         .route(SESSIONS_PATH, get(sessions))
         .route(CLUSTER_INIT_PATH, post(init))
         .route(STEP_DOWN_PATH, post(step_down))
+        .route(JOIN_TOKEN_PATH, get(join_token))
         .route(COMMANDS_PATH, post(command))
         .route(NODES_PATH, post(add_node))
         .route(&format!("{NODES_PATH}/{{name}}"), delete(remove_node))
@@ -98,11 +99,13 @@ impl From<ClusterError> for Failure {
             | ClusterError::AlreadyInitialized
             | ClusterError::Membership(_) => StatusCode::CONFLICT,
             ClusterError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ClusterError::Refused { .. } => StatusCode::FORBIDDEN,
             ClusterError::NoQuorum { .. }
             | ClusterError::NotLeader { .. }
             | ClusterError::Unreachable { .. }
             | ClusterError::CatchUp { .. }
-            | ClusterError::StepDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ClusterError::StepDown { .. }
+            | ClusterError::NoIdentity => StatusCode::SERVICE_UNAVAILABLE,
             ClusterError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Failure(code, e.to_string())
@@ -136,6 +139,7 @@ impl Admin {
                     "this node's own view (--local): not a linearizable read".to_owned(),
                 ),
                 config_version: config.version,
+                cluster_id: cluster_id(&config),
                 leader: me
                     .leader
                     .and_then(|id| config.nodes.get(&id))
@@ -182,14 +186,15 @@ async fn status(State(admin): State<Admin>, Query(q): Query<StatusQuery>) -> Jso
             .iter()
             .find(|n| n.role == Some(Role::Leader))
             .map(|n| n.name.clone());
-        let (quorum, read_error, config_version) = match read {
-            Ok(cfg) => (true, None, cfg.version),
-            Err(e) => (false, Some(e.to_string()), c.cluster.local_config().version),
+        let (quorum, read_error, config) = match read {
+            Ok(cfg) => (true, None, cfg),
+            Err(e) => (false, Some(e.to_string()), c.cluster.local_config()),
         };
         status.cluster = Some(ClusterStatus {
             quorum,
             read_error,
-            config_version,
+            config_version: config.version,
+            cluster_id: cluster_id(&config),
             leader,
             nodes,
             quic: c.endpoint.counters(),
@@ -197,6 +202,10 @@ async fn status(State(admin): State<Admin>, Query(q): Query<StatusQuery>) -> Jso
         });
     }
     Json(status)
+}
+
+fn cluster_id(config: &ClusterConfig) -> Option<String> {
+    config.identity.map(|i| i.id.to_string())
 }
 
 async fn sessions(State(admin): State<Admin>, Query(q): Query<SessionQuery>) -> Json<SessionList> {
@@ -215,6 +224,15 @@ async fn init(State(admin): State<Admin>) -> Result<Json<Written>, Failure> {
     let c = admin.cluster()?;
     let version = c.cluster.init(c.me.clone(), c.bootstrap.clone()).await?;
     admin.written(version).await
+}
+
+async fn join_token(State(admin): State<Admin>) -> Result<Json<JoinTokenAnswer>, Failure> {
+    let token = admin
+        .cluster()?
+        .cluster
+        .join_token(CONFIG_READ_TIMEOUT)
+        .await?;
+    Ok(Json(JoinTokenAnswer { token }))
 }
 
 /// How long [`step_down`] waits for another voter to win an election.

@@ -30,6 +30,10 @@ use crate::sync::NodeSync;
 const TICK: Duration = Duration::from_millis(50);
 /// How often BIRD is asked for its sessions, for status and reports.
 const REFRESH: Duration = Duration::from_secs(1);
+/// How long the data plane may run an older configuration than the committed one before the
+/// node withdraws its VIPs. Every change is committed a moment before the data plane runs it;
+/// a node that cannot apply one (an error in its log) stops attracting traffic after this.
+const BEHIND_GRACE: Duration = Duration::from_secs(1);
 
 /// The node's BGP side.
 #[derive(Debug)]
@@ -49,9 +53,11 @@ struct Inputs<'a> {
     config: &'a ClusterConfig,
     me: NodeId,
     warm: bool,
-    /// The data plane runs the committed configuration.
+    /// The data plane runs the committed configuration, or has been behind it for less than
+    /// [`BEHIND_GRACE`].
     running: bool,
-    /// VIPs with a service that has a healthy backend of weight above 0.
+    /// VIPs with a service in the running data plane that has a healthy backend of weight
+    /// above 0.
     healthy_vips: BTreeSet<IpAddr>,
     /// Drained for at least the drain wait.
     drain_done: bool,
@@ -69,16 +75,17 @@ impl Announcer {
         })
     }
 
-    /// Makes BIRD announce nothing, before the data plane starts: a config left by an earlier
+    /// Makes BIRD announce nothing: before the data plane starts (a config left by an earlier
     /// run would otherwise announce the VIPs as soon as the TUN device is up again, while this
-    /// run is still cold. BIRD not running is not an error here (then nothing is announced).
+    /// run is still cold), and when the node exits because its Raft failed. BIRD not running is
+    /// not an error here (then nothing is announced).
     pub(crate) async fn withdraw_all(&self) {
         let s = &self.settings;
         let mut nothing = Announce::new(s.router_id, s.local_as, self.device.clone());
         nothing.peers.clone_from(&s.peers);
         match self.bird.apply(&nothing).await {
             Ok(_) => {}
-            Err(e) => tracing::info!("BIRD not told to withdraw at start: {e}"),
+            Err(e) => tracing::info!("BIRD not told to withdraw everything: {e}"),
         }
         *self.current.lock() = Some(nothing);
     }
@@ -106,7 +113,19 @@ impl Announcer {
             .collect();
         a.graceful_shutdown = me.drained;
         if inputs.running && !(me.drained && inputs.drain_done) {
-            a.vips = inputs.healthy_vips.iter().copied().collect();
+            // Served by the data plane now and still in the committed configuration: a VIP
+            // just removed goes at once, one just added waits for the data plane.
+            let committed: BTreeSet<IpAddr> = inputs
+                .config
+                .services
+                .iter()
+                .map(|s| s.key.vip.ip())
+                .collect();
+            a.vips = inputs
+                .healthy_vips
+                .intersection(&committed)
+                .copied()
+                .collect();
         }
         a
     }
@@ -122,6 +141,7 @@ impl Announcer {
         let applier = Applier::spawn(self.bird.clone(), bgp::DEFAULT_INTERVAL, stop.clone());
         let me = consensus::node_id(state.name());
         let mut drained_since: Option<Instant> = None;
+        let mut behind_since: Option<Instant> = None;
         let mut tick = tokio::time::interval(TICK);
         let mut refreshed: Option<Instant> = None;
         let mut stop = stop;
@@ -134,11 +154,16 @@ impl Announcer {
                 (true, Some(t)) => Some(t),
             };
             drained_since = since;
+            behind_since = if state.running_version() >= config.version {
+                None
+            } else {
+                behind_since.or_else(|| Some(Instant::now()))
+            };
             let inputs = Inputs {
                 config: &config,
                 me,
                 warm: sync.is_warm(),
-                running: state.running_version() >= config.version,
+                running: behind_since.is_none_or(|t| t.elapsed() < BEHIND_GRACE),
                 healthy_vips: healthy_vips(&state),
                 drain_done: since.is_some_and(|t| t.elapsed() >= self.settings.drain_wait),
             };
@@ -220,7 +245,19 @@ fn healthy_vips(state: &NodeState) -> BTreeSet<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use consensus::config::{Command, Node};
+    use consensus::config::{
+        Command, HealthCheck, Node, Proto, Scheduler, Service, ServiceKey, ServiceSettings,
+        Timeouts,
+    };
+
+    const VIP: &str = "198.18.100.1";
+
+    fn service_key() -> ServiceKey {
+        ServiceKey {
+            vip: format!("{VIP}:80").parse().unwrap(),
+            proto: Proto::Tcp,
+        }
+    }
 
     fn settings() -> BgpSettings {
         BgpSettings {
@@ -251,6 +288,17 @@ mod tests {
             }))
             .unwrap();
         }
+        c.apply(&Command::AddService(Service {
+            key: service_key(),
+            settings: ServiceSettings {
+                scheduler: Scheduler::default(),
+                timeouts: Timeouts::default(),
+                toa: false,
+                health: HealthCheck::None,
+            },
+            backends: Vec::new(),
+        }))
+        .unwrap();
         c
     }
 
@@ -260,7 +308,7 @@ mod tests {
             me: consensus::node_id("n1"),
             warm: true,
             running: true,
-            healthy_vips: BTreeSet::from(["198.18.100.1".parse().unwrap()]),
+            healthy_vips: BTreeSet::from([VIP.parse().unwrap()]),
             drain_done: false,
         }
     }
@@ -269,7 +317,7 @@ mod tests {
     fn test_the_announcement_follows_the_policy() {
         let a = Announcer::new(settings(), "lbc0".into());
         let mut cfg = config();
-        let vip: IpAddr = "198.18.100.1".parse().unwrap();
+        let vip: IpAddr = VIP.parse().unwrap();
         let lip1: IpAddr = "198.19.200.1".parse().unwrap();
         let lip2: IpAddr = "198.19.200.2".parse().unwrap();
 
@@ -306,6 +354,19 @@ mod tests {
             ..inputs(&cfg)
         });
         assert!(behind.vips.is_empty());
+
+        // A VIP the data plane still serves but the committed configuration no longer has goes
+        // at once; one the data plane does not serve yet is not announced.
+        let mut removed = cfg.clone();
+        removed
+            .apply(&Command::DelService { key: service_key() })
+            .unwrap();
+        assert!(a.desired(&inputs(&removed)).vips.is_empty());
+        let not_yet = a.desired(&Inputs {
+            healthy_vips: BTreeSet::from(["198.18.100.2".parse().unwrap()]),
+            ..inputs(&cfg)
+        });
+        assert!(not_yet.vips.is_empty());
 
         // Drain: graceful shutdown first, then the VIPs go; the LIPs stay.
         cfg.apply(&Command::SetDrain {

@@ -17,6 +17,8 @@ pub(crate) const STATUS_PATH: &str = "/v1/status";
 pub(crate) const SESSIONS_PATH: &str = "/v1/sessions";
 /// `POST`: start a new cluster with this node as its only member and the node file's services.
 pub(crate) const CLUSTER_INIT_PATH: &str = "/v1/cluster/init";
+/// `GET`: the cluster's join token ([`JoinTokenAnswer`]), read linearizably.
+pub(crate) const JOIN_TOKEN_PATH: &str = "/v1/cluster/join-token";
 /// `POST`: hand this node's Raft leadership to another voter ([`SteppedDown`]).
 pub(crate) const STEP_DOWN_PATH: &str = "/v1/cluster/step-down";
 /// `POST` a [`consensus::Command`]: commit a change to the cluster configuration.
@@ -40,6 +42,14 @@ pub(crate) struct SteppedDown {
     pub(crate) moved: bool,
     /// The leader now, by name (`None` if not known).
     pub(crate) leader: Option<String>,
+}
+
+/// The answer of [`JOIN_TOKEN_PATH`].
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct JoinTokenAnswer {
+    /// What a joining node's `[cluster] join_token_file` must hold: the cluster's id and
+    /// secret.
+    pub(crate) token: String,
 }
 
 /// The body of every error answer.
@@ -67,6 +77,9 @@ pub(crate) struct ClusterStatus {
     pub(crate) read_error: Option<String>,
     /// The configuration version the read returned (or, without quorum, this node's).
     pub(crate) config_version: u64,
+    /// The cluster's id (its identity's public half), once this node has applied it.
+    #[serde(default)]
+    pub(crate) cluster_id: Option<String>,
     pub(crate) leader: Option<String>,
     /// One row per node of the configuration and of the Raft membership; none is omitted.
     pub(crate) nodes: Vec<consensus::NodeReport>,
@@ -157,10 +170,18 @@ pub(crate) struct SyncStatus {
     pub(crate) warm: bool,
     /// This run's epoch (peers reject what an earlier run sent).
     pub(crate) epoch: u64,
-    /// Peers' updates installed in the engine, removed from it, and refused by it.
+    /// Peers' updates installed in the engine, removed from it, and refused (by the engine,
+    /// or for not coming from the flow's owner).
     pub(crate) installed: u64,
     pub(crate) removed: u64,
     pub(crate) refused: u64,
+    /// Refusals by reason.
+    #[serde(default)]
+    pub(crate) refused_by: std::collections::BTreeMap<String, u64>,
+    /// Copies dropped because their owner's complete table no longer had them (removals that
+    /// were lost on the way).
+    #[serde(default)]
+    pub(crate) reconciled: u64,
     pub(crate) peers: Vec<SyncPeer>,
 }
 

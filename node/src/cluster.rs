@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -85,11 +86,21 @@ impl ClusterNode {
             .with_context(|| format!("creating {}", settings.data_dir.display()))?;
 
         // The membership check asks the Raft node, which needs the endpoint to dial: the check
-        // refuses everybody until the node exists.
+        // refuses everybody until the node exists. Raft connections follow the cluster's access
+        // rules (a node not yet joined takes them with a join token); session sync is for
+        // members only.
         let raft_cell: Arc<OnceLock<RaftCluster>> = Arc::default();
         let membership: quic::Membership = {
             let cell = raft_cell.clone();
-            Arc::new(move |peer: &str| cell.get().is_some_and(|c| c.is_member(peer)))
+            let me = name.to_owned();
+            Arc::new(move |peer: &str, alpn: &[u8]| match cell.get() {
+                Some(c) if alpn == quic::ALPN_RAFT => c.admit(peer),
+                Some(c) if c.is_member(peer) => Ok(()),
+                _ => Err(consensus::Refusal::NotMember {
+                    by: me.clone(),
+                    peer: peer.to_owned(),
+                }),
+            })
         };
         let endpoint = Arc::new(quic::Endpoint::bind(
             settings.listen,
@@ -115,6 +126,7 @@ impl ClusterNode {
             Arc::new(raft_config),
             &settings.data_dir,
             QuicDialer(endpoint.clone()),
+            join_token(settings.join_token_file.clone()),
         )
         .await
         .with_context(|| format!("starting raft on {}", settings.data_dir.display()))?;
@@ -128,12 +140,17 @@ impl ClusterNode {
             Arc::new(move |conn: PeerConnection| {
                 let span = info_span!("raft_peer", peer = %conn.peer);
                 tokio::spawn(
-                    consensus::serve_connection(cluster.clone(), conn.connection, counters.clone())
-                        .instrument(span),
+                    consensus::serve_connection(
+                        cluster.clone(),
+                        conn.connection,
+                        conn.peer,
+                        counters.clone(),
+                    )
+                    .instrument(span),
                 );
             })
         };
-        let (sync, events) = NodeSync::start(name, engine)?;
+        let (sync, events) = NodeSync::start(name, engine, &settings.data_dir)?;
         {
             let sync = sync.clone();
             let announcer = announcer.clone();
@@ -176,6 +193,21 @@ impl ClusterNode {
         self.endpoint.close();
         let _ = self.accept.await;
     }
+}
+
+/// The join token in `file` (`[cluster] join_token_file`), read whenever the node needs it:
+/// only while it has not joined a cluster, so a token written after the node started counts.
+fn join_token(file: Option<PathBuf>) -> consensus::JoinToken {
+    Arc::new(move || {
+        let Some(path) = &file else {
+            return Err("no [cluster] join_token_file in its config".to_owned());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        text.trim()
+            .parse()
+            .map_err(|e| format!("{}: {e}", path.display()))
+    })
 }
 
 fn millis(d: Duration) -> u64 {
@@ -407,6 +439,24 @@ mod tests {
         assert_eq!(set.services, file.services.services);
     }
 
+    /// The token file is read at each ask: missing, then written, then spoilt.
+    #[test]
+    fn test_join_token_is_read_from_its_file_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("join.token");
+        assert_eq!(
+            join_token(None)().unwrap_err(),
+            "no [cluster] join_token_file in its config"
+        );
+        let token = join_token(Some(path.clone()));
+        assert!(token().unwrap_err().starts_with("cannot read"));
+        let text = format!("{}.{}", "ab".repeat(16), "cd".repeat(16));
+        std::fs::write(&path, format!("{text}\n")).unwrap();
+        assert_eq!(token().unwrap().token(), text);
+        std::fs::write(&path, "not a token").unwrap();
+        assert!(token().unwrap_err().contains("not a join token"));
+    }
+
     #[test]
     fn test_local_addrs_and_routes_follow_the_config() {
         let settings = ClusterSettings {
@@ -417,6 +467,7 @@ mod tests {
             key: "k".into(),
             heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(500)..=Duration::from_millis(900),
+            join_token_file: None,
         };
         let file_lips: Vec<IpAddr> = vec!["198.19.200.1".parse().unwrap()];
         let mut cfg = ClusterConfig::default();

@@ -68,6 +68,9 @@ pub(crate) struct ClusterSettings {
     pub(crate) heartbeat: Duration,
     /// A follower that hears no leader for a random time in this range starts an election.
     pub(crate) election_timeout: RangeInclusive<Duration>,
+    /// The file holding the join token of the cluster this node is being added to (what
+    /// `lbcluster cluster join-token` prints); read only while the node has not joined one.
+    pub(crate) join_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -416,6 +419,7 @@ struct ClusterFile {
     heartbeat_ms: u64,
     #[serde(default = "default_election_timeout_ms")]
     election_timeout_ms: [u64; 2],
+    join_token_file: Option<PathBuf>,
 }
 
 fn default_heartbeat_ms() -> u64 {
@@ -437,12 +441,13 @@ fn check_cluster(c: ClusterFile) -> Result<ClusterSettings, Invalid> {
         ));
     }
     for (key, path) in [
-        ("cluster.data_dir", &c.data_dir),
-        ("cluster.ca", &c.ca),
-        ("cluster.cert", &c.cert),
-        ("cluster.key", &c.key),
+        ("cluster.data_dir", Some(&c.data_dir)),
+        ("cluster.ca", Some(&c.ca)),
+        ("cluster.cert", Some(&c.cert)),
+        ("cluster.key", Some(&c.key)),
+        ("cluster.join_token_file", c.join_token_file.as_ref()),
     ] {
-        if path.as_os_str().is_empty() {
+        if path.is_some_and(|p| p.as_os_str().is_empty()) {
             return Err(invalid(key, "must not be empty"));
         }
     }
@@ -470,6 +475,7 @@ fn check_cluster(c: ClusterFile) -> Result<ClusterSettings, Invalid> {
         key: c.key,
         heartbeat: Duration::from_millis(c.heartbeat_ms),
         election_timeout: Duration::from_millis(low)..=Duration::from_millis(high),
+        join_token_file: c.join_token_file,
     })
 }
 
@@ -964,6 +970,20 @@ mod tests {
         let cluster = c.cluster.unwrap();
         assert_eq!(cluster.listen, "198.18.1.2:7946".parse().unwrap());
         assert_eq!(cluster.heartbeat, Duration::from_millis(150));
+        assert_eq!(cluster.join_token_file, None);
+        let joining = parse(
+            &format!("{NODE}{CLUSTER}join_token_file = \"/etc/lbc/join.token\"\n"),
+            1,
+        )
+        .unwrap();
+        assert_eq!(
+            joining.cluster.unwrap().join_token_file,
+            Some(PathBuf::from("/etc/lbc/join.token"))
+        );
+        assert_eq!(
+            error(&format!("{NODE}{CLUSTER}join_token_file = \"\"\n")),
+            "cluster.join_token_file: must not be empty"
+        );
         assert!(parse(NODE, 1).unwrap().cluster.is_none());
         assert_eq!(
             error(&format!(

@@ -3,6 +3,13 @@
 //! until SIGTERM or SIGINT. A standalone node runs its file's services and reloads them on
 //! SIGHUP; a cluster member (`[cluster]`) binds its QUIC endpoint, starts Raft, and runs every
 //! configuration the cluster commits.
+//!
+//! A cluster member whose Raft stops on its own (a log, vote or snapshot write or fsync failed,
+//! e.g. a full disk; or the Raft core panicked) fails loudly: openraft then refuses every
+//! request for good, so the node would forward on a configuration that can no longer change.
+//! It logs why, shuts down as on SIGTERM (removing the TUN device, which withdraws every route
+//! BIRD has via it at once), tells BIRD to announce nothing, and exits 1, so that its
+//! supervisor (systemd `Restart=on-failure`) restarts it on a fresh Raft core.
 
 use std::hash::{BuildHasher, Hasher};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -10,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use dataplane::{Engine, EngineConfig, Snapshot};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
@@ -18,7 +25,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use consensus::ClusterConfig;
+use consensus::{ClusterConfig, Member, NodeId};
+use openraft::RaftMetrics;
 
 use crate::admin::{Admin, ClusterAdmin};
 use crate::announce::Announcer;
@@ -243,10 +251,33 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
     }
     info!(node = state.name(), "lbcluster running");
 
+    let raft_metrics = match &mode {
+        Mode::Cluster { member, .. } => Some(member.cluster.raft().metrics()),
+        Mode::Standalone(_) => None,
+    };
+    let raft_stopped = async move {
+        match raft_metrics {
+            Some(metrics) => raft_stopped(metrics).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(raft_stopped);
+    let mut failure = None;
     loop {
         tokio::select! {
             _ = terminate.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = interrupt.recv() => { info!("SIGINT: shutting down"); break; }
+            reason = &mut raft_stopped => {
+                let data_dir = config.cluster.as_ref().map(|c| c.data_dir.display());
+                error!(
+                    "raft stopped: {reason}. This node can take no configuration change any \
+                     more: withdrawing its routes and exiting 1, for its supervisor to restart \
+                     it. If the error is the storage's, make room on or repair the disk of {}",
+                    data_dir.map_or_else(String::new, |d| d.to_string())
+                );
+                failure = Some(reason);
+                break;
+            }
             _ = hangup.recv() => match &mut mode {
                 Mode::Standalone(source) => match source.reload() {
                     Ok(Reloaded::Unchanged) => info!("SIGHUP: services unchanged"),
@@ -264,7 +295,9 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
         }
     }
     stop_tx.send_replace(true);
-    if let Mode::Cluster { member, .. } = mode {
+    let mut announcer = None;
+    if let Mode::Cluster { member, admin, .. } = mode {
+        announcer.clone_from(&admin.announcer);
         member.shutdown().await;
     }
     if let Some(dataplane) = state.take_dataplane()
@@ -280,9 +313,33 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
         warn!("tasks still running after {SHUTDOWN_GRACE:?}; stopping anyway");
         tasks.shutdown().await;
     }
+    if let Some(reason) = failure {
+        // The TUN device is gone, so BIRD has withdrawn every route via it; an empty config
+        // keeps it so if the device comes back before this node is warm again. The announcer's
+        // task has ended, so nothing applies another announcement after this one.
+        if let Some(announcer) = announcer {
+            announcer.withdraw_all().await;
+        }
+        drop(socket_file);
+        return Err(anyhow!("raft stopped: {reason}"));
+    }
     drop(socket_file);
     info!("stopped");
     Ok(())
+}
+
+/// Resolves, with the reason, once the node's Raft core has stopped by itself: only shutting
+/// down stops it otherwise, and that happens after this is no longer awaited.
+async fn raft_stopped(mut metrics: watch::Receiver<RaftMetrics<NodeId, Member>>) -> String {
+    loop {
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            return fatal.to_string();
+        }
+        // The sender goes with the core's task, also when it panics.
+        if metrics.changed().await.is_err() {
+            return "the raft core ended without a report".to_owned();
+        }
+    }
 }
 
 /// How the node gets its services.

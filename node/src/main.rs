@@ -67,7 +67,7 @@ enum Command {
     Status(StatusArgs),
     /// List the node's sessions like `ipvsadm -Lnc`, with the local address (LIP) column.
     Sessions(SessionsArgs),
-    /// Start a cluster.
+    /// Start a cluster, hand its leadership over, or print its join token.
     #[command(subcommand)]
     Cluster(manage::ClusterCommand),
     /// Add or remove cluster nodes.

@@ -15,8 +15,8 @@ use consensus::config::{
 };
 
 use crate::api::{
-    CLUSTER_INIT_PATH, COMMANDS_PATH, CONFIG_PATH, NODES_PATH, NodeSpec, STEP_DOWN_PATH,
-    SteppedDown, Written,
+    CLUSTER_INIT_PATH, COMMANDS_PATH, CONFIG_PATH, JOIN_TOKEN_PATH, JoinTokenAnswer, NODES_PATH,
+    NodeSpec, STEP_DOWN_PATH, SteppedDown, Written,
 };
 use crate::{Output, SocketArg, client, render};
 
@@ -28,13 +28,18 @@ pub(crate) enum ClusterCommand {
     /// Hand this node's Raft leadership to another voter before restarting it (nothing to do
     /// when it does not lead); writes pause for about one election timeout.
     StepDown(SocketArg),
+    /// Print the cluster's join token: a node is added only once its `[cluster]
+    /// join_token_file` holds it (it answers no other cluster). Keep it secret, like the CA key.
+    JoinToken(SocketArg),
 }
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum NodeCommand {
-    /// Add a node: it joins as a learner, catches up, then becomes a voter (one command).
+    /// Add a node: it joins as a learner, catches up, then becomes a voter (one command). Its
+    /// `[cluster] join_token_file` must hold the cluster's join token first.
     Add(NodeAddArgs),
-    /// Remove a node (the leader included) from the cluster.
+    /// Remove a node (the leader included) from the cluster: every member closes its
+    /// connections and refuses it from the moment it applies the removal.
     Remove(NodeRemoveArgs),
 }
 
@@ -337,6 +342,10 @@ pub(crate) fn cluster(cmd: ClusterCommand) -> Result<()> {
                 "initialized a new cluster with this node as its first member (configuration version {})\n",
                 written.version
             ))
+        }
+        ClusterCommand::JoinToken(socket) => {
+            let answer: JoinTokenAnswer = client::get(&socket.socket, JOIN_TOKEN_PATH)?;
+            crate::write_stdout(&format!("{}\n", answer.token))
         }
         ClusterCommand::StepDown(socket) => {
             let answer: SteppedDown = client::post(&socket.socket, STEP_DOWN_PATH, &())?;

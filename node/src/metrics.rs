@@ -486,15 +486,27 @@ fn sync_families(sync: &SyncStatus) -> Vec<Family> {
         },
         Family {
             name: "lbcluster_sync_applied_total",
-            help: "Peers' session updates applied to the engine, by result.",
+            help: "Peers' session updates applied to the engine, by result; reconciled: copies \
+                   dropped because their owner's complete table no longer had them.",
             kind: Kind::Counter,
             samples: [
                 ("installed", sync.installed),
                 ("removed", sync.removed),
                 ("refused", sync.refused),
+                ("reconciled", sync.reconciled),
             ]
             .map(|(r, v)| (vec![("result", r.to_owned())], v))
             .to_vec(),
+        },
+        Family {
+            name: "lbcluster_sync_refused_total",
+            help: "Peers' session updates refused, by reason.",
+            kind: Kind::Counter,
+            samples: sync
+                .refused_by
+                .iter()
+                .map(|(reason, v)| (vec![("reason", reason.clone())], *v))
+                .collect(),
         },
     ]
 }
@@ -553,14 +565,22 @@ fn cluster_families(c: &ClusterStatus) -> Vec<Family> {
         },
         Family {
             name: "lbcluster_raft_rpcs_total",
-            help: "Raft RPC streams this node served, by outcome.",
+            help: "Raft RPC streams this node served, by outcome (refused: not a member, \
+                   another cluster, or in another node's name).",
             kind: Kind::Counter,
             samples: results(&[
                 ("answered", c.raft_rpcs.answered),
                 ("malformed", c.raft_rpcs.malformed),
                 ("oversized", c.raft_rpcs.oversized),
                 ("abandoned", c.raft_rpcs.abandoned),
+                ("refused", c.raft_rpcs.refused),
             ]),
+        },
+        Family {
+            name: "lbcluster_raft_connections_revoked_total",
+            help: "Raft connections closed because their peer stopped being a member.",
+            kind: Kind::Counter,
+            samples: vec![(Vec::new(), c.raft_rpcs.revoked)],
         },
     ]
 }
@@ -606,7 +626,9 @@ mod tests {
             epoch: 1,
             installed: 10,
             removed: 4,
-            refused: 1,
+            refused: 3,
+            refused_by: [("conflict".to_owned(), 1), ("not_owner".to_owned(), 2)].into(),
+            reconciled: 5,
             peers: vec![SyncPeer {
                 peer: "n2".to_owned(),
                 connected: true,
@@ -628,7 +650,10 @@ mod tests {
             "lbcluster_sync_updates_total{peer=n2,direction=received} 9",
             "lbcluster_sync_dropped_total{peer=n2} 2",
             "lbcluster_sync_queue_depth{peer=n2} 3",
-            "lbcluster_sync_applied_total{result=refused} 1",
+            "lbcluster_sync_applied_total{result=refused} 3",
+            "lbcluster_sync_applied_total{result=reconciled} 5",
+            "lbcluster_sync_refused_total{reason=conflict} 1",
+            "lbcluster_sync_refused_total{reason=not_owner} 2",
         ] {
             assert!(text.iter().any(|t| t == want), "{want} not in {text:#?}");
         }
@@ -655,6 +680,7 @@ mod tests {
             quorum: true,
             read_error: None,
             config_version: 12,
+            cluster_id: Some("ab".repeat(16)),
             leader: Some("n1".to_owned()),
             nodes: vec![consensus::NodeReport {
                 id: 7,
@@ -680,6 +706,8 @@ mod tests {
             raft_rpcs: consensus::transport::ServeCounterValues {
                 answered: 100,
                 malformed: 1,
+                refused: 4,
+                revoked: 2,
                 ..Default::default()
             },
         };
@@ -693,6 +721,8 @@ mod tests {
             "lbcluster_quic_peers_total{result=refused_untrusted_ca} 2",
             "lbcluster_quic_peers_total{result=accepted} 5",
             "lbcluster_raft_rpcs_total{result=malformed} 1",
+            "lbcluster_raft_rpcs_total{result=refused} 4",
+            "lbcluster_raft_connections_revoked_total{} 2",
         ] {
             assert!(text.iter().any(|t| t == want), "{want} not in {text:#?}");
         }

@@ -6,11 +6,15 @@
 //! 1. its certificate must chain to the cluster CA (no system roots) and be good for the role
 //!    (client or server authentication); a dialled peer must also carry the name we dialled;
 //! 2. the handshake must agree on one of our ALPNs;
-//! 3. its node name must be a current member (the membership callback).
+//! 3. the membership callback must admit its node name for that ALPN (a current member; see
+//!    `consensus`'s access rules for a node that has not joined a cluster yet).
 //!
 //! A peer refused at step 1 or 3 is logged and counted (`Counters`); step 3 closes the
-//! connection with `CLOSE_NOT_MEMBER` and a reason naming the peer. `Endpoint::serve` accepts
-//! connections and hands each one to the handler registered for its ALPN.
+//! connection with the refusal's code and reason. This is the check of a new connection only:
+//! every Raft request is authorised again when it is served, and the connections of a node
+//! removed from the cluster are closed by whoever serves them (`consensus::serve_connection`,
+//! session sync when its peer set drops the node). `Endpoint::serve` accepts connections and
+//! hands each one to the handler registered for its ALPN.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use consensus::Refusal;
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Incoming, TransportConfig, VarInt};
 use rustls::client::WebPkiServerVerifier;
@@ -36,14 +41,12 @@ use tracing::{debug, info, warn};
 use crate::tls;
 
 /// The ALPN of Raft RPCs.
-pub(crate) const ALPN_RAFT: &[u8] = b"lbc-raft/1";
+pub(crate) const ALPN_RAFT: &[u8] = consensus::transport::ALPN;
 /// The ALPN of session sync.
 pub(crate) const ALPN_SYNC: &[u8] = sessionsync::ALPN;
 /// Every protocol a node serves.
 pub(crate) const ALPNS: &[&[u8]] = &[ALPN_RAFT, ALPN_SYNC];
 
-/// Application close code: the peer's node name is not a current member.
-pub(crate) const CLOSE_NOT_MEMBER: VarInt = VarInt::from_u32(0x100);
 /// Application close code: the peer's certificate names no usable node.
 pub(crate) const CLOSE_BAD_IDENTITY: VarInt = VarInt::from_u32(0x101);
 /// Application close code: no handler serves the negotiated ALPN.
@@ -54,8 +57,9 @@ pub(crate) const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0);
 /// `self_check` gives up after this long.
 const SELF_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// "Is this node name a current member?" — asked after every handshake, in both directions.
-pub(crate) type Membership = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// "May this node connect for this ALPN?" — asked with the peer's node name and the
+/// negotiated ALPN after every handshake, in both directions.
+pub(crate) type Membership = Arc<dyn Fn(&str, &[u8]) -> Result<(), Refusal> + Send + Sync>;
 
 /// Takes an accepted connection of one ALPN; it must not block (spawn a task for the work).
 pub(crate) type Handler = Arc<dyn Fn(PeerConnection) + Send + Sync>;
@@ -130,8 +134,9 @@ pub(crate) struct CounterValues {
     /// The peer's certificate was refused: not signed by the cluster CA, expired, not good for
     /// its role, or (for a peer we dialled) not for the node we dialled.
     pub(crate) refused_untrusted_ca: u64,
-    /// The peer's certificate was good but its node name is not a current member (or it names
-    /// no usable node).
+    /// The peer's certificate was good but the membership callback refused it (not a current
+    /// member, or this node has not joined a cluster and has no join token), or it names no
+    /// usable node.
     pub(crate) refused_not_member: u64,
     /// Connections whose peer passed every check.
     pub(crate) accepted: u64,
@@ -368,12 +373,12 @@ impl Shared {
                 bail!(reason);
             }
         };
-        if !(self.membership)(&peer) {
+        if let Err(refusal) = (self.membership)(&peer, &alpn) {
             self.counters
                 .refused_not_member
                 .fetch_add(1, Ordering::Relaxed);
-            let reason = format!("node {peer} is not a member of this cluster");
-            connection.close(CLOSE_NOT_MEMBER, reason.as_bytes());
+            let reason = refusal.to_string();
+            connection.close(refusal.code(), reason.as_bytes());
             bail!(reason);
         }
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
@@ -492,7 +497,16 @@ pub(crate) async fn self_check(tls: &NodeTls) -> Result<()> {
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         tls,
         ALPNS,
-        Arc::new(move |peer| peer == me),
+        Arc::new(move |peer: &str, _: &[u8]| {
+            if peer == me {
+                Ok(())
+            } else {
+                Err(Refusal::NotMember {
+                    by: me.clone(),
+                    peer: peer.to_owned(),
+                })
+            }
+        }),
     )?);
     let (tx, mut served) = mpsc::unbounded_channel();
     let handler: Handler = Arc::new(move |conn: PeerConnection| {
@@ -575,8 +589,18 @@ mod tests {
         .unwrap()
     }
 
-    fn members(names: &'static [&'static str]) -> Membership {
-        Arc::new(move |name| names.contains(&name))
+    /// Node `me` admits the nodes in `names`, for every ALPN.
+    fn members(me: &'static str, names: &'static [&'static str]) -> Membership {
+        Arc::new(move |name: &str, _: &[u8]| {
+            if names.contains(&name) {
+                Ok(())
+            } else {
+                Err(Refusal::NotMember {
+                    by: me.to_owned(),
+                    peer: name.to_owned(),
+                })
+            }
+        })
     }
 
     struct Node {
@@ -642,8 +666,14 @@ mod tests {
     async fn test_members_connect_both_ways_and_see_each_other() {
         let dir = tempfile::tempdir().unwrap();
         certs(dir.path(), "cluster CA", &["a", "b"]);
-        let mut a = start(identity(dir.path(), dir.path(), "a"), members(&["a", "b"]));
-        let mut b = start(identity(dir.path(), dir.path(), "b"), members(&["a", "b"]));
+        let mut a = start(
+            identity(dir.path(), dir.path(), "a"),
+            members("a", &["a", "b"]),
+        );
+        let mut b = start(
+            identity(dir.path(), dir.path(), "b"),
+            members("b", &["a", "b"]),
+        );
 
         let to_b = a.endpoint.connect(b.addr, "b", ALPN_RAFT).await.unwrap();
         assert_eq!(to_b.peer, "b");
@@ -674,7 +704,7 @@ mod tests {
         certs(cluster.path(), "cluster CA", &["a", "b"]);
         // A member's name, but signed by another CA.
         certs(other.path(), "other CA", &["b"]);
-        let both = members(&["a", "b"]);
+        let both = members("a", &["a", "b"]);
         let a = start(identity(cluster.path(), cluster.path(), "a"), both.clone());
 
         // An impostor that trusts the cluster CA but holds the other CA's certificate dials a.
@@ -696,7 +726,7 @@ mod tests {
         // A genuine member that is not the node a meant to dial is refused too.
         let b = start(
             identity(cluster.path(), cluster.path(), "b"),
-            members(&["a", "b"]),
+            members("b", &["a", "b"]),
         );
         let err = a
             .endpoint
@@ -720,8 +750,14 @@ mod tests {
     async fn test_non_member_is_refused_in_both_directions() {
         let dir = tempfile::tempdir().unwrap();
         certs(dir.path(), "cluster CA", &["a", "d"]);
-        let a = start(identity(dir.path(), dir.path(), "a"), members(&["a", "b"]));
-        let d = start(identity(dir.path(), dir.path(), "d"), members(&["a", "d"]));
+        let a = start(
+            identity(dir.path(), dir.path(), "a"),
+            members("a", &["a", "b"]),
+        );
+        let d = start(
+            identity(dir.path(), dir.path(), "d"),
+            members("d", &["a", "d"]),
+        );
 
         let attempt = d.endpoint.connect(a.addr, "a", ALPN_RAFT).await;
         let closed = match attempt {
@@ -730,8 +766,11 @@ mod tests {
         };
         match closed {
             ConnectionError::ApplicationClosed(close) => {
-                assert_eq!(close.error_code, CLOSE_NOT_MEMBER);
-                assert_eq!(&close.reason[..], b"node d is not a member of this cluster");
+                assert_eq!(close.error_code, consensus::transport::CLOSE_NOT_MEMBER);
+                assert_eq!(
+                    &close.reason[..],
+                    b"a refuses node d: it is not a member of a's cluster"
+                );
             }
             other => panic!("unexpected close: {other}"),
         }
@@ -743,7 +782,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            format!("{err:#}").contains("node d is not a member"),
+            format!("{err:#}").contains("a refuses node d: it is not a member"),
             "{err:#}"
         );
         assert_eq!(
@@ -759,8 +798,14 @@ mod tests {
     async fn test_unknown_alpn_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         certs(dir.path(), "cluster CA", &["a", "b"]);
-        let a = start(identity(dir.path(), dir.path(), "a"), members(&["a", "b"]));
-        let b = start(identity(dir.path(), dir.path(), "b"), members(&["a", "b"]));
+        let a = start(
+            identity(dir.path(), dir.path(), "a"),
+            members("a", &["a", "b"]),
+        );
+        let b = start(
+            identity(dir.path(), dir.path(), "b"),
+            members("b", &["a", "b"]),
+        );
 
         // An ALPN a does not speak: the TLS handshake fails.
         let err = b.endpoint.connect(a.addr, "a", b"lbc-nope/1").await;

@@ -149,6 +149,9 @@ fn cluster_table(s: &mut String, c: &ClusterStatus) {
         c.leader.as_deref().unwrap_or("none"),
         c.config_version,
     );
+    if let Some(id) = &c.cluster_id {
+        let _ = writeln!(s, "  cluster id {id}");
+    }
     if let Some(e) = &c.read_error {
         let _ = writeln!(s, "  {e}");
     }
@@ -216,9 +219,14 @@ fn cluster_table(s: &mut String, c: &ClusterStatus) {
 }
 
 fn sync_table(s: &mut String, sync: &SyncStatus) {
+    let reasons: Vec<String> = sync
+        .refused_by
+        .iter()
+        .map(|(reason, n)| format!("{reason} {n}"))
+        .collect();
     let _ = writeln!(
         s,
-        "session sync: {}; from peers: {} installed, {} removed, {} refused",
+        "session sync: {}; from peers: {} installed, {} removed, {} reconciled, {} refused{}",
         if sync.warm {
             "warm"
         } else {
@@ -226,7 +234,13 @@ fn sync_table(s: &mut String, sync: &SyncStatus) {
         },
         sync.installed,
         sync.removed,
-        sync.refused
+        sync.reconciled,
+        sync.refused,
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", reasons.join(", "))
+        }
     );
     let _ = writeln!(
         s,

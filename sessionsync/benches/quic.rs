@@ -77,7 +77,9 @@ impl Probe {
     }
 
     fn apply(&self, a: Apply) {
-        let (Apply::Install(r) | Apply::Remove(r)) = a;
+        let (Apply::Install(r, _) | Apply::Remove(r)) = a else {
+            return;
+        };
         let i = index(&r);
         let sent = self.sent[i].load(Ordering::Relaxed);
         if sent != 0 {
@@ -112,8 +114,15 @@ async fn pair(
     let (_, none) = mpsc::channel(1);
     let a = SyncHandle::start("a", 1, config.clone(), events, source, |_| {}).unwrap();
     let b = SyncHandle::start("b", 1, config, none, Vec::new, move |u| probe.apply(u)).unwrap();
-    a.set_peers(&["a", "b"]);
-    b.set_peers(&["a", "b"]);
+    // The records are a's flows.
+    let lips: Vec<(String, Vec<std::net::IpAddr>)> = vec![
+        ("a".to_owned(), vec!["198.19.200.1".parse().unwrap()]),
+        ("b".to_owned(), vec!["198.19.200.2".parse().unwrap()]),
+    ];
+    for node in [&a, &b] {
+        node.set_peers(&["a", "b"]);
+        node.set_lips(&lips);
+    }
     let (ea, client) = ca.endpoint("a", sessionsync::ALPN);
     let (eb, _) = ca.endpoint("b", sessionsync::ALPN);
     let (dialled, accepted) = support::connect(&ea, &client, &eb, "b").await;

@@ -2,7 +2,7 @@
 //! apply output; and a bulk sync of a million sessions. Prints the bytes on the wire per update.
 
 use std::hint::black_box;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -31,6 +31,14 @@ fn pair(now: Instant) -> (Core, Core) {
     };
     let mut a = Core::new("a", 1, config.clone(), now).unwrap();
     let mut b = Core::new("b", 2, config, now).unwrap();
+    // The records are a's flows.
+    let lips: Vec<(String, Vec<IpAddr>)> = vec![
+        ("a".to_owned(), vec!["198.19.200.1".parse().unwrap()]),
+        ("b".to_owned(), vec!["198.19.200.2".parse().unwrap()]),
+    ];
+    for core in [&mut a, &mut b] {
+        core.set_lips(&lips);
+    }
     a.set_peers(&["b"]);
     b.set_peers(&["a"]);
     a.peer_connected("b");
@@ -52,10 +60,11 @@ fn pump(
         to.handle_frame(now, from.me(), &frame);
         while let Some(out) = to.poll_output(now) {
             match out {
-                Output::Apply(Apply::Install(r) | Apply::Remove(r)) => {
+                Output::Apply(Apply::Install(r, _) | Apply::Remove(r)) => {
                     black_box(r);
                     applied += 1;
                 }
+                Output::Apply(Apply::Reconcile { .. }) => {}
                 Output::TableWanted => to.handle_table(to_table.to_vec()),
             }
         }

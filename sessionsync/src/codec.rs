@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks. A frame of any other version is dropped and counted:
 /// a change to [`Batch`] or [`Entry`] bumps it.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Bytes of a frame at most (version byte included); larger frames are dropped undecoded.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -18,7 +18,7 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// Entries one batch may carry; a decoded batch with more is dropped as malformed.
 pub const MAX_BATCH_ENTRIES: usize = 4096;
 
-/// What one node sends another: a run of session updates plus the bulk-sync control fields,
+/// What one node sends another: a run of session updates plus the table-stream control fields,
 /// stamped so the receiver can reject stale and replayed batches.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
@@ -26,16 +26,42 @@ pub struct Batch {
     pub from: String,
     /// The node this batch is for: a batch replayed towards another node is refused.
     pub to: String,
-    /// The sender's incarnation: chosen at start, higher after every restart.
+    /// The sender's incarnation: higher after every restart.
     pub epoch: u64,
     /// Per (sender epoch, receiver) sequence number, one more for each batch sent.
     pub seq: u64,
+    /// A table stream (bulk answer, resync or refresh) of the sender begins here, under this
+    /// id, before this batch's entries: every update the sender sends from here on is no older
+    /// than the table the stream carries.
+    pub table_start: Option<u64>,
     /// Only the newest state of each flow.
     pub entries: Vec<Entry>,
-    /// The sender asks the receiver for its whole table, under this request id.
-    pub bulk_request: Option<u64>,
-    /// The table asked for under this id is complete with this batch's entries.
-    pub bulk_end: Option<u64>,
+    /// The sender asks the receiver for its whole table.
+    pub bulk_request: Option<BulkRequest>,
+    /// A table stream ends with this batch's entries.
+    pub table_end: Option<TableEnd>,
+}
+
+/// A request for the receiver's whole table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkRequest {
+    pub id: u64,
+    /// Also hand back the copies of flows on the requester's own LIPs: it restarted and lost
+    /// them.
+    pub own_flows: bool,
+}
+
+/// The end of a table stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableEnd {
+    /// The id its start carried.
+    pub stream: u64,
+    /// The stream held every flow on the sender's LIPs that the sender has: the receiver drops
+    /// its copies of the sender's flows that neither the stream nor an update since its start
+    /// confirmed.
+    pub complete: bool,
+    /// The bulk request the stream answers.
+    pub request: Option<u64>,
 }
 
 /// The newest state of one flow.
@@ -124,6 +150,7 @@ mod tests {
             to: "b".into(),
             epoch: 7,
             seq: 3,
+            table_start: Some(4),
             entries: vec![
                 Entry {
                     record,
@@ -132,8 +159,15 @@ mod tests {
                 };
                 n
             ],
-            bulk_request: Some(1),
-            bulk_end: None,
+            bulk_request: Some(BulkRequest {
+                id: 1,
+                own_flows: true,
+            }),
+            table_end: Some(TableEnd {
+                stream: 4,
+                complete: true,
+                request: Some(2),
+            }),
         }
     }
 
@@ -169,7 +203,7 @@ mod tests {
         // An array header claiming four billion entries allocates nothing up front.
         assert_eq!(
             decode(&[
-                VERSION, 0x97, 0xa1, b'a', 0xa1, b'b', 1, 1, 0xdd, 0xff, 0xff, 0xff, 0xff
+                VERSION, 0x98, 0xa1, b'a', 0xa1, b'b', 1, 1, 0xc0, 0xdd, 0xff, 0xff, 0xff, 0xff
             ]),
             Err(DecodeError::Malformed)
         );

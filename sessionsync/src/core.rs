@@ -2,48 +2,81 @@
 //! outputs are polled, and nothing here reads a clock or touches a socket.
 //!
 //! One [`Core`] runs per node. Per peer it keeps an outbound side (a coalescing batch, a
-//! bounded queue of flushed batches, a cursor over a table snapshot for bulk sync and refresh,
-//! the batch sequence number) and an inbound side (the peer's epoch and last sequence number,
-//! whether the table asked of it is complete).
+//! bounded queue of flushed batches and table-stream starts, a cursor over a table snapshot
+//! for bulk sync and refresh, the batch sequence number) and an inbound side (the peer's epoch
+//! and last sequence number, the peer's table stream under way and its mark, whether the table
+//! asked of it is complete).
 //!
 //! Decisions, in one place:
-//! * **Ownership.** A node originates updates for the sessions it created (`synced == false`).
-//!   A synced session whose state changes here is being forwarded here (its owner failed or
-//!   ECMP moved the flow): this node *adopts* it, sends its state changes and its close, and
-//!   includes it in its refreshes, so that the other peers keep following the flow. The expiry
-//!   of a synced copy that was never adopted is this node's timer only and is not sent. An
-//!   adopted flow is released when it closes here or a peer removes it; the set is bounded.
+//! * **Ownership.** The owner of a flow is the node whose configuration lists the flow's LIP
+//!   ([`Core::set_lips`]); its sessions are the truth for its flows. A node originates updates
+//!   for the sessions it created (`synced == false`). A record a peer sends is applied with an
+//!   [`Authority`] the core decides: from the LIP's owner, [`Authority::Owner`] (it replaces a
+//!   stale copy that holds one of its keys); of a flow of a node that is not connected here,
+//!   [`Authority::Relay`] (fills gaps, never replaces); of this node's own LIP,
+//!   [`Authority::Reclaim`] while the sender's first table since this node started is still
+//!   coming (the node restarted and gets its flows back), refused afterwards. A record on a LIP
+//!   no node lists, or of a connected owner's flow from another node, is refused and counted
+//!   ([`DropReason::UnknownLip`], [`DropReason::NotOwner`]). The engine never lets a peer's
+//!   record change a session this node owns.
+//! * **Adoption.** A synced session whose state changes here is being forwarded here: its owner
+//!   failed, or ECMP moved the flow. While its owner is not connected, this node *adopts* it:
+//!   it sends its state changes and its close, and includes it in its refreshes, so that the
+//!   other peers keep following the flow (as relayed records). When the owner connects, or an
+//!   owner record of the flow arrives, the adoption ends: the owner speaks for its flows again.
+//!   The expiry of a synced copy that was never adopted is this node's timer only and is not
+//!   sent. The set is bounded.
+//! * **Reconciliation.** Every table stream (bulk answer, resync, refresh) has a start and an
+//!   end. The start is queued in order with the live updates at the moment the table is asked
+//!   of the node ([`Output::TableWanted`]), so every update sent after it is no older than the
+//!   table; a live update while the stream runs marks its flow superseded (the older snapshot
+//!   entry is skipped). The receiver gives each start from a peer a new mark and stamps every
+//!   owner record of that peer with its current mark. An end that says `complete` (see below)
+//!   makes the receiver drop the copies on the sender's LIPs not stamped with the stream's mark
+//!   ([`Apply::Reconcile`]): flows the owner no longer has, whose removal was lost on the way (a
+//!   disconnect, a queue overflow, a full event inbox in the node, a lost batch). A gap in the
+//!   stream voids it (the gap asks for a table anyway). So lost removals are repaired by the
+//!   next table stream: at once on reconnect (the bulk answer), else within `refresh_interval`.
+//! * **Complete tables.** A node that restarted holds none of its flows until its peers hand
+//!   them back, so its table speaks for its LIPs only once the peer it streams to has sent its
+//!   table since this node started: a stream decided on before that ends incomplete (no
+//!   reconciliation); the next refresh is complete. Nothing is lost meanwhile: what the peer
+//!   holds of this node's flows came back with its table.
 //! * **Epoch and sequence.** Every batch carries sender, receiver, the sender's epoch and a
-//!   sequence number per (epoch, receiver). A receiver rejects a lower epoch (stale), and
-//!   within an epoch a sequence number not above the last one (replayed or reordered-late). A
-//!   higher epoch is the peer restarted: its sequence starts afresh. A gap (a batch lost) is
-//!   accepted and answered with a bulk request, so whatever was lost comes back.
+//!   sequence number per (epoch, receiver). Within a connection, a receiver rejects a lower
+//!   epoch (stale), and within an epoch a sequence number not above the last one (replayed or
+//!   reordered-late). A higher epoch is the peer restarted: its sequence starts afresh. A gap
+//!   (a batch lost) is accepted and answered with a bulk request, so whatever was lost comes
+//!   back. A new connection starts afresh: the transport has authenticated the peer again, and
+//!   a peer whose epoch went backwards (an epoch taken from a clock that stepped back) is not
+//!   shut out.
 //! * **Table re-request.** A bulk request can be lost without a trace: the peer drops it as a
 //!   foreign frame when it does not have this node in its peer set yet (this node learnt of the
 //!   peer first). So a table asked of a connected peer is asked again, under a new id, when
 //!   nothing of it has arrived for `bulk_retry` since the request left: the clock starts when
 //!   the request is sent and restarts with every batch of a table stream (table entries, which
-//!   carry no age, or a table's end), so a table still streaming is not asked again. Live
-//!   updates do not restart it: a peer that keeps sending them may still have dropped the
-//!   request. A re-ask makes the peer start its stream afresh; the answer to an older id is
-//!   not taken for the table.
-//! * **Bulk sync** answers a peer's request with every session this node holds, its synced
-//!   copies too: the peer may be the owner of flows it lost in a restart, or the owner may be
-//!   gone, and the joining node must be able to carry all of them. Refreshes and resyncs carry
-//!   only what this node speaks for (owned and adopted), so a copy does not keep echoing over its
-//!   owner's newer state; a copy in a bulk answer may be older than the owner's, which the
-//!   owner's next update corrects.
-//! * **Refresh.** Every `refresh_interval` the core asks the node for its table
-//!   ([`Output::TableWanted`]) and streams the owned and adopted sessions to each peer through
-//!   the same cursor as bulk sync: one shared snapshot, read a batch at a time as the transport
-//!   drains, never copied into the queues. Owned entries carry `expires_in_secs` plus
-//!   `expiry_grace`, so a peer's copy outlives the owner's deadline until the next refresh.
+//!   carry no age, or a table's start or end), so a table still streaming is not asked again.
+//!   Live updates do not restart it: a peer that keeps sending them may still have dropped the
+//!   request. A re-ask makes the peer start its stream afresh; the answer to an older id is not
+//!   taken for the table.
+//! * **Bulk sync** answers a peer's request with the sessions this node speaks for (owned and
+//!   adopted), the copies of flows on the requester's own LIPs when it asks for them back, and
+//!   the copies of flows whose owner is not connected here (the owner may be gone, and the
+//!   joining node must be able to carry its flows). Refreshes and resyncs carry only what this
+//!   node speaks for, so a copy does not keep echoing over its owner's newer state.
+//! * **Refresh.** Every `refresh_interval` each peer gets a table stream of the owned and
+//!   adopted sessions through the same cursor as bulk sync: one shared snapshot, read a batch at
+//!   a time as the transport drains, never copied into the queues. Owned entries carry
+//!   `expires_in_secs` plus `expiry_grace`, so a peer's copy outlives the owner's deadline until
+//!   the next refresh; its end reconciles.
+//! * **Table copies** are rate-limited: the core asks for the node's table at most once per
+//!   `table_interval`, and every stream owed when it asks shares that copy. Requests meanwhile
+//!   wait for the next one; a peer that asks again and again replaces its own owed stream and
+//!   gets no copy of its own.
 //! * **Overflow.** A peer's queue (coalescing batch plus flushed batches) holds at most
 //!   `queue_entries`. On overflow the queue is dropped (counted), and the peer is marked for a
-//!   resync: it is sent the whole table again. A resync adds; a removal lost in the overflow
-//!   is left to the peer's timer, which carries the owner's deadline.
-//! * **Ordering against snapshots.** A live update for a flow while a table stream to a peer
-//!   is running marks that flow superseded: the (older) snapshot entry is skipped.
+//!   resync: it is sent the whole table again, and the resync's end reconciles what the dropped
+//!   updates would have removed.
 //! * **Lag** is the time from the event entering the owner's core to the update leaving the
 //!   receiver's core as an [`Apply`]: the owner's event-to-send time (carried in the entry),
 //!   plus half the transport's round-trip time when the driver reports it, plus the receiver's
@@ -51,15 +84,15 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dataplane::{L4Proto, SessionEvent, SessionRecord};
+use dataplane::{Authority, L4Proto, SessionEvent, SessionRecord};
 use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3Builder;
 
-use crate::codec::{self, Batch, DecodeError, Entry, MAX_BATCH_ENTRIES};
+use crate::codec::{self, Batch, BulkRequest, DecodeError, Entry, MAX_BATCH_ENTRIES, TableEnd};
 
 /// A flow as session sync knows it: its client-side key.
 type FlowId = (L4Proto, SocketAddr, SocketAddr);
@@ -86,6 +119,9 @@ pub struct Config {
     /// A table asked of a peer of which nothing has arrived for this long is asked for again
     /// (see the module doc on the table re-request).
     pub bulk_retry: Duration,
+    /// The node's table is asked for ([`Output::TableWanted`]) at most once per this long
+    /// (see the module doc on table copies).
+    pub table_interval: Duration,
 }
 
 impl Default for Config {
@@ -98,6 +134,7 @@ impl Default for Config {
             expiry_grace: Duration::from_secs(60),
             max_adopted: 1 << 20,
             bulk_retry: Duration::from_secs(2),
+            table_interval: Duration::from_millis(250),
         }
     }
 }
@@ -116,21 +153,25 @@ pub enum ConfigError {
 }
 
 /// What the node applies to its engine, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Apply {
-    /// Install or update (`Engine::install`); the record is marked `synced`.
-    Install(SessionRecord),
-    /// The flow ended on the node that sent it (`Engine::remove`).
+    /// Install or update (`Engine::install`) with this authority (see the module doc on
+    /// ownership).
+    Install(SessionRecord, Authority),
+    /// The flow ended on the node that sent it: remove the copy (`Engine::remove`).
     Remove(SessionRecord),
+    /// A node's complete table stream has arrived: drop the copies on its LIPs that it did not
+    /// stamp with `mark` (`Engine::reconcile`).
+    Reconcile { lips: Arc<[IpAddr]>, mark: u32 },
 }
 
 /// What the core asks of the node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
     Apply(Apply),
     /// Call [`Core::handle_table`] with the sessions the node holds (`Engine::sessions` lists
-    /// them; the synced ones are filtered here): a peer asked for a bulk sync, a peer needs a
-    /// resync, or a refresh is due.
+    /// them; the core picks what each stream carries), after applying every [`Output::Apply`]
+    /// polled before: a peer asked for a bulk sync, a peer needs a resync, or a refresh is due.
     TableWanted,
 }
 
@@ -155,9 +196,15 @@ pub enum DropReason {
     Disconnected,
     /// Updates of a batch that could not be encoded.
     Unencodable,
+    /// A record on a LIP that no node of the configuration lists.
+    UnknownLip,
+    /// A record of a flow whose owner speaks for itself, from another node: the owner is
+    /// connected here, or is this node (whose flows were handed back already).
+    NotOwner,
 }
 
-/// Drop counts by reason: frames for the inbound reasons, updates for the outbound ones.
+/// Drop counts by reason: frames for the inbound reasons, updates for the outbound ones and
+/// for the records refused by ownership.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Drops {
     pub oversized: u64,
@@ -169,6 +216,8 @@ pub struct Drops {
     pub queue_overflow: u64,
     pub disconnected: u64,
     pub unencodable: u64,
+    pub unknown_lip: u64,
+    pub not_owner: u64,
 }
 
 impl Drops {
@@ -183,21 +232,32 @@ impl Drops {
             DropReason::QueueOverflow => &mut self.queue_overflow,
             DropReason::Disconnected => &mut self.disconnected,
             DropReason::Unencodable => &mut self.unencodable,
+            DropReason::UnknownLip => &mut self.unknown_lip,
+            DropReason::NotOwner => &mut self.not_owner,
         };
         *c += n;
     }
 
+    /// Every count with its reason's name, for reports.
+    pub fn by_reason(&self) -> [(&'static str, u64); 11] {
+        [
+            ("oversized", self.oversized),
+            ("version", self.version),
+            ("malformed", self.malformed),
+            ("stale_epoch", self.stale_epoch),
+            ("replayed", self.replayed),
+            ("misdirected", self.misdirected),
+            ("queue_overflow", self.queue_overflow),
+            ("disconnected", self.disconnected),
+            ("unencodable", self.unencodable),
+            ("unknown_lip", self.unknown_lip),
+            ("not_owner", self.not_owner),
+        ]
+    }
+
     /// Every drop, whatever the reason.
     pub fn total(&self) -> u64 {
-        self.oversized
-            + self.version
-            + self.malformed
-            + self.stale_epoch
-            + self.replayed
-            + self.misdirected
-            + self.queue_overflow
-            + self.disconnected
-            + self.unencodable
+        self.by_reason().iter().map(|(_, n)| n).sum()
     }
 }
 
@@ -239,6 +299,8 @@ pub struct PeerStats {
     pub bulk_retries: u64,
     /// Table streams (bulk answers, resyncs, refreshes) started towards this peer.
     pub table_streams: u64,
+    /// Complete table streams of this peer received, each reconciling its flows here.
+    pub reconciles: u64,
     pub dropped: Drops,
     /// Lag of the last update applied from this peer (see the module doc).
     pub lag_last: Duration,
@@ -246,27 +308,36 @@ pub struct PeerStats {
     pub lag_mean: Duration,
 }
 
-/// A snapshot of the node's table being streamed to one peer.
+/// A table stream to one peer: its start is queued, its snapshot is read a batch at a time.
 #[derive(Debug)]
 struct TableStream {
-    table: Arc<[SessionRecord]>,
+    id: u64,
+    /// The node's table; none until [`Core::handle_table`] hands it over.
+    table: Option<Arc<[SessionRecord]>>,
     pos: usize,
-    /// The bulk request this stream answers; sent with the last batch.
-    end_id: Option<u64>,
-    /// Flows updated live since the snapshot: their snapshot entries are older, so skipped.
+    /// The stream's start has left (it is queued behind the updates that precede it).
+    started: bool,
+    /// The bulk request this stream answers; sent with its end.
+    request: Option<BulkRequest>,
+    /// The stream speaks for every flow on this node's LIPs (see the module doc).
+    complete: bool,
+    /// Flows updated live since the stream's start: their snapshot entries are older, so
+    /// skipped.
     superseded: HashSet<FlowId, Xxh3Builder>,
-}
-
-/// A table stream a peer is owed, waiting for the node's table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct TableOwed {
-    end_id: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Queued {
     entry: Entry,
     event_at: Instant,
+}
+
+/// What waits in a peer's queue, in the order it leaves.
+#[derive(Debug)]
+enum Outgoing {
+    Updates(Vec<Queued>),
+    /// The start of the table stream with this id.
+    TableStart(u64),
 }
 
 #[derive(Debug)]
@@ -278,14 +349,22 @@ struct Peer {
     pending: Vec<Queued>,
     index: HashMap<FlowId, usize, Xxh3Builder>,
     pending_since: Option<Instant>,
-    queue: VecDeque<Vec<Queued>>,
+    queue: VecDeque<Outgoing>,
     queued: usize,
     stream: Option<TableStream>,
-    owed: Option<TableOwed>,
+    /// A table stream this peer is owed, answering this request if any; started at the next
+    /// table copy.
+    owed: Option<Option<BulkRequest>>,
     /// A bulk request to send with the next batch.
-    send_request: Option<u64>,
-    /// The peer's epoch and the last sequence number accepted in it.
+    send_request: Option<BulkRequest>,
+    /// The peer's epoch and the last sequence number accepted in it, on this connection.
     inbound: Option<(u64, u64)>,
+    /// The peer's table stream under way (its id), while no batch of it was lost.
+    stream_in: Option<u64>,
+    /// The mark given to the peer's latest table stream start (0: none yet).
+    mark: u32,
+    /// The peer's table has arrived at least once since this node started.
+    table_in: bool,
     awaiting_bulk: Option<u64>,
     /// When the awaited table is asked for again unless part of it arrives first; set once the
     /// request has left.
@@ -316,6 +395,9 @@ impl Peer {
             owed: None,
             send_request: None,
             inbound: None,
+            stream_in: None,
+            mark: 0,
+            table_in: false,
             awaiting_bulk: None,
             bulk_retry_at: None,
             rtt: Duration::ZERO,
@@ -331,13 +413,14 @@ impl Peer {
     fn flush(&mut self) {
         if !self.pending.is_empty() {
             self.queued += self.pending.len();
-            self.queue.push_back(std::mem::take(&mut self.pending));
+            self.queue
+                .push_back(Outgoing::Updates(std::mem::take(&mut self.pending)));
             self.index.clear();
         }
         self.pending_since = None;
     }
 
-    /// Drops everything waiting; returns how many updates that was.
+    /// Drops everything waiting, the table stream too; returns how many updates that was.
     fn clear(&mut self) -> u64 {
         let n = self.depth() as u64;
         self.pending.clear();
@@ -380,17 +463,37 @@ impl Peer {
     }
 
     /// Asks the peer for its whole table under `id`, sent with the next batch; only the
-    /// answer to this id completes it.
+    /// answer to this id completes it. Until the peer's first table is in, this node's own
+    /// flows are asked back with it.
     fn ask_table(&mut self, id: u64) {
-        self.send_request = Some(id);
+        self.send_request = Some(BulkRequest {
+            id,
+            own_flows: !self.table_in,
+        });
         self.awaiting_bulk = Some(id);
         self.bulk_retry_at = None;
     }
 
-    /// The peer is owed the whole table; a bulk answer's id is kept over a push.
-    fn owe_table(&mut self, end_id: Option<u64>) {
-        let end_id = end_id.or(self.owed.and_then(|o| o.end_id));
-        self.owed = Some(TableOwed { end_id });
+    /// The peer is owed a table stream; a bulk request is kept over a push.
+    fn owe_table(&mut self, request: Option<BulkRequest>) {
+        let request = request.or(self.owed.flatten());
+        self.owed = Some(request);
+    }
+
+    /// Starts a table stream: its start is queued behind every update before it.
+    fn start_stream(&mut self, id: u64, request: Option<BulkRequest>, hasher: Xxh3Builder) {
+        self.flush();
+        self.queue.push_back(Outgoing::TableStart(id));
+        self.stats.table_streams += 1;
+        self.stream = Some(TableStream {
+            id,
+            table: None,
+            pos: 0,
+            started: false,
+            request,
+            complete: self.table_in,
+            superseded: HashSet::with_hasher(hasher),
+        });
     }
 
     fn record_lag(&mut self, lag: Duration) {
@@ -410,6 +513,13 @@ struct PendingApply {
     peer: u64,
 }
 
+/// The node that owns a LIP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Owner {
+    Me,
+    Peer(String),
+}
+
 /// The session-sync protocol of one node.
 #[derive(Debug)]
 pub struct Core {
@@ -419,19 +529,31 @@ pub struct Core {
     /// Seed of the flow maps' hash.
     seed: u64,
     peers: Vec<Peer>,
+    /// Names of the peers connected now.
+    connected: HashSet<String>,
+    /// Who owns each LIP, and each node's LIPs (see the module doc on ownership).
+    lip_owners: HashMap<IpAddr, Owner, Xxh3Builder>,
+    node_lips: HashMap<String, Arc<[IpAddr]>>,
     next_peer_id: u64,
     next_bulk_id: u64,
-    adopted: HashSet<FlowId, Xxh3Builder>,
+    next_stream_id: u64,
+    /// The mark the next table stream start from any peer gets.
+    next_mark: u32,
+    /// Adopted flows with their LIP.
+    adopted: HashMap<FlowId, IpAddr, Xxh3Builder>,
     applies: VecDeque<PendingApply>,
-    table_wanted: bool,
     refresh_due: bool,
     next_refresh: Instant,
+    /// The node's table is not asked for before this (see `table_interval`).
+    next_table_at: Instant,
+    /// A table copy was due at the last timeout: the next poll asks for it.
+    table_due: bool,
     foreign_frames: u64,
 }
 
 impl Core {
-    /// A core for node `me` in incarnation `epoch` (higher after every restart, e.g. the wall
-    /// clock in nanoseconds at start), with no peers yet.
+    /// A core for node `me` in incarnation `epoch` (higher after every restart), with no peers
+    /// yet.
     pub fn new(me: &str, epoch: u64, config: Config, now: Instant) -> Result<Core, ConfigError> {
         if config.batch_entries == 0 || config.batch_entries > MAX_BATCH_ENTRIES {
             return Err(ConfigError::BatchEntries(config.batch_entries));
@@ -452,14 +574,20 @@ impl Core {
             me: me.to_owned(),
             epoch,
             next_refresh: now + config.refresh_interval,
+            next_table_at: now,
+            table_due: false,
             config,
             seed,
             peers: Vec::new(),
+            connected: HashSet::new(),
+            lip_owners: HashMap::with_hasher(Xxh3Builder::new().with_seed(seed)),
+            node_lips: HashMap::new(),
             next_peer_id: 0,
             next_bulk_id: 1,
-            adopted: HashSet::with_hasher(Xxh3Builder::new().with_seed(seed)),
+            next_stream_id: 1,
+            next_mark: 1,
+            adopted: HashMap::with_hasher(Xxh3Builder::new().with_seed(seed)),
             applies: VecDeque::new(),
-            table_wanted: false,
             refresh_due: false,
             foreign_frames: 0,
         })
@@ -486,6 +614,9 @@ impl Core {
     pub fn set_peers<S: AsRef<str>>(&mut self, names: &[S]) {
         self.peers
             .retain(|p| names.iter().any(|n| n.as_ref() == p.name));
+        let peers = &self.peers;
+        self.connected
+            .retain(|c| peers.iter().any(|p| p.name == *c && p.connected));
         for name in names {
             let name = name.as_ref();
             if name != self.me && !self.peers.iter().any(|p| p.name == name) {
@@ -497,24 +628,49 @@ impl Core {
         }
     }
 
+    /// The LIPs of every node of the configuration, this one included: who owns each flow
+    /// (see the module doc on ownership).
+    pub fn set_lips(&mut self, nodes: &[(String, Vec<IpAddr>)]) {
+        self.lip_owners.clear();
+        self.node_lips.clear();
+        for (name, lips) in nodes {
+            let owner = if *name == self.me {
+                Owner::Me
+            } else {
+                Owner::Peer(name.clone())
+            };
+            for lip in lips {
+                self.lip_owners.insert(*lip, owner.clone());
+            }
+            self.node_lips.insert(name.clone(), lips.as_slice().into());
+        }
+    }
+
     /// A transport to `peer` is up: updates flow to it from now on, and its table is asked
-    /// for (the node is not warm until it has arrived).
+    /// for (the node is not warm until it has arrived). The peer speaks for its own flows
+    /// again: the ones this node adopted are released.
     pub fn peer_connected(&mut self, peer: &str) {
         let id = self.next_bulk_id;
-        let Some(p) = self.peer_mut(peer) else {
+        let Some(p) = self.peers.iter_mut().find(|p| p.name == peer) else {
             return;
         };
         p.connected = true;
         p.stats.connected = true;
         p.stats.bulk_complete = false;
+        p.inbound = None;
+        p.stream_in = None;
         p.ask_table(id);
         self.next_bulk_id += 1;
+        self.connected.insert(peer.to_owned());
+        if let Some(lips) = self.node_lips.get(peer) {
+            self.adopted.retain(|_, lip| !lips.contains(lip));
+        }
     }
 
     /// The transport to `peer` is gone: what waited for it is dropped (counted); it is asked
     /// for its table again when it reconnects.
     pub fn peer_disconnected(&mut self, peer: &str) {
-        let Some(p) = self.peer_mut(peer) else {
+        let Some(p) = self.peers.iter_mut().find(|p| p.name == peer) else {
             return;
         };
         let dropped = p.clear();
@@ -524,8 +680,10 @@ impl Core {
         p.stats.bulk_complete = false;
         p.owed = None;
         p.send_request = None;
+        p.stream_in = None;
         p.awaiting_bulk = None;
         p.bulk_retry_at = None;
+        self.connected.remove(peer);
     }
 
     /// The transport's current round-trip time to `peer`; half of it counts into lag.
@@ -541,6 +699,15 @@ impl Core {
         self.applies.is_empty() && self.peers.iter().all(|p| p.stats.bulk_complete)
     }
 
+    fn owner(&self, lip: IpAddr) -> Option<&Owner> {
+        self.lip_owners.get(&lip)
+    }
+
+    /// Whether `lip`'s owner is a peer connected now.
+    fn owner_connected(&self, lip: IpAddr) -> bool {
+        matches!(self.owner(lip), Some(Owner::Peer(o)) if self.connected.contains(o))
+    }
+
     /// A session event of this node's data plane.
     pub fn handle_event(&mut self, now: Instant, event: SessionEvent) {
         let (record, closed, changed) = match event {
@@ -552,10 +719,10 @@ impl Core {
         let originate = if !record.synced {
             true
         } else if closed {
-            self.adopted.remove(&key)
-        } else if changed {
-            if self.adopted.len() < self.config.max_adopted {
-                self.adopted.insert(key);
+            self.adopted.remove(&key).is_some()
+        } else if changed && !self.owner_connected(record.local.ip()) {
+            if self.adopted.len() < self.config.max_adopted || self.adopted.contains_key(&key) {
+                self.adopted.insert(key, record.local.ip());
             }
             true
         } else {
@@ -573,15 +740,13 @@ impl Core {
             closed,
             age_us: None,
         };
-        let mut overflowed = false;
         for p in &mut self.peers {
             if p.connected {
-                overflowed |= !p.enqueue(now, key, entry, &self.config);
+                p.enqueue(now, key, entry, &self.config);
             } else {
                 p.stats.dropped.add(DropReason::Disconnected, 1);
             }
         }
-        self.table_wanted |= overflowed;
     }
 
     fn with_grace(&self, mut record: SessionRecord) -> SessionRecord {
@@ -591,7 +756,7 @@ impl Core {
     }
 
     /// Flushes batches that waited long enough, asks again for tables of which nothing arrived
-    /// for `bulk_retry`, and starts a refresh when one is due.
+    /// for `bulk_retry`, and marks a refresh due when it is time.
     pub fn handle_timeout(&mut self, now: Instant) {
         let flush_after = self.config.flush_after;
         for p in &mut self.peers {
@@ -608,124 +773,166 @@ impl Core {
             self.next_refresh = now + self.config.refresh_interval;
             if self.peers.iter().any(|p| p.connected) {
                 self.refresh_due = true;
-                self.table_wanted = true;
             }
         }
+        // From now on the copy waits for a poll, not for a timeout: a timeout in the past would
+        // only wake the caller again and again until it polls.
+        self.table_due |= now >= self.next_table_at && self.table_owed();
     }
 
-    /// When [`Core::handle_timeout`] has something to do next.
+    /// A table copy is waiting for `table_interval` to pass.
+    fn table_owed(&self) -> bool {
+        self.refresh_due || self.peers.iter().any(|p| p.connected && p.owed.is_some())
+    }
+
+    /// When [`Core::handle_timeout`] or [`Core::poll_output`] has something to do next.
     pub fn poll_timeout(&self) -> Instant {
         let flush_after = self.config.flush_after;
+        let table = (self.table_owed() && !self.table_due).then_some(self.next_table_at);
         self.peers
             .iter()
             .flat_map(|p| [p.pending_since.map(|t| t + flush_after), p.bulk_retry_at])
             .flatten()
+            .chain(table)
             .fold(self.next_refresh, Instant::min)
     }
 
-    /// The node's table, asked for by [`Output::TableWanted`]. Only the sessions it owns or
-    /// has adopted are streamed (see the module doc on bulk sync).
-    pub fn handle_table(&mut self, table: Vec<SessionRecord>) {
-        let table: Arc<[SessionRecord]> = table.into();
+    /// Starts the table streams owed now (bulk answers, resyncs, and refreshes to peers with
+    /// none running); true if any was.
+    fn start_streams(&mut self) -> bool {
         let refresh = std::mem::take(&mut self.refresh_due);
         let hasher = self.hasher();
+        let mut started = false;
         for p in &mut self.peers {
             if !p.connected {
                 continue;
             }
-            let end_id = if let Some(owed) = p.owed.take() {
-                owed.end_id
+            let request = if let Some(request) = p.owed.take() {
+                request
             } else if refresh && p.stream.is_none() {
                 None
             } else {
                 continue;
             };
-            p.stats.table_streams += 1;
-            p.stream = Some(TableStream {
-                table: table.clone(),
-                pos: 0,
-                end_id,
-                superseded: HashSet::with_hasher(hasher),
-            });
+            p.start_stream(self.next_stream_id, request, hasher);
+            self.next_stream_id += 1;
+            started = true;
+        }
+        started
+    }
+
+    /// The node's table, asked for by [`Output::TableWanted`]: every stream started then reads
+    /// it (see the module doc on bulk sync and refresh for what each carries).
+    pub fn handle_table(&mut self, table: Vec<SessionRecord>) {
+        let table: Arc<[SessionRecord]> = table.into();
+        for p in &mut self.peers {
+            if let Some(stream) = &mut p.stream
+                && stream.table.is_none()
+            {
+                stream.table = Some(table.clone());
+            }
         }
     }
 
-    /// The next frame to send to `peer`, if any. Flushed live batches go first; a table
-    /// stream advances a batch at a time whenever they are all out.
+    /// The next frame to send to `peer`, if any. Queued updates and stream starts go first, in
+    /// order; a table stream advances a batch at a time whenever they are all out.
     pub fn poll_transmit(&mut self, now: Instant, peer: &str) -> Option<Vec<u8>> {
         let batch_entries = self.config.batch_entries;
         let grace = u32::try_from(self.config.expiry_grace.as_secs()).unwrap_or(u32::MAX);
-        let adopted = &self.adopted;
-        let p = self
-            .peers
-            .iter_mut()
-            .find(|p| p.name == peer && p.connected)?;
-        let (entries, bulk_end) = if let Some(batch) = p.queue.pop_front() {
-            p.queued -= batch.len();
-            let entries = batch
-                .into_iter()
-                .map(|q| {
-                    let age = now.saturating_duration_since(q.event_at);
-                    Entry {
-                        age_us: Some(u32::try_from(age.as_micros()).unwrap_or(u32::MAX)),
-                        ..q.entry
+        let Core {
+            me,
+            epoch,
+            peers,
+            connected,
+            lip_owners,
+            adopted,
+            config,
+            ..
+        } = self;
+        let p = peers.iter_mut().find(|p| p.name == peer && p.connected)?;
+        let mut table_start = None;
+        let mut table_end = None;
+        let entries = match p.queue.pop_front() {
+            Some(Outgoing::Updates(batch)) => {
+                p.queued -= batch.len();
+                batch
+                    .into_iter()
+                    .map(|q| {
+                        let age = now.saturating_duration_since(q.event_at);
+                        Entry {
+                            age_us: Some(u32::try_from(age.as_micros()).unwrap_or(u32::MAX)),
+                            ..q.entry
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            }
+            Some(Outgoing::TableStart(id)) => {
+                if let Some(stream) = &mut p.stream
+                    && stream.id == id
+                {
+                    stream.started = true;
+                }
+                table_start = Some(id);
+                Vec::new()
+            }
+            None => match &mut p.stream {
+                Some(stream) if stream.started && stream.table.is_some() => {
+                    let table = stream.table.clone().unwrap_or_else(|| Arc::from([]));
+                    let mut entries = Vec::with_capacity(batch_entries.min(table.len()));
+                    while entries.len() < batch_entries && stream.pos < table.len() {
+                        let mut record = table[stream.pos];
+                        stream.pos += 1;
+                        let key = flow_id(&record);
+                        if stream.superseded.contains(&key) {
+                            continue;
+                        }
+                        let owned = !record.synced || adopted.contains_key(&key);
+                        let carried = owned
+                            || stream.request.is_some_and(|r| {
+                                relayed_in_bulk(lip_owners, connected, peer, &r, &record)
+                            });
+                        if !carried {
+                            continue;
+                        }
+                        if owned {
+                            record.expires_in_secs = record.expires_in_secs.saturating_add(grace);
+                        }
+                        entries.push(Entry {
+                            record,
+                            closed: false,
+                            age_us: None,
+                        });
                     }
-                })
-                .collect::<Vec<_>>();
-            (entries, None)
-        } else if let Some(stream) = &mut p.stream {
-            let mut entries = Vec::with_capacity(batch_entries.min(stream.table.len()));
-            while entries.len() < batch_entries && stream.pos < stream.table.len() {
-                let mut record = stream.table[stream.pos];
-                stream.pos += 1;
-                let key = flow_id(&record);
-                let owned = !record.synced || adopted.contains(&key);
-                // A bulk answer (the peer joined or came back) carries every session held, the
-                // synced copies too: the peer may be the owner of flows it lost in a restart,
-                // or they may belong to a node that is gone. Refreshes and resyncs carry only
-                // what this node speaks for.
-                let bulk = stream.end_id.is_some();
-                if !(owned || bulk) || stream.superseded.contains(&key) {
-                    continue;
+                    if stream.pos >= table.len() {
+                        table_end = Some(TableEnd {
+                            stream: stream.id,
+                            complete: stream.complete,
+                            request: stream.request.map(|r| r.id),
+                        });
+                        p.stream = None;
+                    }
+                    entries
                 }
-                if owned {
-                    record.expires_in_secs = record.expires_in_secs.saturating_add(grace);
-                }
-                entries.push(Entry {
-                    record,
-                    closed: false,
-                    age_us: None,
-                });
-            }
-            let mut end = None;
-            if stream.pos >= stream.table.len() {
-                end = stream.end_id;
-                p.stream = None;
-                if entries.is_empty() && end.is_none() && p.send_request.is_none() {
-                    return None;
-                }
-            }
-            (entries, end)
-        } else if p.send_request.is_some() {
-            (Vec::new(), None)
-        } else {
-            return None;
+                _ if p.send_request.is_some() => Vec::new(),
+                _ => return None,
+            },
         };
         let n = entries.len() as u64;
         let batch = Batch {
-            from: self.me.clone(),
+            from: me.clone(),
             to: p.name.clone(),
-            epoch: self.epoch,
+            epoch: *epoch,
             seq: p.next_seq,
+            table_start,
             entries,
             bulk_request: p.send_request.take(),
-            bulk_end,
+            table_end,
         };
         p.next_seq += 1;
         match codec::encode(&batch) {
             Ok(frame) => {
                 if batch.bulk_request.is_some() {
-                    p.bulk_retry_at = Some(now + self.config.bulk_retry);
+                    p.bulk_retry_at = Some(now + config.bulk_retry);
                 }
                 p.stats.sent_batches += 1;
                 p.stats.sent_entries += n;
@@ -733,11 +940,17 @@ impl Core {
                 Some(frame)
             }
             Err(_) => {
-                // Cannot happen within the entry cap; if it does, the peer is made whole again.
+                // Cannot happen within the entry cap; if it does, the peer is made whole again:
+                // its stream starts afresh.
                 p.stats.dropped.add(DropReason::Unencodable, n);
-                p.owe_table(bulk_end);
+                let request = p.stream.take().and_then(|s| s.request);
+                p.owe_table(request.or(batch.table_end.and_then(|e| {
+                    e.request.map(|id| BulkRequest {
+                        id,
+                        own_flows: false,
+                    })
+                })));
                 p.send_request = batch.bulk_request;
-                self.table_wanted = true;
                 None
             }
         }
@@ -745,9 +958,22 @@ impl Core {
 
     /// A frame received from `peer` (the identity its transport authenticated).
     pub fn handle_frame(&mut self, now: Instant, peer: &str, frame: &[u8]) {
-        let me = &self.me;
-        let Some(p) = self.peers.iter_mut().find(|p| p.name == peer) else {
-            self.foreign_frames += 1;
+        let Core {
+            me,
+            peers,
+            connected,
+            lip_owners,
+            node_lips,
+            adopted,
+            applies,
+            next_bulk_id,
+            next_mark,
+            config,
+            foreign_frames,
+            ..
+        } = self;
+        let Some(p) = peers.iter_mut().find(|p| p.name == peer) else {
+            *foreign_frames += 1;
             return;
         };
         p.stats.received_bytes += frame.len() as u64;
@@ -772,37 +998,83 @@ impl Core {
                     p.stats.dropped.add(DropReason::Replayed, 1);
                     return;
                 }
-                if batch.seq > last + 1 && p.connected {
-                    p.stats.gaps += 1;
-                    p.ask_table(self.next_bulk_id);
-                    self.next_bulk_id += 1;
+                if batch.seq > last + 1 {
+                    // Something of the peer's stream may be lost: it cannot reconcile.
+                    p.stream_in = None;
+                    if p.connected {
+                        p.stats.gaps += 1;
+                        p.ask_table(*next_bulk_id);
+                        *next_bulk_id += 1;
+                    }
                 }
             }
-            _ => {}
+            // A restart of the peer: a stream of its earlier run does not go on.
+            Some(_) => p.stream_in = None,
+            None => {}
         }
         p.inbound = Some((batch.epoch, batch.seq));
         // Part of a table stream (see the module doc on the table re-request): the table asked
         // for may be on its way, so it is given `bulk_retry` more.
-        let table_part =
-            batch.bulk_end.is_some() || batch.entries.iter().any(|e| e.age_us.is_none());
+        let table_part = batch.table_start.is_some()
+            || batch.table_end.is_some()
+            || batch.entries.iter().any(|e| e.age_us.is_none());
         if let Some(at) = &mut p.bulk_retry_at
             && table_part
         {
-            *at = now + self.config.bulk_retry;
+            *at = now + config.bulk_retry;
+        }
+        if let Some(id) = batch.table_start {
+            p.stream_in = Some(id);
+            p.mark = *next_mark;
+            *next_mark = next_mark.wrapping_add(1).max(1);
         }
         p.stats.received_batches += 1;
         p.stats.received_entries += batch.entries.len() as u64;
         let half_rtt = p.rtt / 2;
+        // Entries come in runs on one LIP (a table is streamed in table order): its owner is
+        // looked up once per run.
+        let mut last: Option<(IpAddr, Result<Authority, DropReason>)> = None;
         for e in batch.entries {
             let mut record = e.record;
-            let apply = if e.closed {
-                self.adopted.remove(&flow_id(&record));
-                Apply::Remove(record)
-            } else {
-                record.synced = true;
-                Apply::Install(record)
+            let lip = record.local.ip();
+            let authority = match last {
+                Some((l, a)) if l == lip => a,
+                _ => {
+                    let a = match lip_owners.get(&lip) {
+                        None => Err(DropReason::UnknownLip),
+                        Some(Owner::Peer(o)) if *o == p.name => {
+                            Ok(Authority::Owner { mark: p.mark })
+                        }
+                        Some(Owner::Peer(o)) if connected.contains(o) => Err(DropReason::NotOwner),
+                        Some(Owner::Peer(_)) => Ok(Authority::Relay),
+                        Some(Owner::Me) if p.table_in => Err(DropReason::NotOwner),
+                        Some(Owner::Me) => Ok(Authority::Reclaim),
+                    };
+                    last = Some((lip, a));
+                    a
+                }
             };
-            self.applies.push_back(PendingApply {
+            let authority = match authority {
+                Ok(Authority::Reclaim) if e.closed => Err(DropReason::NotOwner),
+                a => a,
+            };
+            // An owner record or a close ends an adoption of the flow here.
+            if !adopted.is_empty() && (e.closed || matches!(authority, Ok(Authority::Owner { .. })))
+            {
+                adopted.remove(&flow_id(&record));
+            }
+            let apply = match authority {
+                Ok(_) if e.closed => Apply::Remove(record),
+                Ok(authority) => {
+                    record.synced = authority != Authority::Reclaim;
+                    Apply::Install(record, authority)
+                }
+                Err(reason) => {
+                    p.stats.dropped.add(reason, 1);
+                    continue;
+                }
+            };
+            applies.push_back(PendingApply {
                 apply,
                 received: now,
                 carried: e
@@ -811,14 +1083,32 @@ impl Core {
                 peer: p.id,
             });
         }
-        if let Some(id) = batch.bulk_request {
-            p.owe_table(Some(id));
-            self.table_wanted = true;
+        if let Some(end) = batch.table_end {
+            if end.complete && p.stream_in == Some(end.stream) {
+                p.stats.reconciles += 1;
+                applies.push_back(PendingApply {
+                    apply: Apply::Reconcile {
+                        lips: node_lips
+                            .get(&p.name)
+                            .cloned()
+                            .unwrap_or_else(|| Arc::from([])),
+                        mark: p.mark,
+                    },
+                    received: now,
+                    carried: None,
+                    peer: p.id,
+                });
+            }
+            p.stream_in = None;
+            if end.request.is_some() && end.request == p.awaiting_bulk {
+                p.awaiting_bulk = None;
+                p.bulk_retry_at = None;
+                p.stats.bulk_complete = true;
+                p.table_in = true;
+            }
         }
-        if batch.bulk_end.is_some() && batch.bulk_end == p.awaiting_bulk {
-            p.awaiting_bulk = None;
-            p.bulk_retry_at = None;
-            p.stats.bulk_complete = true;
+        if let Some(request) = batch.bulk_request {
+            p.owe_table(Some(request));
         }
     }
 
@@ -830,18 +1120,33 @@ impl Core {
         }
     }
 
-    /// The next thing the node must do, in order.
+    /// The next thing the node must do, in order: every update received before a table is
+    /// asked for is applied before the table is read.
     pub fn poll_output(&mut self, now: Instant) -> Option<Output> {
-        if std::mem::take(&mut self.table_wanted) {
+        if let Some(a) = self.applies.pop_front() {
+            if let Some(carried) = a.carried
+                && let Some(p) = self.peers.iter_mut().find(|p| p.id == a.peer)
+            {
+                p.record_lag(carried + now.saturating_duration_since(a.received));
+            }
+            return Some(Output::Apply(a.apply));
+        }
+        // A copy due at the last timeout is taken now, or given up if nothing is owed any more.
+        if (std::mem::take(&mut self.table_due) || now >= self.next_table_at)
+            && self.table_owed()
+            && self.start_streams()
+        {
+            self.next_table_at = now + self.config.table_interval;
             return Some(Output::TableWanted);
         }
-        let a = self.applies.pop_front()?;
-        if let Some(carried) = a.carried
-            && let Some(p) = self.peers.iter_mut().find(|p| p.id == a.peer)
-        {
-            p.record_lag(carried + now.saturating_duration_since(a.received));
-        }
-        Some(Output::Apply(a.apply))
+        None
+    }
+
+    /// Whether [`Core::poll_output`] has something now: the driver wakes whoever polls only
+    /// then.
+    pub fn output_ready(&self, now: Instant) -> bool {
+        !self.applies.is_empty()
+            || ((self.table_due || now >= self.next_table_at) && self.table_owed())
     }
 
     /// Frames received from nodes that are not current peers.
@@ -867,9 +1172,56 @@ impl Core {
     }
 }
 
+/// Whether a bulk answer to `requester` carries `record`, a synced copy this node does not
+/// speak for: a flow on the requester's own LIPs when it asked for them back, or a flow whose
+/// owner is neither and is not connected here.
+fn relayed_in_bulk(
+    lip_owners: &HashMap<IpAddr, Owner, Xxh3Builder>,
+    connected: &HashSet<String>,
+    requester: &str,
+    request: &BulkRequest,
+    record: &SessionRecord,
+) -> bool {
+    match lip_owners.get(&record.local.ip()) {
+        Some(Owner::Peer(o)) if o == requester => request.own_flows,
+        Some(Owner::Peer(o)) => !connected.contains(o),
+        Some(Owner::Me) | None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A table copy that has to wait for `table_interval` is a timeout until it is due, and
+    /// then an output: the driver sleeps until it, and is not woken again and again by a
+    /// timeout already past while its output thread has yet to poll.
+    #[test]
+    fn test_a_table_copy_waits_as_a_timeout_and_is_never_one_in_the_past() {
+        let t0 = Instant::now();
+        let config = Config::default();
+        let interval = config.table_interval;
+        let mut a = Core::new("a", 1, config.clone(), t0).unwrap();
+        let mut b = Core::new("b", 1, config, t0).unwrap();
+        a.set_peers(&["b"]);
+        b.set_peers(&["a"]);
+        a.peer_connected("b");
+        b.peer_connected("a");
+        let request = b.poll_transmit(t0, "a").unwrap();
+        a.handle_frame(t0, "b", &request);
+        assert_eq!(a.poll_output(t0), Some(Output::TableWanted));
+        a.handle_table(Vec::new());
+        // b asks again at once: the copy waits for the interval.
+        let mut again = codec::decode(&request).unwrap();
+        again.seq += 1;
+        a.handle_frame(t0, "b", &codec::encode(&again).unwrap());
+        assert_eq!(a.poll_output(t0), None);
+        assert_eq!(a.poll_timeout(), t0 + interval);
+        let late = t0 + interval * 2;
+        a.handle_timeout(late);
+        assert!(a.poll_timeout() > late, "no timeout in the past");
+        assert_eq!(a.poll_output(late), Some(Output::TableWanted));
+    }
 
     #[test]
     fn test_config_without_bulk_retry_is_refused() {

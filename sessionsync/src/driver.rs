@@ -13,9 +13,16 @@
 //! set, a frame sent or received) wakes it if that timeout moved earlier. A table request sent
 //! from a link's task, for one, starts the core's re-request clock: were the loop not woken, an
 //! idle node would sleep through it until its next refresh.
+//!
+//! The core's outputs — updates applied to the engine, and the copies of the node's whole table
+//! that bulk sync and refresh read (up to millions of sessions) — are carried out on one
+//! dedicated thread, never on the async workers, in the order the core hands them out. The
+//! core rate-limits the table copies (`Config::table_interval`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use dataplane::{SessionEvent, SessionRecord};
@@ -39,7 +46,8 @@ const STOP_TOO_LARGE: VarInt = VarInt::from_u32(2);
 const EVENT_BURST: usize = 4096;
 
 /// Where bulk sync and refresh read the node's sessions: every session it holds, owned and
-/// synced (`Engine::sessions(now)` as it is); the core keeps the ones the node speaks for.
+/// synced (`Engine::sessions(now)` as it is); the core picks what each stream carries. Called
+/// on the driver's output thread.
 pub trait SessionSource: Send + Sync + 'static {
     fn sessions(&self) -> Vec<SessionRecord>;
 }
@@ -79,8 +87,13 @@ struct Shared {
     core: Mutex<Core>,
     /// Wakes the main loop: the core's next timeout moved earlier than it sleeps until.
     timeout_moved: Notify,
-    /// Held while outputs are taken and applied, so updates reach the engine in order.
-    applying: Mutex<()>,
+    /// Wakes the output thread: the core may have outputs.
+    outputs_due: Mutex<bool>,
+    outputs_wake: Condvar,
+    /// Outputs taken from the core and not carried out yet; changed up only under the core's
+    /// lock, so the core and this together say whether everything received is applied.
+    in_flight: AtomicUsize,
+    stopping: AtomicBool,
     apply: Box<ApplyFn>,
     source: Box<dyn SessionSource>,
     links: Mutex<HashMap<String, Link>>,
@@ -113,33 +126,60 @@ impl Shared {
         out
     }
 
+    /// Tells the output thread that the core may have outputs.
+    fn outputs_due(&self) {
+        *lock(&self.outputs_due) = true;
+        self.outputs_wake.notify_one();
+    }
+
+    /// The output thread: carries out what the core hands out, in order, until sync stops.
+    fn run_output_thread(&self) {
+        loop {
+            {
+                let mut due = lock(&self.outputs_due);
+                while !*due && !self.stopping.load(Ordering::Acquire) {
+                    due = self
+                        .outputs_wake
+                        .wait(due)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                *due = false;
+            }
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            self.run_outputs();
+        }
+    }
+
     /// Applies what the core has for the node and answers its table requests.
     fn run_outputs(&self) {
-        let _order = lock(&self.applying);
         loop {
-            let mut applies = Vec::new();
-            let mut table = false;
+            let mut outputs = Vec::new();
             self.with_core(|core| {
                 let now = Instant::now();
-                while applies.len() < EVENT_BURST {
+                while outputs.len() < EVENT_BURST {
                     match core.poll_output(now) {
-                        Some(Output::Apply(a)) => applies.push(a),
-                        Some(Output::TableWanted) => table = true,
+                        Some(o) => outputs.push(o),
                         None => break,
                     }
                 }
+                self.in_flight.fetch_add(outputs.len(), Ordering::AcqRel);
             });
-            if applies.is_empty() && !table {
+            if outputs.is_empty() {
                 return;
             }
-            for a in applies {
-                (self.apply)(a);
+            for output in outputs {
+                match output {
+                    Output::Apply(a) => (self.apply)(a),
+                    Output::TableWanted => {
+                        let sessions = self.source.sessions();
+                        self.with_core(|core| core.handle_table(sessions));
+                    }
+                }
+                self.in_flight.fetch_sub(1, Ordering::AcqRel);
             }
-            if table {
-                let sessions = self.source.sessions();
-                self.with_core(|core| core.handle_table(sessions));
-                self.wake_writers();
-            }
+            self.wake_writers();
         }
     }
 
@@ -159,6 +199,15 @@ impl Shared {
     }
 }
 
+/// Why sync did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot start the session-sync output thread: {0}")]
+    Thread(std::io::Error),
+}
+
 /// Session sync of one node, running on the current tokio runtime.
 #[derive(Debug)]
 pub struct SyncHandle {
@@ -168,10 +217,10 @@ pub struct SyncHandle {
 }
 
 impl SyncHandle {
-    /// Starts sync for node `me` in incarnation `epoch` (higher on every restart, e.g. the
-    /// wall clock in nanoseconds at start). `events` carries the data plane's session events;
-    /// `source` lists the node's sessions for bulk sync and refresh; `apply` installs into or
-    /// removes from the node's engine what peers send (it must not block for long).
+    /// Starts sync for node `me` in incarnation `epoch` (higher on every restart: the node keeps
+    /// a counter on disk). `events` carries the data plane's session events; `source` lists the
+    /// node's sessions for bulk sync and refresh; `apply` carries out in the node's engine what
+    /// peers send. Both run on the driver's output thread.
     pub fn start(
         me: &str,
         epoch: u64,
@@ -179,23 +228,32 @@ impl SyncHandle {
         events: mpsc::Receiver<SessionEvent>,
         source: impl SessionSource,
         apply: impl Fn(Apply) + Send + Sync + 'static,
-    ) -> Result<SyncHandle, ConfigError> {
+    ) -> Result<SyncHandle, StartError> {
         let core = Core::new(me, epoch, config, Instant::now())?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             timeout_moved: Notify::new(),
-            applying: Mutex::new(()),
+            outputs_due: Mutex::new(false),
+            outputs_wake: Condvar::new(),
+            in_flight: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
             apply: Box::new(apply),
             source: Box::new(source),
             links: Mutex::new(HashMap::new()),
             next_generation: Mutex::new(0),
             shutdown: shutdown_rx,
         });
-        let main = tokio::spawn(
-            run_main(shared.clone(), events)
-                .instrument(tracing::info_span!("session_sync", node = %me)),
-        );
+        let span = tracing::info_span!("session_sync", node = %me);
+        {
+            let shared = shared.clone();
+            let span = span.clone();
+            std::thread::Builder::new()
+                .name("session-sync".to_owned())
+                .spawn(move || span.in_scope(|| shared.run_output_thread()))
+                .map_err(StartError::Thread)?;
+        }
+        let main = tokio::spawn(run_main(shared.clone(), events).instrument(span));
         Ok(SyncHandle {
             shared,
             shutdown,
@@ -231,6 +289,12 @@ impl SyncHandle {
         }
         drop(links);
         self.shared.wake_writers();
+    }
+
+    /// The LIPs of every node of the configuration, this one included: who owns each flow
+    /// (`Core::set_lips`).
+    pub fn set_lips(&self, nodes: &[(String, Vec<IpAddr>)]) {
+        self.shared.with_core(|core| core.set_lips(nodes));
     }
 
     /// A connection to `peer` (authenticated by the node, ALPN [`ALPN`]); replaces the previous
@@ -276,12 +340,11 @@ impl SyncHandle {
         );
     }
 
-    /// Every current peer's table has arrived since it connected (a node without peers is).
+    /// Every current peer's table has arrived since it connected, and is in the engine (a node
+    /// without peers is warm).
     pub fn is_warm(&self) -> bool {
-        // Applies taken from the core are applied under this lock: wait for them, so warm
-        // means the tables are in the engine.
-        let _applied = lock(&self.shared.applying);
-        lock(&self.shared.core).is_warm()
+        let core = lock(&self.shared.core);
+        core.is_warm() && self.shared.in_flight.load(Ordering::Acquire) == 0
     }
 
     pub fn stats(&self) -> Vec<PeerStats> {
@@ -293,9 +356,12 @@ impl SyncHandle {
         lock(&self.shared.core).foreign_frames()
     }
 
-    /// Stops every task and closes the connections.
+    /// Stops every task and the output thread (after what it is doing) and closes the
+    /// connections.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.outputs_due();
         self.main.abort();
         for (_, link) in lock(&self.shared.links).drain() {
             link.stop();
@@ -337,7 +403,9 @@ async fn run_main(shared: Arc<Shared>, mut events: mpsc::Receiver<SessionEvent>)
                 lock(&shared.core).handle_timeout(Instant::now());
             }
         }
-        shared.run_outputs();
+        if lock(&shared.core).output_ready(Instant::now()) {
+            shared.outputs_due();
+        }
         shared.wake_writers();
     }
 }
@@ -428,8 +496,14 @@ async fn read_frames(
         }
         let mut frame = vec![0; len];
         recv.read_exact(&mut frame).await?;
-        shared.with_core(|core| core.handle_frame(Instant::now(), peer, &frame));
-        shared.run_outputs();
+        let ready = shared.with_core(|core| {
+            let now = Instant::now();
+            core.handle_frame(now, peer, &frame);
+            core.output_ready(now)
+        });
+        if ready {
+            shared.outputs_due();
+        }
         shared.wake_writers();
     }
 }

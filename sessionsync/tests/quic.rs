@@ -2,7 +2,8 @@
 //! `dataplane::Engine`s receiving what peers send.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,12 +23,26 @@ mod support;
 const SESSIONS: u32 = 100_000;
 const NOW: Instant = Instant::from_secs(1000);
 
-fn record(n: u32) -> SessionRecord {
+/// The nodes of the tests, each with two LIPs (`SESSIONS` flows need two LIPs' ports).
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+fn lips(name: &str) -> Vec<IpAddr> {
+    let i = NAMES.iter().position(|n| *n == name).unwrap() as u8;
+    (0..2)
+        .map(|k| IpAddr::V4(Ipv4Addr::new(198, 19, 10 + i, k)))
+        .collect()
+}
+
+/// The `n`-th flow of node `owner`, on its LIPs.
+fn record(owner: &str, n: u32) -> SessionRecord {
     SessionRecord {
         proto: L4Proto::Tcp,
         client: SocketAddr::from(([10, 0, (n >> 16) as u8, 1], n as u16)),
         vip: "198.18.100.1:80".parse().unwrap(),
-        local: SocketAddr::from(([198, 19, 200, (n >> 16) as u8], n as u16)),
+        local: SocketAddr::new(
+            lips(owner)[(n / 50_000) as usize],
+            1024 + (n % 50_000) as u16,
+        ),
         backend: "198.18.3.10:8080".parse().unwrap(),
         state: FlowState::Tcp(TcpState::Established),
         window: Default::default(),
@@ -36,7 +51,7 @@ fn record(n: u32) -> SessionRecord {
     }
 }
 
-fn engine(lip: Ipv4Addr) -> Arc<Engine> {
+fn engine(lips: Vec<IpAddr>) -> Arc<Engine> {
     let service = ServiceConfig {
         vip: "198.18.100.1:80".parse().unwrap(),
         proto: L4Proto::Tcp,
@@ -54,7 +69,7 @@ fn engine(lip: Ipv4Addr) -> Arc<Engine> {
         EngineConfig {
             max_sessions_v4: 2 * SESSIONS,
             max_sessions_v6: 16,
-            local_addrs: vec![lip.into()],
+            local_addrs: lips,
             ..EngineConfig::default()
         },
         snap,
@@ -71,6 +86,14 @@ fn keys(records: impl IntoIterator<Item = SessionRecord>) -> HashSet<Key> {
         .collect()
 }
 
+/// How the tests' table copies ran.
+#[derive(Default)]
+struct Copies {
+    count: AtomicUsize,
+    /// A copy ran on a thread of the async runtime.
+    on_runtime: AtomicBool,
+}
+
 /// A node: its engine (sessions synced from peers), the sessions its own traffic made (an
 /// engine creates those only from packets, so the test keeps them beside it), and sync.
 struct Node {
@@ -81,32 +104,49 @@ struct Node {
     sync: SyncHandle,
     endpoint: Endpoint,
     client: quinn::ClientConfig,
+    /// What the engine refused of what peers sent.
+    refused: Arc<Mutex<Vec<String>>>,
+    copies: Arc<Copies>,
 }
 
 impl Node {
     fn start(ca: &Ca, name: &'static str, epoch: u64, config: Config) -> Node {
-        let engine = engine(Ipv4Addr::new(198, 19, 201, 1));
+        let engine = engine(lips(name));
         let owned: Arc<Mutex<HashMap<SocketAddr, SessionRecord>>> = Arc::default();
         let (events, rx) = mpsc::channel(2 * SESSIONS as usize);
+        let copies = Arc::new(Copies::default());
         let source = {
-            let (engine, owned) = (engine.clone(), owned.clone());
+            let (engine, owned, copies) = (engine.clone(), owned.clone(), copies.clone());
             move || {
+                copies.count.fetch_add(1, Ordering::Relaxed);
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    copies.on_runtime.store(true, Ordering::Relaxed);
+                }
                 let mut all: Vec<SessionRecord> = owned.lock().unwrap().values().copied().collect();
                 all.extend(engine.sessions(NOW));
                 all
             }
         };
-        let target = engine.clone();
-        let sync = SyncHandle::start(name, epoch, config, rx, source, move |a| match a {
-            Apply::Install(r) => {
-                target.install(NOW, &r).unwrap();
-            }
-            Apply::Remove(r) => {
-                target.remove(&r);
+        let refused: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (target, errors) = (engine.clone(), refused.clone());
+        let sync = SyncHandle::start(name, epoch, config, rx, source, move |a| {
+            let result = match a {
+                Apply::Install(r, authority) => target.install(NOW, &r, authority).map(drop),
+                Apply::Remove(r) => target.remove(&r).map(drop),
+                Apply::Reconcile { lips, mark } => {
+                    target.reconcile(&lips, mark);
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                errors.lock().unwrap().push(e.to_string());
             }
         })
         .unwrap();
-        sync.set_peers(&["a", "b", "c"]);
+        sync.set_peers(&NAMES);
+        let all: Vec<(String, Vec<IpAddr>)> =
+            NAMES.iter().map(|n| (n.to_string(), lips(n))).collect();
+        sync.set_lips(&all);
         let (endpoint, client) = ca.endpoint(name, sessionsync::ALPN);
         Node {
             name,
@@ -116,12 +156,14 @@ impl Node {
             sync,
             endpoint,
             client,
+            refused,
+            copies,
         }
     }
 
     async fn create(&self, n: u32) {
         for i in 0..n {
-            let r = record(i);
+            let r = record(self.name, i);
             self.owned.lock().unwrap().insert(r.client, r);
             self.events.send(SessionEvent::Created(r)).await.unwrap();
         }
@@ -129,10 +171,14 @@ impl Node {
 
     async fn close(&self, n: u32) {
         for i in 0..n {
-            let r = record(i);
+            let r = record(self.name, i);
             self.owned.lock().unwrap().remove(&r.client);
             self.events.send(SessionEvent::Closed(r)).await.unwrap();
         }
+    }
+
+    fn refused(&self) -> Vec<String> {
+        self.refused.lock().unwrap().clone()
     }
 
     fn owned_keys(&self) -> HashSet<Key> {
@@ -211,6 +257,9 @@ async fn test_sessions_created_and_closed_on_a_follow_on_b_and_c() {
             .iter()
             .all(|s| s.sent_entries >= 2 * u64::from(SESSIONS))
     );
+    for n in [&a, &b, &c] {
+        assert_eq!(n.refused(), Vec::<String>::new(), "{}", n.name);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -305,7 +354,7 @@ async fn test_a_table_request_the_peer_dropped_is_asked_again() {
     b.sync.set_peers::<&str>(&[]);
     // Sessions B held before: in its table, without events.
     for i in 0..100 {
-        let r = record(i);
+        let r = record("b", i);
         b.owned.lock().unwrap().insert(r.client, r);
     }
     link(&a, &b).await;
@@ -317,4 +366,81 @@ async fn test_a_table_request_the_peer_dropped_is_asked_again() {
     wait_within("a warm", Duration::from_secs(10), || a.sync.is_warm()).await;
     assert_eq!(keys(a.engine.sessions(NOW)), b.owned_keys());
     assert!(a.sync.stats()[0].bulk_retries >= 1);
+}
+
+/// Table copies (bulk answers, refreshes) run on the driver's own thread, never on the async
+/// runtime's workers; three peers asking at once share copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_table_copies_run_off_the_async_workers() {
+    let ca = Ca::new();
+    let [a, b, c] = cluster(&ca, Config::default()).await;
+    a.create(1000).await;
+    for peer in [&b, &c] {
+        let engine = &peer.engine;
+        wait("sessions on peer", || engine.session_count() == 1000).await;
+    }
+    for n in [&a, &b, &c] {
+        assert!(n.copies.count.load(Ordering::Relaxed) >= 1, "{}", n.name);
+        assert!(
+            !n.copies.on_runtime.load(Ordering::Relaxed),
+            "{} copied its table on an async worker",
+            n.name
+        );
+    }
+}
+
+/// B restarts with an epoch below the one its peers knew (an epoch read from a clock that was
+/// set back): on its new connections it is heard, turns warm, takes its own flows back from
+/// its peers, and its new flows reach them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_node_restarted_with_a_lower_epoch_turns_warm() {
+    let ca = Ca::new();
+    let [a, b, c] = cluster(&ca, Config::default()).await;
+    b.create(100).await;
+    let engine = &a.engine;
+    wait("b's flows on a", || engine.session_count() == 100).await;
+    drop(b);
+    let b = Node::start(&ca, "b", 0, Config::default());
+    link(&a, &b).await;
+    link(&b, &c).await;
+    wait_within("b warm", Duration::from_secs(10), || b.sync.is_warm()).await;
+    // b's flows came back to it as its own.
+    assert_eq!(b.engine.session_count(), 100, "{:?}", b.refused());
+    assert!(b.engine.sessions(NOW).iter().all(|r| !r.synced));
+    // A flow b makes now reaches a.
+    let r = record("b", 500);
+    b.events.send(SessionEvent::Created(r)).await.unwrap();
+    let engine = &a.engine;
+    wait_within("b's new flow on a", Duration::from_secs(10), || {
+        engine.session_count() == 101
+    })
+    .await;
+    assert!(a.sync.stats().iter().all(|s| s.dropped.stale_epoch == 0));
+}
+
+/// Closes while the link is down never reach C; the bulk answer on the new connection removes
+/// them there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_removals_lost_while_disconnected_are_gone_after_the_reconnect() {
+    let ca = Ca::new();
+    let [a, _b, c] = cluster(&ca, Config::default()).await;
+    a.create(1000).await;
+    let engine = &c.engine;
+    wait("sessions on c", || engine.session_count() == 1000).await;
+    // The a–c connection breaks; a closes half of its flows meanwhile.
+    c.sync.set_peers(&["b"]);
+    a.close(500).await;
+    wait("a's close queued", || {
+        a.sync.stats().iter().any(|s| s.peer == "c" && !s.connected)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(c.engine.session_count(), 1000, "c missed the closes");
+    c.sync.set_peers(&NAMES);
+    link(&a, &c).await;
+    wait_within("c reconciled", Duration::from_secs(10), || {
+        engine.session_count() == 500
+    })
+    .await;
+    assert_eq!(keys(c.engine.sessions(NOW)), a.owned_keys());
 }

@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, UdpSocket};
 use std::sync::Arc;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Endpoint, EndpointConfig, TokioRuntime};
+use quinn::{Connection, Endpoint, EndpointConfig, TokioRuntime};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -106,4 +106,19 @@ impl Ca {
             quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).unwrap()));
         (endpoint, client)
     }
+}
+
+/// The node name the peer of `connection` has in its certificate (its one DNS name), as the
+/// node's endpoint reads it; `None` if it presented none.
+pub fn peer_name(connection: &Connection) -> Option<String> {
+    let certs = connection
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::DNSName(name) => Some((*name).to_owned()),
+        _ => None,
+    })
 }

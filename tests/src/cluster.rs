@@ -1,7 +1,8 @@
 //! A cluster site: the lab with N lbcluster nodes that share one configuration through Raft
 //! over their QUIC endpoints (mutual TLS with a cluster CA made by `lbcluster tls`), managed
 //! only through `lbcluster` commands. Node 1 bootstraps the cluster (`cluster init`) with the
-//! services of its file; the others join with `node add`. VIPs and LIPs are routed by hand,
+//! services of its file; the others join with `node add`, once their join token file holds
+//! what `cluster join-token` prints. VIPs and LIPs are routed by hand,
 //! or, with [`ClusterOptions::bgp`], announced by the nodes through BIRD to the router's BIRD.
 
 use std::io::{Read, Write};
@@ -244,7 +245,6 @@ impl ClusterSite {
 
     /// Writes node k's config file, trusting the CA certificate in `ca_dir`.
     pub fn write_config(&self, k: usize, ca_dir: &Path) -> Result<()> {
-        let dir = self.lab.dir();
         let tls = self.tls_dir();
         let backends: String = (1..=self.lab.spec().backends)
             .map(|j| {
@@ -272,6 +272,7 @@ cert = "{tls}/n{k}.pem"
 key = "{tls}/n{k}.key"
 heartbeat_ms = 100
 election_timeout_ms = [400, 800]
+join_token_file = "{join}"
 {bgp}
 [[service]]
 vip = "{VIP}:80"
@@ -282,9 +283,10 @@ scheduler = "rr"
             lip6 = lip6(k),
             socket = self.socket(k).display(),
             uplink = self.lab.node_uplink(k),
-            data = dir.join(format!("n{k}-raft")).display(),
+            data = self.data_dir(k).display(),
             ca = ca_dir.join("ca.pem").display(),
             tls = tls.display(),
+            join = self.join_token_file(k).display(),
             bgp = self.bgp_section(k),
         );
         std::fs::write(self.config_path(k), config)?;
@@ -324,6 +326,11 @@ keepalive_secs = {KEEPALIVE_SECS}
         )
     }
 
+    /// Node k's Raft data directory (`cluster.data_dir`).
+    pub fn data_dir(&self, k: usize) -> PathBuf {
+        self.lab.dir().join(format!("n{k}-raft"))
+    }
+
     /// Node k's BIRD configuration file (written by its daemon).
     pub fn bird_config(&self, k: usize) -> PathBuf {
         self.lab.node_bird_config(k)
@@ -352,6 +359,11 @@ keepalive_secs = {KEEPALIVE_SECS}
     pub fn start_node_bird(&mut self, k: usize) -> Result<()> {
         let bgp = self.bgp.as_mut().context("the site runs without BGP")?;
         bgp.start_node_bird(&self.lab, k)
+    }
+
+    /// Node k's join token file (written by [`ClusterSite::add_node`]).
+    pub fn join_token_file(&self, k: usize) -> PathBuf {
+        self.lab.dir().join(format!("n{k}.join"))
     }
 
     fn config_path(&self, k: usize) -> PathBuf {
@@ -400,6 +412,11 @@ keepalive_secs = {KEEPALIVE_SECS}
         Ok(())
     }
 
+    /// Node k's daemon, `None` while it is stopped.
+    pub fn node(&self, k: usize) -> Option<&LabProcess> {
+        self.nodes[k - 1].as_ref()
+    }
+
     /// Node k's daemon log so far.
     pub fn log(&self, k: usize) -> String {
         self.nodes[k - 1]
@@ -417,8 +434,11 @@ keepalive_secs = {KEEPALIVE_SECS}
         self.lbc(&all)
     }
 
-    /// `node add nK` through node `via`, with node k's address and LIPs.
+    /// `node add nK` through node `via`, with node k's address and LIPs, after writing the
+    /// cluster's join token (`cluster join-token` on `via`) into node k's token file.
     pub fn add_node(&self, via: usize, k: usize) -> Result<String> {
+        let token = self.cli(via, &["cluster", "join-token"])?.ok()?;
+        std::fs::write(self.join_token_file(k), token)?;
         self.cli(
             via,
             &[

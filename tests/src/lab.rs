@@ -18,15 +18,18 @@
 //! * `bJ`: runs `lab-backend serve --name bJ` (HTTP 8080, TCP echo 9000, UDP echo 5353).
 //!
 //! Every namespace is named `<prefix>-<role>`; everything is removed by [`Lab::down`], by `Drop`,
-//! or, after an interrupted run, by [`Lab::cleanup_stale`]. Addresses come only from
+//! or, after an interrupted run, by [`Lab::cleanup_stale`], including the file systems a test
+//! mounts in the lab's directory ([`Lab::mount_tmpfs`]). Addresses come only from
 //! 198.18.0.0/15 and 2001:db8::/32. Reverse path filtering is off in every lab namespace (a
 //! load balancer's TUN device carries packets whose source is routed elsewhere).
 //!
 //! Needs root and the programs of [`PROGRAMS`] ([`crate::tools`] names their packages).
 
+use std::ffi::CString;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -178,6 +181,67 @@ fn check_prefix(prefix: &str) -> Result<()> {
         "lab prefix {prefix:?} must be 1 to {MAX_PREFIX_LEN} lowercase letters or digits"
     );
     Ok(())
+}
+
+fn c_path(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("{} has a NUL byte", path.display()))
+}
+
+/// Unmounts every file system mounted at or below `dir` (as this process's mount table shows
+/// them), the innermost first.
+fn unmount_all_under(dir: &Path) -> Result<()> {
+    let Ok(dir) = fs::canonicalize(dir) else {
+        return Ok(());
+    };
+    let table = fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    let mut mounts: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|point| PathBuf::from(unescape_mount_point(point)))
+        .filter(|point| point.starts_with(&dir))
+        .collect();
+    // Deepest first; a path mounted over twice is listed (and unmounted) twice.
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in mounts {
+        let target = c_path(&point)?;
+        // SAFETY: a NUL-terminated path that outlives the call.
+        if unsafe { libc::umount2(target.as_ptr(), 0) } != 0 {
+            let busy = std::io::Error::last_os_error();
+            // Something still has it open: detach it now, the kernel frees it once unused.
+            // SAFETY: as above.
+            if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("unmount {} (first: {busy})", point.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A mount point as `/proc/self/mountinfo` writes it: space, tab, newline and backslash as
+/// three-digit octal escapes.
+fn unescape_mount_point(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)))
+            .map(|d| d.iter().fold(0u32, |n, b| n * 8 + u32::from(b - b'0')));
+        match octal.and_then(|n| u8::try_from(n).ok()) {
+            Some(b) => {
+                out.push(b);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The lab's working directory (process logs): `$TMPDIR/lbcluster-lab/<prefix>`.
@@ -556,6 +620,37 @@ impl Lab {
         Ok(LabProcess { child, pid, log })
     }
 
+    /// Mounts a tmpfs of `size` bytes (rounded up to pages; mode 0700) on `path`, a directory
+    /// inside [`Lab::dir`] that is created if missing. The lab unmounts it when it goes, also
+    /// when a test fails. Processes see it if they start after this (each `ip netns exec` gets
+    /// a copy of the mounts of its time).
+    pub fn mount_tmpfs(&self, path: &Path, size: u64) -> Result<()> {
+        ensure!(
+            path.starts_with(&self.dir) && path != self.dir,
+            "{} is not inside the lab's directory {}",
+            path.display(),
+            self.dir.display()
+        );
+        fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
+        let target = c_path(path)?;
+        let options = CString::new(format!("size={size},mode=0700"))?;
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                options.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("mount a tmpfs on {}", path.display()));
+        }
+        Ok(())
+    }
+
     /// The lab's backend processes (`lab-backend serve` in `b1..`).
     pub fn backend_processes(&self) -> &[LabProcess] {
         &self.backends
@@ -845,6 +940,11 @@ impl Lab {
             }
         }
         let dir = lab_dir(prefix);
+        // Unmounted after the processes are gone, which might still use them; before the
+        // directory goes, which cannot be removed with a mount in it.
+        if let Err(e) = unmount_all_under(&dir) {
+            errors.push(format!("{e:#}"));
+        }
         if dir.exists()
             && let Err(e) = fs::remove_dir_all(&dir)
         {
@@ -879,5 +979,19 @@ impl Drop for Lab {
         if let Err(e) = self.down() {
             eprintln!("lab {}: {e:#}", self.prefix);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unescape_mount_point;
+
+    #[test]
+    fn mount_points_are_unescaped() {
+        assert_eq!(unescape_mount_point("/tmp/lab/n3-raft"), "/tmp/lab/n3-raft");
+        assert_eq!(unescape_mount_point("/tmp/a\\040b\\011c"), "/tmp/a b\tc");
+        assert_eq!(unescape_mount_point("/tmp/a\\134b"), "/tmp/a\\b");
+        // Not an escape: left as it is.
+        assert_eq!(unescape_mount_point("/tmp/a\\9b\\"), "/tmp/a\\9b\\");
     }
 }

@@ -132,6 +132,78 @@ fn ecmp_lip_owner_and_backup_routes_and_health_gated_vip() -> Result<()> {
     Ok(())
 }
 
+/// A committed change that leaves a VIP's service serving keeps the VIP announced by every node:
+/// the router's route to it does not change while 120 changes are applied (each node applies a
+/// change a moment after it commits; a node must not withdraw the VIPs it serves meanwhile).
+#[test]
+fn configuration_changes_keep_the_vip_announced() -> Result<()> {
+    let site = site(false)?;
+    let monitor = site
+        .lab
+        .spawn("router", &["ip", "-4", "monitor", "route"])?;
+    // The monitor runs once it prints the route a probe adds and deletes.
+    let probe = "198.18.99.1";
+    let mark = || -> Result<()> {
+        site.lab
+            .exec("router", &["ip", "route", "add", probe, "dev", "lo"])?;
+        site.lab
+            .exec("router", &["ip", "route", "del", probe, "dev", "lo"])?;
+        Ok(())
+    };
+    let marks = site.wait_for("the route monitor", SETTLE, |_| {
+        mark()?;
+        let seen = monitor.log().matches(probe).count();
+        ensure!(seen > 0, "not listening yet");
+        Ok(seen)
+    })?;
+    let vip80 = format!("{VIP}:80");
+    let before = site.running_version(1)?;
+    for k in 0..120 {
+        let udp = format!("udp={}", 300 + k);
+        site.cli(
+            1 + k % 3,
+            &["service", "edit", "-t", &vip80, "--timeout", &udp],
+        )?
+        .ok()?;
+    }
+    let last = before + 120;
+    site.wait_for("every node running the last change", SETTLE, |s| {
+        for k in 1..=3 {
+            ensure!(s.running_version(k)? >= last, "n{k} behind");
+        }
+        Ok(())
+    })?;
+    // Longer than a node's announcement tick and BIRD's round trip to the router.
+    std::thread::sleep(Duration::from_secs(1));
+    mark()?;
+    let log = site.wait_for("the monitor's last line", SETTLE, |_| {
+        let log = monitor.log();
+        ensure!(log.matches(probe).count() >= marks + 2, "{log}");
+        Ok(log)
+    })?;
+    monitor.kill();
+    // Each change of the route: its first line names the VIP, its next hops follow indented.
+    let vip = VIP.to_string();
+    let mut changes: Vec<String> = Vec::new();
+    for line in log.lines() {
+        if line.starts_with(char::is_whitespace) {
+            if let Some(last) = changes.last_mut() {
+                last.push_str(line);
+            }
+        } else if line.split_whitespace().any(|w| w == vip) {
+            changes.push(line.to_owned());
+        }
+    }
+    println!(
+        "120 changes committed and applied: {} changes of the VIP's route",
+        changes.len()
+    );
+    assert!(changes.is_empty(), "{changes:#?}");
+    site.lab
+        .wait_next_hops(IpAddr::V4(VIP), &[1, 2, 3], Duration::ZERO)?;
+    Ok(())
+}
+
 fn created(status: &serde_json::Value) -> u64 {
     status["events"]
         .as_array()
@@ -267,4 +339,103 @@ fn hold_time_without_bfd_and_no_announcement_while_cold() -> Result<()> {
     let (_, st) = site.status(2)?;
     assert_eq!(st["sync"]["warm"], true, "{}", st["sync"]);
     Ok(())
+}
+
+/// The size of the tmpfs node 3 keeps its Raft data on: room for its log, vote and snapshot,
+/// small enough to fill at once.
+const FULL_DISK_BYTES: u64 = 1 << 20;
+
+/// A node whose Raft storage fails fails loudly: n3 keeps its Raft data on a small tmpfs,
+/// which is filled; the next configuration changes make its log append fail (no space), so
+/// its Raft stops. The node withdraws its routes (the router's VIP route and n3's LIP lose n3
+/// as next hop) and its daemon exits 1, for its supervisor to restart it; restarted with room
+/// on the disk, it announces again.
+#[test]
+fn full_disk_makes_the_node_withdraw_and_exit() -> Result<()> {
+    let mut site = ClusterSite::start_with(ClusterOptions {
+        nodes: 3,
+        members: 2,
+        backends: 2,
+        bgp: Some(BgpOptions { bfd: false }),
+    })?;
+    let data_dir = site.data_dir(3);
+    site.lab.mount_tmpfs(&data_dir, FULL_DISK_BYTES)?;
+    site.start_node(3)?;
+    site.add_node(1, 3)
+        .with_context(|| format!("adding n3\n--- n3 log:\n{}", site.log(3)))?;
+    site.lab
+        .wait_next_hops(IpAddr::V4(VIP), &[1, 2, 3], SETTLE)
+        .with_context(|| format!("n3's log:\n{}", site.log(3)))?;
+    site.lab.wait_next_hops(IpAddr::V4(lip(3)), &[3], SETTLE)?;
+
+    fill(&data_dir.join("filler"))?;
+    // Each change is one record appended to n3's log; the tail page of the log file has room
+    // for a few, so changes go on until one needs a new page (bounded: a page holds at most
+    // 4096 bytes). n1 and n2 are a majority, so every change commits.
+    let vip80 = format!("{VIP}:80");
+    let backend = format!("{}:8080", site.lab.backend_addr(1));
+    let deadline = Instant::now() + SETTLE;
+    let mut changes = 0;
+    let status = loop {
+        let n3 = site.node(3).context("n3 is not running")?;
+        if let Some(status) = n3.wait_timeout(Duration::from_millis(50)) {
+            break status;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "n3 still runs {SETTLE:?} after its disk filled ({changes} changes since):\n{}",
+            n3.log()
+        );
+        let weight = (changes % 50 + 1).to_string();
+        site.cli(
+            1,
+            &[
+                "backend", "edit", "-t", &vip80, "-r", &backend, "-w", &weight,
+            ],
+        )?
+        .ok()?;
+        changes += 1;
+    };
+    let log = site.log(3);
+    println!("n3 exited ({status}) after {changes} changes on a full disk");
+    if let Some(line) = log.lines().find(|l| l.contains("raft stopped")) {
+        println!("n3: {line}");
+    }
+    assert_eq!(status.code(), Some(1), "n3's log:\n{log}");
+    assert!(
+        log.contains("raft stopped") && log.contains("No space left on device"),
+        "n3's log:\n{log}"
+    );
+    let took = site.lab.wait_next_hops(IpAddr::V4(VIP), &[1, 2], SETTLE)?;
+    println!("n3's next hop left the VIP {took:?} after its daemon exited");
+    site.lab
+        .wait_next_hops(IpAddr::V4(lip(3)), &[1, 2], SETTLE)?;
+
+    // What the supervisor does once there is room again: the failed append left nothing
+    // behind that reads as damage, and the node catches up and announces again.
+    std::fs::remove_file(data_dir.join("filler"))?;
+    site.start_node(3)?;
+    site.lab
+        .wait_next_hops(IpAddr::V4(VIP), &[1, 2, 3], SETTLE)
+        .with_context(|| format!("n3 restarted; its log:\n{}", site.log(3)))?;
+    Ok(())
+}
+
+/// Writes `path` until the file system it is on is full.
+fn fill(path: &std::path::Path) -> Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    let chunk = vec![0xa5u8; 64 * 1024];
+    // The file system is FULL_DISK_BYTES large: the loop ends well before this bound.
+    for _ in 0..=FULL_DISK_BYTES / 4096 {
+        if let Err(e) = file.write_all(&chunk) {
+            ensure!(
+                e.kind() == std::io::ErrorKind::StorageFull,
+                "filling {}: {e}",
+                path.display()
+            );
+            return Ok(());
+        }
+    }
+    anyhow::bail!("{} did not fill up", path.display())
 }

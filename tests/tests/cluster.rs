@@ -375,3 +375,61 @@ fn fourth_node_joins_with_one_command_leader_removed_foreign_ca_refused() -> Res
     assert!(refused > 0, "the refusal is counted");
     Ok(())
 }
+
+/// A removed node is cut off at once: a write through it right after `node remove` returns is
+/// refused within a second, with an error saying why, and changes nothing; every member closes
+/// the Raft connections it served for it and drops it from session sync, and its own sync
+/// connections stay down.
+#[test]
+fn removed_node_is_refused_at_once_and_cut_off() -> Result<()> {
+    let site = ClusterSite::start(4, 4, 2)?;
+    let before = agreed(&site, &[1, 2, 3, 4])?;
+    // n4's status asks every member for its report: it has a connection to each.
+    let (_, st) = site.status(4)?;
+    let rows = st["cluster"]["nodes"].as_array().context("rows")?;
+    assert!(rows.iter().all(|n| n["reachable"] == true), "{st}");
+
+    let removed = site.cli(1, &["node", "remove", "n4"])?;
+    assert_eq!(removed.code, 0, "{removed:?}");
+    let returned = Instant::now();
+    let udp53 = format!("{VIP}:53");
+    let write = site.cli(4, &["service", "add", "-u", &udp53, "-s", "rr"])?;
+    let took = returned.elapsed();
+    assert_eq!(write.code, 1, "{write:?}");
+    assert!(
+        write.stderr.contains("refuses node n4: it is not a member"),
+        "{write:?}"
+    );
+    assert!(took < Duration::from_secs(1), "refused only after {took:?}");
+    println!(
+        "n4's write refused {took:?} after `node remove` returned: {}",
+        write.stderr.trim()
+    );
+    let after = agreed(&site, &[1, 2, 3])?;
+    assert_eq!(after, before, "the removed node's write changed nothing");
+
+    site.wait_for("n4 cut off", Duration::from_secs(5), |s| {
+        for k in 1..=3 {
+            let (_, st) = s.status(k)?;
+            let rpcs = &st["cluster"]["raft_rpcs"];
+            ensure!(rpcs["revoked"].as_u64() >= Some(1), "n{k}: {rpcs}");
+            let sync = st["sync"]["peers"].as_array().context("sync rows")?;
+            ensure!(
+                sync.iter().all(|p| p["peer"] != "n4"),
+                "n{k} syncs with n4: {sync:?}"
+            );
+        }
+        let (_, st) = s.status(4)?;
+        let sync = st["sync"]["peers"].as_array().context("sync rows")?;
+        ensure!(
+            sync.iter().all(|p| p["connected"] == false),
+            "n4 still syncs: {sync:?}"
+        );
+        Ok(())
+    })?;
+    // And it stays refused.
+    let again = site.cli(4, &["service", "add", "-u", &udp53, "-s", "rr"])?;
+    assert_eq!(again.code, 1, "{again:?}");
+    assert!(again.stderr.contains("not a member"), "{again:?}");
+    Ok(())
+}

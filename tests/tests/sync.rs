@@ -1,7 +1,8 @@
 //! End-to-end session sync: long-lived TCP connections established through node 1 keep working
 //! — no reset, no byte lost or changed — when node 1 is cut off and the router's routes for the
 //! VIP and for node 1's LIPs are moved to node 2 by hand (the BGP issue automates the move);
-//! and the others' status shows node 1 gone, in every row, within 2 s. Run as root.
+//! and the others' status shows node 1 gone, in every row, within 2 s. A restarted node's sync
+//! epoch is one above its last run's. Run as root.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -82,9 +83,20 @@ fn long_lived_connections_survive_their_node_being_cut_off() -> Result<()> {
     warm_with_flows(&site, 2, 20)?;
 
     // n3 restarts: it starts cold, pulls the tables of n1 and n2, then is warm with the flows.
+    // Its sync epoch is the counter in its data directory, one higher than its last run's
+    // whatever its clock says (peers would take a lower one for a stale run).
+    let epoch = |site: &ClusterSite| -> Result<u64> {
+        let (_, st) = site.status(3)?;
+        st["sync"]["epoch"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no sync epoch in {}", st["sync"]))
+    };
+    let before = epoch(&site)?;
     site.stop_node(3)?;
     site.start_node(3)?;
     warm_with_flows(&site, 3, 20)?;
+    let after = epoch(&site)?;
+    ensure!(after == before + 1, "n3's epoch {before}, then {after}");
     // Every node's row in the cluster view says warm.
     site.wait_for(
         "every node warm in n1's view",

@@ -8,6 +8,8 @@
 //! * Reads ([`Cluster::read`]) are linearizable: the leader confirms its leadership with a quorum
 //!   (ReadIndex, not a lease) and this node waits until it has applied up to that index.
 //! * [`Cluster::reports`] asks every node for its Raft state ([`RpcKind::Report`]).
+//! * Whom a node answers — members only, of its own cluster only, and a joining node only the
+//!   cluster it joins — is decided in `access`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -17,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, Fatal, InitializeError, RaftError};
-use openraft::{ChangeMembers, RaftMetrics, ServerState, Vote};
+use openraft::{ChangeMembers, RaftMetrics, ServerState};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -27,11 +29,13 @@ use tracing::{debug, info, warn};
 
 use crate::config::{self, ClusterConfig, Command, ConfigError, NodeId};
 
+mod access;
 mod election;
 
 use crate::store::{ConfigStateMachine, LogReader, LogStore};
 use crate::transport::{Dialer, QuicNetwork, RpcError, RpcFailure, RpcKind};
 use crate::{Member, Raft, StartError};
+pub use access::{JoinToken, Refusal};
 pub(crate) use election::{PreVoteRequest, TimeoutNow};
 
 /// How long a forwarded request's answer may take beyond the request's own deadline (the leader
@@ -45,6 +49,8 @@ const CONNECT_ATTEMPT: Duration = Duration::from_secs(1);
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// The longest a forwarded request may ask the leader to work on it.
 const MAX_FORWARD_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often a leader adding a node looks whether the node refused it.
+const REFUSAL_CHECK: Duration = Duration::from_millis(100);
 
 /// The stable Raft id of the node named `name` (the name is the node's identity in its
 /// certificate): xxh3-64 of the name's bytes with the top bit cleared, never 0.
@@ -90,11 +96,19 @@ pub enum ClusterError {
     #[error("cannot reach the leader {leader}: {reason}")]
     Unreachable { leader: String, reason: String },
     #[error(
-        "node {name:?} did not catch up with the log within {waited_ms} ms; it stays in the \
-         configuration and as a learner (not a voter): check that it runs and is reachable, then \
-         remove it and add it again"
+        "node {name:?} did not catch up with the log within {waited_ms} ms{}; it stays in the \
+         configuration and as a learner (not a voter): check that it runs and is reachable{}, \
+         then remove it and add it again",
+        DisplayRefused(refused.as_deref()),
+        if refused.is_some() { " and holds this cluster's join token" } else { "" }
     )]
-    CatchUp { name: String, waited_ms: u64 },
+    CatchUp {
+        name: String,
+        waited_ms: u64,
+        /// Why the node refused the leader, if it did.
+        #[serde(default)]
+        refused: Option<String>,
+    },
     /// Answered by a node that is not the leader to a forwarded request; the sender retries
     /// with `leader`. Not returned to callers of [`Cluster`].
     #[error("this node is not the leader (the leader is {})", DisplayLeader(*.leader))]
@@ -110,6 +124,26 @@ pub enum ClusterError {
     StepDown { waited_ms: u64 },
     #[error("internal error: {0}")]
     Internal(String),
+    /// A peer refused this node (not a member, or of another cluster): retrying changes
+    /// nothing.
+    #[error("{reason}")]
+    Refused { reason: String },
+    #[error(
+        "the cluster has no identity yet: its leader gives it one (it was initialized by an \
+         earlier version); try again in a moment"
+    )]
+    NoIdentity,
+}
+
+struct DisplayRefused<'a>(Option<&'a str>);
+
+impl fmt::Display for DisplayRefused<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(reason) => write!(f, " (refused: {reason})"),
+            None => Ok(()),
+        }
+    }
 }
 
 struct DisplayLeader(Option<NodeId>);
@@ -285,6 +319,8 @@ struct Inner<D> {
     heard: parking_lot::Mutex<Instant>,
     transfers: election::Transfers,
     network: QuicNetwork<D>,
+    /// The identity of the cluster this node is being added to, while it has not joined one.
+    join: JoinToken,
     applied: watch::Receiver<Arc<ClusterConfig>>,
     log: LogReader,
     deadlines: Deadlines,
@@ -333,11 +369,6 @@ fn known_leader(metrics: &RaftMetrics<NodeId, Member>) -> Option<NodeId> {
     }
 }
 
-/// Whether this Raft has ever been part of a cluster (mirrors openraft's `is_initialized`).
-fn initialized(metrics: &RaftMetrics<NodeId, Member>) -> bool {
-    metrics.last_log_index.is_some() || metrics.vote != Vote::default()
-}
-
 fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> ClusterError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ClusterError::NotLeader {
@@ -360,7 +391,9 @@ fn stopped() -> ClusterError {
 
 impl<D: Dialer> Cluster<D> {
     /// Opens storage in `dir` and starts the Raft node with id [`node_id`]`(&me.name)` on the QUIC
-    /// network built from `dialer`, with the default [`Deadlines`].
+    /// network built from `dialer`, with the default [`Deadlines`]. Until it has joined a
+    /// cluster, the node answers only requests carrying the identity `join` gives (see
+    /// `access`).
     ///
     /// Returns the handle and a receiver of every configuration this node applies.
     pub async fn start(
@@ -368,8 +401,9 @@ impl<D: Dialer> Cluster<D> {
         raft_config: Arc<openraft::Config>,
         dir: &Path,
         dialer: D,
+        join: JoinToken,
     ) -> Result<(Cluster<D>, watch::Receiver<Arc<ClusterConfig>>), StartError> {
-        Self::start_with(me, raft_config, dir, dialer, Deadlines::default()).await
+        Self::start_with(me, raft_config, dir, dialer, join, Deadlines::default()).await
     }
 
     /// [`Cluster::start`] with other deadlines.
@@ -378,6 +412,7 @@ impl<D: Dialer> Cluster<D> {
         raft_config: Arc<openraft::Config>,
         dir: &Path,
         dialer: D,
+        join: JoinToken,
         deadlines: Deadlines,
     ) -> Result<(Cluster<D>, watch::Receiver<Arc<ClusterConfig>>), StartError> {
         let id = node_id(&me.name);
@@ -385,7 +420,8 @@ impl<D: Dialer> Cluster<D> {
         let reader = log.reader();
         let state_machine = ConfigStateMachine::open(dir)?;
         let applied = state_machine.subscribe();
-        let network = QuicNetwork::new(id, dialer);
+        let credentials = access::credentials(applied.clone(), join.clone());
+        let network = QuicNetwork::new(id, dialer, credentials);
         // This node campaigns only after a pre-vote (see `election`).
         let raft_config = Arc::new(openraft::Config {
             enable_elect: false,
@@ -401,12 +437,14 @@ impl<D: Dialer> Cluster<D> {
             heard: parking_lot::Mutex::new(Instant::now()),
             transfers: election::Transfers::default(),
             network,
+            join,
             applied: applied.clone(),
             log: reader,
             deadlines,
             probes: OnceLock::new(),
         });
         tokio::spawn(election::run(Arc::downgrade(&inner)));
+        tokio::spawn(access::run(Arc::downgrade(&inner)));
         Ok((Cluster { inner }, applied))
     }
 
@@ -445,10 +483,10 @@ impl<D: Dialer> Cluster<D> {
         }
     }
 
-    /// Initializes a new cluster with this node as its only voter, then commits
-    /// `AddNode(me_node)` and the `bootstrap` commands; returns the configuration version after
-    /// them. Every command is validated before the cluster is initialized, so a bad bootstrap
-    /// leaves the node uninitialized.
+    /// Initializes a new cluster with this node as its only voter, then commits a new random
+    /// identity (`SetIdentity`), `AddNode(me_node)` and the `bootstrap` commands; returns the
+    /// configuration version after them. Every command is validated before the cluster is
+    /// initialized, so a bad bootstrap leaves the node uninitialized.
     pub async fn init(
         &self,
         me_node: config::Node,
@@ -470,9 +508,13 @@ impl<D: Dialer> Cluster<D> {
         if self.ensure_initialized().await.is_ok() {
             return Err(ClusterError::AlreadyInitialized);
         }
-        let commands = std::iter::once(Command::AddNode(me_node))
-            .chain(bootstrap)
-            .collect::<Vec<_>>();
+        let commands = [
+            Command::SetIdentity(access::new_identity()?),
+            Command::AddNode(me_node),
+        ]
+        .into_iter()
+        .chain(bootstrap)
+        .collect::<Vec<_>>();
         let mut scratch = ClusterConfig::default();
         for command in &commands {
             scratch.apply(command).map_err(ClusterError::Rejected)?;
@@ -507,16 +549,20 @@ impl<D: Dialer> Cluster<D> {
     /// returns the configuration version after it, once this node has applied it.
     ///
     /// Nodes are added and removed with [`Cluster::add_node`] and [`Cluster::remove_node`], which
-    /// also change the Raft membership; `AddNode` and `RemoveNode` are refused here.
+    /// also change the Raft membership; `AddNode` and `RemoveNode` are refused here, and so is
+    /// `SetIdentity` (the identity comes with the cluster and never changes).
     pub async fn write(&self, command: Command) -> Result<u64, ClusterError> {
-        if let Command::AddNode(_) | Command::RemoveNode { .. } = command {
-            return Err(ClusterError::InvalidRequest(
-                "nodes are added and removed with `node add` / `node remove`, which also change \
-                 the raft membership"
+        match command {
+            Command::AddNode(_) | Command::RemoveNode { .. } => Err(ClusterError::InvalidRequest(
+                "nodes are added and removed with `node add` / `node remove`, which also \
+                     change the raft membership"
                     .into(),
-            ));
+            )),
+            Command::SetIdentity(_) => Err(ClusterError::InvalidRequest(
+                "a cluster gets its identity when it is initialized; it never changes".into(),
+            )),
+            command => self.write_command(command).await,
         }
-        self.write_command(command).await
     }
 
     async fn write_command(&self, command: Command) -> Result<u64, ClusterError> {
@@ -604,28 +650,6 @@ impl<D: Dialer> Cluster<D> {
                 "unexpected answer to a read index request: {other:?}"
             ))),
         }
-    }
-
-    /// Whether `name` may connect: a node in the Raft membership (voters and learners) or in the
-    /// applied configuration. A node whose Raft was never initialized (not yet added to a
-    /// cluster) admits any peer: it has no membership yet, and the cluster CA already vouched
-    /// for the peer; the first to reach it is the leader adding it.
-    pub fn is_member(&self, name: &str) -> bool {
-        {
-            let metrics = self.inner.raft.metrics();
-            let metrics = metrics.borrow();
-            if !initialized(&metrics) {
-                return true;
-            }
-            if metrics
-                .membership_config
-                .nodes()
-                .any(|(_, member)| member.name == name)
-            {
-                return true;
-            }
-        }
-        self.local_config().nodes.values().any(|n| n.name == name)
     }
 
     /// This node's report, from its own metrics.
@@ -807,8 +831,8 @@ impl<D: Dialer> Cluster<D> {
     }
 
     /// Has the leader carry out `request`: this node if it leads, else the leader it knows (or,
-    /// for a node outside the membership, any member, which names the leader), retrying with
-    /// the leader named in "not leader" answers until the budget's deadline.
+    /// knowing none, the other voters in turn, which name the leader), retrying with the leader
+    /// named in "not leader" answers until the budget's deadline. A refusal ends it at once.
     async fn submit(&self, request: Request, budget: Budget) -> Result<Response, ClusterError> {
         let mut hint = None;
         let mut probe = 0;
@@ -824,15 +848,21 @@ impl<D: Dialer> Cluster<D> {
                 return Err(stopped());
             }
             let known = self.leader(&metrics);
-            let Some(target) = hint
-                .take()
-                .or(known)
-                .or_else(|| self.probe_target(&metrics, &mut probe))
-            else {
-                // No leader: an election is under way, or there is no quorum.
-                unreachable = None;
-                self.leader_change(None, pause).await;
-                continue;
+            let (target, probing) = match hint.take().or(known) {
+                Some(target) => (target, false),
+                None => match self.probe_target(&metrics, &mut probe) {
+                    // No leader known (any more): unless one is found, there is no quorum.
+                    Some(target) => {
+                        unreachable = None;
+                        (target, true)
+                    }
+                    None => {
+                        // No leader: an election is under way, or there is no quorum.
+                        unreachable = None;
+                        self.leader_change(None, pause).await;
+                        continue;
+                    }
+                },
             };
             let outcome = if target == self.id() {
                 self.execute(request.clone(), budget).await
@@ -841,7 +871,11 @@ impl<D: Dialer> Cluster<D> {
                     Ok(outcome) => outcome,
                     Err(Failed::Retry(e)) => {
                         debug!(leader = target, error = %e, "retrying a forwarded request");
-                        unreachable = Some(e);
+                        // A voter asked in turn that cannot be reached says nothing about the
+                        // leader.
+                        if !probing {
+                            unreachable = Some(e);
+                        }
                         self.leader_change(known, pause).await;
                         continue;
                     }
@@ -860,18 +894,17 @@ impl<D: Dialer> Cluster<D> {
         }
     }
 
-    /// For a node that is not a voter and knows no leader (it removed itself): the next member
-    /// to ask, in turn.
+    /// For a node that knows no leader — an election is under way, it removed itself, or it
+    /// was removed without learning it — the next other voter to ask, in turn: a member names
+    /// the leader; a cluster that removed this node refuses it, which ends the request at once.
     fn probe_target(
         &self,
         metrics: &RaftMetrics<NodeId, Member>,
         probe: &mut usize,
     ) -> Option<NodeId> {
-        let membership = metrics.membership_config.membership();
-        if membership.voter_ids().any(|v| v == self.id()) {
-            return None;
-        }
-        let others = membership
+        let others = metrics
+            .membership_config
+            .membership()
             .voter_ids()
             .filter(|&v| v != self.id())
             .collect::<Vec<_>>();
@@ -917,7 +950,10 @@ impl<D: Dialer> Cluster<D> {
             .network
             .connect(target, &member, connect_by)
             .await
-            .map_err(|e| Failed::Retry(unreachable(e)))?;
+            .map_err(|e| match e.failure {
+                RpcFailure::Refused => Failed::Final(ClusterError::Refused { reason: e.reason }),
+                _ => Failed::Retry(unreachable(e)),
+            })?;
         let remaining = budget.deadline.saturating_duration_since(Instant::now());
         let forward = Forward {
             timeout_ms: remaining.as_millis() as u64,
@@ -926,6 +962,7 @@ impl<D: Dialer> Cluster<D> {
         peer.call(RpcKind::Forward, &forward, budget.deadline + ANSWER_MARGIN)
             .await
             .map_err(|e| match e.failure {
+                RpcFailure::Refused => Failed::Final(ClusterError::Refused { reason: e.reason }),
                 // The leader went away (or never got it): the next leader gets it. A command
                 // that did get committed before is idempotent or rejected when repeated.
                 RpcFailure::NotSent | RpcFailure::ConnectionLost => Failed::Retry(unreachable(e)),
@@ -1026,6 +1063,8 @@ impl<D: Dialer> Cluster<D> {
         let (_, version) = self
             .commit(Command::AddNode(node), budget.at_most(deadlines.write))
             .await?;
+        // A refusal from an earlier attempt is no answer to this one.
+        self.inner.network.forget_refusal(id);
         let step = budget.at_most(deadlines.write);
         let learner = timeout_at(
             step.deadline,
@@ -1041,24 +1080,38 @@ impl<D: Dialer> Cluster<D> {
                 .min(budget.deadline.saturating_duration_since(Instant::now())),
         );
         let mut metrics = self.inner.raft.metrics();
-        let caught_up = timeout_at(
-            step.deadline,
-            metrics.wait_for(|m| {
-                let matched = m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(&id).copied().flatten());
-                m.state != ServerState::Leader
-                    || matched.map(|l| l.index) >= Some(learner.log_id.index)
-            }),
-        )
-        .await
-        .map_err(|_| ClusterError::CatchUp {
+        let mut check = tokio::time::interval(REFUSAL_CHECK);
+        let waiting = async {
+            loop {
+                tokio::select! {
+                    caught_up = metrics.wait_for(|m| {
+                        let matched = m
+                            .replication
+                            .as_ref()
+                            .and_then(|r| r.get(&id).copied().flatten());
+                        m.state != ServerState::Leader
+                            || matched.map(|l| l.index) >= Some(learner.log_id.index)
+                    }) => return caught_up.map(|m| m.state).map_err(|_| None),
+                    _ = check.tick() => {
+                        // A node that refuses this cluster does not change its mind.
+                        if let Some(reason) = self.inner.network.refusal(id) {
+                            return Err(Some(reason));
+                        }
+                    }
+                }
+            }
+        };
+        let catch_up = |refused| ClusterError::CatchUp {
             name: name.clone(),
             waited_ms: step.start.elapsed().as_millis() as u64,
-        })?
-        .map_err(|_| stopped())?
-        .state;
+            refused,
+        };
+        let caught_up = match timeout_at(step.deadline, waiting).await {
+            Err(_) => return Err(catch_up(self.inner.network.refusal(id))),
+            Ok(Err(None)) => return Err(stopped()),
+            Ok(Err(refused)) => return Err(catch_up(refused)),
+            Ok(Ok(state)) => state,
+        };
         if caught_up != ServerState::Leader {
             return Err(ClusterError::Membership(format!(
                 "this node stopped leading while {name:?} was catching up; it stays a learner: \
@@ -1144,6 +1197,10 @@ mod tests {
             ClusterError::CatchUp {
                 name: "n4".into(),
                 waited_ms: 30000,
+                refused: Some("n4 refuses".into()),
+            },
+            ClusterError::Refused {
+                reason: "n1 refuses node n4".into(),
             },
         ];
         for e in errors {

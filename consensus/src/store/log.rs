@@ -1,4 +1,13 @@
 //! The Raft log and vote: [`LogStore`] writes, [`LogReader`]s read the in-memory copy.
+//!
+//! * Every write to the log file is exactly one record (an append's entries travel together in
+//!   one `Entries` record), synced before the write is acknowledged and before the next one
+//!   starts. That is what lets [`LogStore::open`] tell an interrupted write from corruption
+//!   (see [`record`](super::record)).
+//! * On open, a damaged last record (a torn tail: a write that never completed, so was never
+//!   acknowledged) is cut off the file with a warning. A damaged record with an intact one
+//!   after it is corruption of acknowledged entries: the store refuses to open and leaves the
+//!   file as it is, since cutting there would silently drop what this node promised to keep.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -13,7 +22,7 @@ use openraft::{LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError,
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::record::{self, Records};
+use super::record::{self, Records, Tail};
 use super::{StoreError, io_error, read_optional, read_single, sync_dir, write_atomic};
 use crate::{NodeId, TypeConfig};
 
@@ -25,15 +34,15 @@ const VOTE_FILE: &str = "vote";
 /// One record of the log file. Replaying the records in order rebuilds the log.
 #[derive(Debug, Serialize, Deserialize)]
 enum LogRecord<E> {
+    /// One entry: what versions before `Entries` wrote, one record per entry of an append. Still
+    /// read, so that a node upgraded in place opens its log.
     Entry(E),
+    /// The entries of one append (or, in a rewritten file, every entry that survived a purge).
+    Entries(Vec<E>),
     /// Entries from `since` on are gone.
-    Truncate {
-        since: u64,
-    },
+    Truncate { since: u64 },
     /// Entries up to and including `upto` are gone; `upto` is the last purged log id.
-    Purge {
-        upto: LogId<NodeId>,
-    },
+    Purge { upto: LogId<NodeId> },
 }
 
 /// The log as readers see it: every entry that is on disk, in memory.
@@ -51,6 +60,11 @@ impl Log {
         match record {
             LogRecord::Entry(entry) => {
                 self.entries.insert(entry.log_id.index, entry);
+            }
+            LogRecord::Entries(entries) => {
+                for entry in entries {
+                    self.entries.insert(entry.log_id.index, entry);
+                }
             }
             LogRecord::Truncate { since } => self.truncate(since),
             LogRecord::Purge { upto } => self.purge(upto),
@@ -87,8 +101,9 @@ pub struct LogReader {
 impl LogStore {
     /// Opens (or creates) the log and vote in `dir`.
     ///
-    /// A torn or corrupted record at the end of the log — a write that never completed, so was
-    /// never acknowledged — is dropped and cut off the file, with a warning.
+    /// A damaged record at the end of the log — a write that never completed, so was never
+    /// acknowledged — is dropped and cut off the file, with a warning. A damaged record followed
+    /// by an intact one is [`StoreError::Corrupt`], and the file is not touched.
     pub fn open(dir: &Path) -> Result<LogStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let path = dir.join(LOG_FILE);
@@ -104,7 +119,17 @@ impl LogStore {
             })?;
             log.replay(record);
         }
-        let len = records.valid_len();
+        let len = match records.tail() {
+            Tail::Clean => bytes.len(),
+            Tail::Torn { offset } => offset,
+            Tail::Corrupt { offset, intact } => {
+                return Err(StoreError::Corrupt {
+                    path,
+                    offset,
+                    intact,
+                });
+            }
+        };
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -113,8 +138,9 @@ impl LogStore {
         if len < bytes.len() {
             tracing::warn!(
                 path = %path.display(),
+                offset = len,
                 dropped_bytes = bytes.len() - len,
-                "dropping a torn or corrupted record at the end of the raft log"
+                "dropping a torn record at the end of the raft log (a write that never completed)"
             );
             file.set_len(len as u64).map_err(io_error(&path))?;
             file.sync_all().map_err(io_error(&path))?;
@@ -244,9 +270,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let mut bytes = Vec::new();
-        for entry in &entries {
-            record::encode(&LogRecord::Entry(entry), &mut bytes).map_err(write_logs_error)?;
-        }
+        record::encode(&LogRecord::Entries(entries.iter().collect()), &mut bytes)
+            .map_err(write_logs_error)?;
         self.write_durably(&bytes).map_err(write_logs_error)?;
         let mut log = self.log.lock();
         for entry in entries {
@@ -286,8 +311,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(write_logs_error)?;
         {
             let log = self.log.lock();
-            for (_, entry) in log.entries.range(log_id.index + 1..) {
-                record::encode(&LogRecord::Entry(entry), &mut bytes).map_err(write_logs_error)?;
+            let kept: Vec<&Entry> = log
+                .entries
+                .range(log_id.index + 1..)
+                .map(|(_, e)| e)
+                .collect();
+            if !kept.is_empty() {
+                record::encode(&LogRecord::Entries(kept), &mut bytes).map_err(write_logs_error)?;
             }
         }
         write_atomic(&self.dir, LOG_FILE, &bytes).map_err(write_logs_error)?;

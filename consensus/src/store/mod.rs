@@ -1,7 +1,9 @@
 //! Durable storage for the configuration cluster, in one directory:
 //!
-//! * `log` — the Raft log, append-only: one framed record (see [`record`]) per entry, plus
+//! * `log` — the Raft log, append-only: one framed record (see [`record`]) per append, plus
 //!   `Truncate` markers that cancel a suffix. Every append is fsync'd before it is acknowledged.
+//!   A damaged last record is a torn write and is cut off on open; a damaged record with an
+//!   intact one after it is corruption and stops the node ([`StoreError::Corrupt`]).
 //!   A purge rewrites the file (a `Purge` marker and the surviving entries) to `log.tmp` and
 //!   renames it over `log`, which is also how the file stays bounded.
 //! * `vote` — the last vote, one framed record, replaced atomically.
@@ -38,6 +40,23 @@ pub enum StoreError {
         path: PathBuf,
         offset: usize,
         source: rmp_serde::decode::Error,
+    },
+    /// The log has a damaged record with an intact one after it: not an interrupted write (that
+    /// damages only the last record) but corruption of entries this node acknowledged. Cutting
+    /// the log there would lose them, so the node refuses to start and leaves the file as it is.
+    #[error(
+        "{}: the record at byte {offset} is damaged (checksum or length mismatch) but an intact \
+         record follows at byte {intact}: this is corruption of acknowledged entries, not an \
+         interrupted write, and the log is left untouched. Keep a copy of the file for \
+         diagnosis; then restore this node's data directory from a backup, or remove the node \
+         from the cluster (`lbcluster node remove` on another member), empty its data directory \
+         and add it again (`lbcluster node add`), which copies the log from the leader",
+        path.display()
+    )]
+    Corrupt {
+        path: PathBuf,
+        offset: usize,
+        intact: usize,
     },
     /// A file that is only ever replaced atomically is damaged.
     #[error("{}: damaged (checksum or length mismatch)", path.display())]

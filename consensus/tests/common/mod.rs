@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use consensus::{
-    Cluster, ClusterConfig, Deadlines, Dialer, Member, ServeCounters, serve_connection,
+    Cluster, ClusterConfig, ClusterIdentity, Deadlines, Dialer, JoinToken, Member, ServeCounters,
+    serve_connection,
 };
 use openraft::Config;
 use quinn::{Connection, Endpoint};
@@ -26,7 +27,7 @@ use tempfile::TempDir;
 use tokio::sync::watch;
 
 /// The ALPN of Raft RPCs, as the node serves them.
-pub(crate) const ALPN_RAFT: &[u8] = b"lbc-raft/1";
+pub(crate) const ALPN_RAFT: &[u8] = consensus::transport::ALPN;
 
 pub(crate) use testpki::Ca;
 
@@ -105,6 +106,21 @@ fn raft_config() -> Arc<Config> {
     Arc::new(config.validate().unwrap())
 }
 
+/// The join token a test node holds, as its token file would: none until one is given.
+#[derive(Clone, Default)]
+pub(crate) struct TokenFile(Arc<Mutex<Option<ClusterIdentity>>>);
+
+impl TokenFile {
+    pub(crate) fn set(&self, identity: ClusterIdentity) {
+        *self.0.lock().unwrap() = Some(identity);
+    }
+
+    fn source(&self) -> JoinToken {
+        let file = self.clone();
+        Arc::new(move || (*file.0.lock().unwrap()).ok_or_else(|| "no join token given".to_owned()))
+    }
+}
+
 /// One node: its cluster handle behind its own endpoint.
 pub(crate) struct TestNode {
     pub(crate) cluster: Cluster<TestDialer>,
@@ -112,25 +128,30 @@ pub(crate) struct TestNode {
     pub(crate) member: Member,
     pub(crate) applied: watch::Receiver<Arc<ClusterConfig>>,
     pub(crate) counters: Arc<ServeCounters>,
+    /// The identity of the cluster the node joins.
+    pub(crate) token: TokenFile,
     deadlines: Deadlines,
     links: Links,
     dir: TempDir,
 }
 
 impl TestNode {
-    /// Starts node `name`, answering on its endpoint as the node's ALPN dispatch does.
+    /// Starts node `name`, answering on its endpoint as the node's ALPN dispatch does. It holds
+    /// no join token until one is given ([`TestNode::token`], [`TestNode::join_token_of`]).
     pub(crate) async fn start(ca: &Ca, name: &str, deadlines: Deadlines) -> TestNode {
         let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        Self::start_in(ca, name, deadlines, socket, TempDir::new().unwrap()).await
+        let dir = TempDir::new().unwrap();
+        Self::start_in(ca, name, deadlines, socket, dir, TokenFile::default()).await
     }
 
-    /// Starts node `name` on `socket` with the storage in `dir`.
+    /// Starts node `name` on `socket` with the storage in `dir`, its join token in `token`.
     async fn start_in(
         ca: &Ca,
         name: &str,
         deadlines: Deadlines,
         socket: UdpSocket,
         dir: TempDir,
+        token: TokenFile,
     ) -> TestNode {
         let (endpoint, client) = ca.endpoint_on(socket, name, ALPN_RAFT);
         let member = Member {
@@ -139,10 +160,16 @@ impl TestNode {
         };
         let links = Links::default();
         let dialer = TestDialer::with_links(&endpoint, &client, links.clone());
-        let (cluster, applied) =
-            Cluster::start_with(member.clone(), raft_config(), dir.path(), dialer, deadlines)
-                .await
-                .unwrap();
+        let (cluster, applied) = Cluster::start_with(
+            member.clone(),
+            raft_config(),
+            dir.path(),
+            dialer,
+            token.source(),
+            deadlines,
+        )
+        .await
+        .unwrap();
         let counters = Arc::new(ServeCounters::default());
         let (accepting, serving, counting) = (endpoint.clone(), cluster.clone(), counters.clone());
         let accepted = links.clone();
@@ -155,10 +182,20 @@ impl TestNode {
                 let (cluster, counters, accepted) =
                     (serving.clone(), counting.clone(), accepted.clone());
                 tokio::spawn(async move {
-                    if let Ok(connection) = incoming.await {
-                        accepted.keep(&connection);
-                        serve_connection(cluster, connection, counters).await;
+                    let Ok(connection) = incoming.await else {
+                        return;
+                    };
+                    // The node's endpoint checks the peer's name once, after the handshake.
+                    let Some(peer) = testpki::peer_name(&connection) else {
+                        connection.close(1u32.into(), b"no node name");
+                        return;
+                    };
+                    if let Err(refusal) = cluster.admit(&peer) {
+                        connection.close(refusal.code(), refusal.to_string().as_bytes());
+                        return;
                     }
+                    accepted.keep(&connection);
+                    serve_connection(cluster, connection, peer, counters).await;
                 });
             }
         });
@@ -168,10 +205,22 @@ impl TestNode {
             member,
             applied,
             counters,
+            token,
             deadlines,
             links,
             dir,
         }
+    }
+
+    /// Gives this node the join token of `member`'s cluster, as an operator copies the output
+    /// of `lbcluster cluster join-token` into the joining node's token file.
+    pub(crate) async fn join_token_of(&self, member: &TestNode) {
+        let token = member
+            .cluster
+            .join_token(Duration::from_secs(10))
+            .await
+            .unwrap();
+        self.token.set(token.parse().unwrap());
     }
 
     /// Stops the node as the daemon does: its Raft, then its endpoint.
@@ -189,6 +238,7 @@ impl TestNode {
             member,
             applied,
             counters,
+            token,
             deadlines,
             links,
             dir,
@@ -209,7 +259,7 @@ impl TestNode {
                 }
             }
         };
-        Self::start_in(ca, &member.name, deadlines, socket, dir).await
+        Self::start_in(ca, &member.name, deadlines, socket, dir, token).await
     }
 
     /// Cuts the node off: its connections close, it dials nobody and refuses every peer, until
@@ -224,6 +274,46 @@ impl TestNode {
     pub(crate) fn heal(&self) {
         self.links.cut.store(false, Ordering::SeqCst);
     }
+
+    /// How many of the connections the node dialled or accepted are still open.
+    pub(crate) fn open_connections(&self) -> usize {
+        let open = self.links.open.lock().unwrap();
+        open.iter().filter(|c| c.close_reason().is_none()).count()
+    }
+
+    /// The configuration entry of this node, with local address 198.19.0.`lip`.
+    pub(crate) fn config_node(&self, lip: u8) -> consensus::config::Node {
+        consensus::config::Node {
+            id: self.cluster.id(),
+            name: self.member.name.clone(),
+            quic_addr: self.member.quic_addr,
+            lips: vec![[198, 19, 0, lip].into()],
+            drained: false,
+        }
+    }
+}
+
+/// Starts a node for each of `names` and forms a cluster of them: the first initializes it
+/// with test service 1, then adds each of the others (given the join token first).
+pub(crate) async fn form(ca: &Ca, names: &[&str], deadlines: Deadlines) -> Vec<TestNode> {
+    let mut nodes = Vec::new();
+    for name in names {
+        nodes.push(TestNode::start(ca, name, deadlines).await);
+    }
+    nodes[0]
+        .cluster
+        .init(nodes[0].config_node(1), vec![add_service(1)])
+        .await
+        .unwrap();
+    for (node, lip) in nodes[1..].iter().zip(2..) {
+        node.join_token_of(&nodes[0]).await;
+        nodes[0]
+            .cluster
+            .add_node(node.config_node(lip))
+            .await
+            .unwrap();
+    }
+    nodes
 }
 
 /// The key of test service `last_octet`: 192.0.2.N:80/tcp.

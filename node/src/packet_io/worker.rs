@@ -61,7 +61,8 @@ fn bump(c: &AtomicU64, by: u64) {
 }
 
 /// Hands the worker's session events to session sync (if it runs); a full channel drops them,
-/// counted (the owner's periodic refresh repairs what a peer missed).
+/// counted (the owner's next refresh repairs what a peer missed, removals included: its end
+/// drops the copies of flows the owner no longer has).
 fn forward_events(worker: &mut dataplane::Worker, sink: Option<&EventSink>, c: &WorkerCounters) {
     let (mut drained, mut dropped) = (0, 0);
     for event in worker.drain_events() {

@@ -129,7 +129,8 @@ fn demo(requests: u32, scheduler: &str) -> Result<()> {
     println!(
         "== building the lab: client, router (BIRD, ECMP), nodes n1-n3 (lbcluster + BIRD, BFD), \
          backends b1 and b2; a cluster CA and node certificates (`lbcluster tls`); `lbcluster \
-         cluster init` on n1 (its file's service {VIP}:80), `lbcluster node add` n2 and n3"
+         cluster init` on n1 (its file's service {VIP}:80), `lbcluster cluster join-token` into \
+         the token files of n2 and n3, `lbcluster node add` n2 and n3"
     );
     let site = ClusterSite::start_with(ClusterOptions {
         nodes: 3,
