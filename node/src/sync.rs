@@ -54,6 +54,9 @@ const COLD_GRACE: Duration = Duration::from_secs(5);
 /// milliseconds, and while a dial runs its peer is not dialled again.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a stopping node waits for its peers to take its last session updates in.
+const HANDOVER: Duration = Duration::from_secs(2);
+
 /// The sync epoch's file in the data directory.
 pub(crate) const EPOCH_FILE: &str = "sync-epoch";
 
@@ -223,7 +226,14 @@ impl NodeSync {
                 _ = tick.tick() => {}
             }
         }
-        self.handle.shutdown();
+    }
+
+    /// Ends sync for a node that stops, after its data plane has: the sessions it opened or
+    /// changed last go to its peers, and it waits (at most [`HANDOVER`]) for them to take them
+    /// in, so that a flow it accepted a moment before it stopped is carried on by the others
+    /// (a rolling restart stops a node right after ECMP moved its flows away).
+    pub(crate) async fn close(&self) {
+        self.handle.close(HANDOVER).await;
     }
 
     /// Warm: the node has the tables of its peers. It turns warm once every peer's table has
