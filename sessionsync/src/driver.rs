@@ -41,8 +41,10 @@ use tracing::Instrument;
 use crate::codec::MAX_FRAME;
 use crate::core::{Apply, Config, ConfigError, Core, Output, PeerStats};
 
-/// The ALPN of session-sync connections.
-pub const ALPN: &[u8] = b"lbc-sync/1";
+/// The ALPN of session-sync connections. The number is the wire version's ([`codec`]'s): nodes
+/// that cannot read each other's frames do not connect (the handshake fails with an ALPN
+/// error both sides log) instead of dropping every frame.
+pub const ALPN: &[u8] = b"lbc-sync/2";
 
 /// Application close code: the peer left the peer set, or sync shut down.
 const CLOSE_GONE: VarInt = VarInt::from_u32(1);
