@@ -425,3 +425,42 @@ async fn test_snapshot_round_trip() {
         built.meta
     );
 }
+
+/// The store holds the cluster's secret: every file it writes is the owner's alone whatever
+/// the umask, and files an earlier version left readable by others are narrowed on open.
+#[tokio::test]
+async fn test_every_file_is_private_from_its_creation_on() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let root = TempDir::new().unwrap();
+    let dir = root.path().join("raft");
+    {
+        let mut store = LogStore::open(&dir).unwrap();
+        append_each(&mut store, 1, 1..=3).await;
+        store.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
+        store.purge(log_id(1, 2)).await.unwrap();
+        let mut sm = ConfigStateMachine::open(&dir).unwrap();
+        sm.apply([normal(1, add_service())]).await.unwrap();
+        let mut builder = sm.get_snapshot_builder().await;
+        builder.build_snapshot().await.unwrap();
+    }
+    assert_eq!(mode(&dir), 0o700);
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for name in ["log", "vote", "snapshot"] {
+        assert!(files.contains(&dir.join(name)), "{name} missing: {files:?}");
+    }
+    for f in &files {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    for f in &files {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let _store = LogStore::open(&dir).unwrap();
+    let _sm = ConfigStateMachine::open(&dir).unwrap();
+    for f in &files {
+        assert_eq!(mode(f), 0o600, "{} not narrowed on open", f.display());
+    }
+}

@@ -187,8 +187,10 @@ impl ClusterNode {
         ))
     }
 
-    /// Stops Raft and closes the endpoint.
+    /// Hands the node's last sessions to its peers (call it once the data plane has stopped:
+    /// see [`NodeSync::close`]), stops Raft and closes the endpoint.
     pub(crate) async fn shutdown(self) {
+        self.sync.close().await;
         self.cluster.shutdown().await;
         self.endpoint.close();
         let _ = self.accept.await;

@@ -295,15 +295,18 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
         }
     }
     stop_tx.send_replace(true);
-    let mut announcer = None;
-    if let Mode::Cluster { member, admin, .. } = mode {
-        announcer.clone_from(&admin.announcer);
-        member.shutdown().await;
-    }
+    // The data plane first: then no session changes any more, its last events are in sync's
+    // inbox, and the routes through the device are gone (BIRD withdraws them with it) before
+    // sync hands those sessions to the peers and the node leaves the cluster.
     if let Some(dataplane) = state.take_dataplane()
         && let Err(e) = tokio::task::block_in_place(|| dataplane.stop())
     {
         error!("stopping packet I/O: {e:#}");
+    }
+    let mut announcer = None;
+    if let Mode::Cluster { member, admin, .. } = mode {
+        announcer.clone_from(&admin.announcer);
+        member.shutdown().await;
     }
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while tasks.join_next().await.is_some() {}

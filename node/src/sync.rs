@@ -1,6 +1,6 @@
 //! Session sync in the node (DESIGN §2, §3): the engine's session events go to the
 //! `sessionsync` driver, which replicates them to every other member over the node's QUIC
-//! endpoint (ALPN `lbc-sync/1`, the same mutual TLS and membership check as Raft); what peers
+//! endpoint (ALPN `lbc-sync/2`, the same mutual TLS and membership check as Raft); what peers
 //! send is installed in the engine as synced sessions, so a packet of a peer's flow, in either
 //! direction, is forwarded here at once with the original backend and LIP:port.
 //!
@@ -53,6 +53,9 @@ const COLD_GRACE: Duration = Duration::from_secs(5);
 /// A dial that takes longer than this has failed: a handshake between members takes
 /// milliseconds, and while a dial runs its peer is not dialled again.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a stopping node waits for its peers to take its last session updates in.
+const HANDOVER: Duration = Duration::from_secs(2);
 
 /// The sync epoch's file in the data directory.
 pub(crate) const EPOCH_FILE: &str = "sync-epoch";
@@ -223,7 +226,14 @@ impl NodeSync {
                 _ = tick.tick() => {}
             }
         }
-        self.handle.shutdown();
+    }
+
+    /// Ends sync for a node that stops, after its data plane has: the sessions it opened or
+    /// changed last go to its peers, and it waits (at most [`HANDOVER`]) for them to take them
+    /// in, so that a flow it accepted a moment before it stopped is carried on by the others
+    /// (a rolling restart stops a node right after ECMP moved its flows away).
+    pub(crate) async fn close(&self) {
+        self.handle.close(HANDOVER).await;
     }
 
     /// Warm: the node has the tables of its peers. It turns warm once every peer's table has

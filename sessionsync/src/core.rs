@@ -780,6 +780,14 @@ impl Core {
         self.table_due |= now >= self.next_table_at && self.table_owed();
     }
 
+    /// Hands every peer's coalescing batch to its queue now, without waiting for
+    /// `flush_after`: the node is stopping, and what it sends next is all it will send.
+    pub fn flush_all(&mut self) {
+        for p in &mut self.peers {
+            p.flush();
+        }
+    }
+
     /// A table copy is waiting for `table_interval` to pass.
     fn table_owed(&self) -> bool {
         self.refresh_due || self.peers.iter().any(|p| p.connected && p.owed.is_some())

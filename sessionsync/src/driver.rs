@@ -18,12 +18,19 @@
 //! that bulk sync and refresh read (up to millions of sessions) — are carried out on one
 //! dedicated thread, never on the async workers, in the order the core hands them out. The
 //! core rate-limits the table copies (`Config::table_interval`).
+//!
+//! A node that stops hands over what it has before it goes ([`SyncHandle::close`]): the last
+//! events of its stopped data plane are taken from the inbox, every batch is flushed, each link
+//! writes what is queued for its peer and finishes its stream. A stream that ends cleanly at a
+//! frame boundary is a peer saying it sent everything: the receiver, having handed every frame
+//! to its core, closes the connection, and that close is what the stopping node waits for. A
+//! flow the node opened a moment before it stopped is then on its peers, who carry it on.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dataplane::{SessionEvent, SessionRecord};
 use quinn::{Connection, VarInt};
@@ -34,8 +41,10 @@ use tracing::Instrument;
 use crate::codec::MAX_FRAME;
 use crate::core::{Apply, Config, ConfigError, Core, Output, PeerStats};
 
-/// The ALPN of session-sync connections.
-pub const ALPN: &[u8] = b"lbc-sync/1";
+/// The ALPN of session-sync connections. The number is the wire version's ([`codec`]'s): nodes
+/// that cannot read each other's frames do not connect (the handshake fails with an ALPN
+/// error both sides log) instead of dropping every frame.
+pub const ALPN: &[u8] = b"lbc-sync/2";
 
 /// Application close code: the peer left the peer set, or sync shut down.
 const CLOSE_GONE: VarInt = VarInt::from_u32(1);
@@ -99,6 +108,10 @@ struct Shared {
     links: Mutex<HashMap<String, Link>>,
     next_generation: Mutex<u64>,
     shutdown: watch::Receiver<bool>,
+    closing: watch::Receiver<bool>,
+    /// Closing, and the core has every event of the inbox and has flushed: a link that has
+    /// written everything queued for its peer finishes its stream.
+    handed_over: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -213,6 +226,7 @@ pub enum StartError {
 pub struct SyncHandle {
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
+    closing: watch::Sender<bool>,
     main: JoinHandle<()>,
 }
 
@@ -231,6 +245,7 @@ impl SyncHandle {
     ) -> Result<SyncHandle, StartError> {
         let core = Core::new(me, epoch, config, Instant::now())?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (closing, closing_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             timeout_moved: Notify::new(),
@@ -243,6 +258,8 @@ impl SyncHandle {
             links: Mutex::new(HashMap::new()),
             next_generation: Mutex::new(0),
             shutdown: shutdown_rx,
+            closing: closing_rx,
+            handed_over: AtomicBool::new(false),
         });
         let span = tracing::info_span!("session_sync", node = %me);
         {
@@ -257,6 +274,7 @@ impl SyncHandle {
         Ok(SyncHandle {
             shared,
             shutdown,
+            closing,
             main,
         })
     }
@@ -356,6 +374,31 @@ impl SyncHandle {
         lock(&self.shared.core).foreign_frames()
     }
 
+    /// Hands everything to the peers before stopping: the events in the inbox now (call this
+    /// once the data plane has stopped, so that they are its last), then every update not sent
+    /// yet; waits until every connected peer has taken all of it in (it closes the connection
+    /// once it has read this node's stream to its end), for at most `grace`; then stops as
+    /// [`SyncHandle::shutdown`].
+    pub async fn close(&self, grace: Duration) {
+        let connections: Vec<Connection> = lock(&self.shared.links)
+            .values()
+            .map(|l| l.connection.clone())
+            .collect();
+        let _ = self.closing.send(true);
+        let handed_over = async {
+            for c in &connections {
+                c.closed().await;
+            }
+        };
+        if tokio::time::timeout(grace, handed_over).await.is_err() {
+            tracing::warn!(
+                "session sync: not every peer confirmed the last updates within {grace:?}; \
+                 stopping anyway (they repair what they miss from the next table)"
+            );
+        }
+        self.shutdown();
+    }
+
     /// Stops every task and the output thread (after what it is doing) and closes the
     /// connections.
     pub fn shutdown(&self) {
@@ -378,11 +421,22 @@ impl Drop for SyncHandle {
 /// Feeds events and timeouts to the core and acts on its outputs.
 async fn run_main(shared: Arc<Shared>, mut events: mpsc::Receiver<SessionEvent>) {
     let mut shutdown = shared.shutdown.clone();
+    let mut closing = shared.closing.clone();
     let mut events_open = true;
     loop {
         let deadline = lock(&shared.core).poll_timeout();
+        let handed_over = shared.handed_over.load(Ordering::Acquire);
         tokio::select! {
             _ = shutdown.changed() => return,
+            _ = closing.wait_for(|c| *c), if !handed_over => {
+                let mut core = lock(&shared.core);
+                let now = Instant::now();
+                while let Ok(event) = events.try_recv() {
+                    core.handle_event(now, event);
+                }
+                core.flush_all();
+                shared.handed_over.store(true, Ordering::Release);
+            }
             // The deadline is out of date; nothing else is.
             _ = shared.timeout_moved.notified() => continue,
             event = events.recv(), if events_open => match event {
@@ -447,6 +501,8 @@ async fn write_frames(
 ) -> Result<(), LinkError> {
     let mut send = connection.open_uni().await?;
     loop {
+        // Read before the frames are: once it is set, the core already has everything.
+        let last = shared.handed_over.load(Ordering::Acquire);
         loop {
             let frame = shared.with_core(|core| {
                 core.set_rtt(peer, connection.rtt());
@@ -456,6 +512,11 @@ async fn write_frames(
             let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
             send.write_all(&len.to_be_bytes()).await?;
             send.write_all(&frame).await?;
+        }
+        if last {
+            // The peer closes the connection once it has read this to the end.
+            send.finish().map_err(|_| LinkError::Closed)?;
+            return Ok(());
         }
         tokio::select! {
             _ = wake.notified() => {}
@@ -474,25 +535,43 @@ async fn read_link(shared: Arc<Shared>, peer: String, connection: Connection) {
             _ = shutdown.changed() => return,
         };
         let Ok(mut recv) = recv else { return };
-        if let Err(e) = read_frames(&shared, &peer, &mut recv).await {
-            tracing::debug!(error = %e, "session sync stream ended");
+        match read_frames(&shared, &peer, &mut recv).await {
+            Ok(StreamEnd::Finished) => {
+                // The peer is leaving and everything it sent is in the core: it may go.
+                connection.close(CLOSE_GONE, b"session sync: everything received");
+                return;
+            }
+            Ok(StreamEnd::TooLarge) => {}
+            Err(e) => tracing::debug!(error = %e, "session sync stream ended"),
         }
     }
+}
+
+/// How a peer's stream ended without an error.
+enum StreamEnd {
+    /// Finished by the peer after a whole frame: it sent all it had.
+    Finished,
+    /// Stopped here: a frame over its length cap.
+    TooLarge,
 }
 
 async fn read_frames(
     shared: &Shared,
     peer: &str,
     recv: &mut quinn::RecvStream,
-) -> Result<(), LinkError> {
+) -> Result<StreamEnd, LinkError> {
     loop {
         let mut len = [0u8; 4];
-        recv.read_exact(&mut len).await?;
+        match recv.read_exact(&mut len).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(StreamEnd::Finished),
+            Err(e) => return Err(e.into()),
+        }
         let len = u32::from_be_bytes(len) as usize;
         if len > MAX_FRAME {
             shared.with_core(|core| core.handle_oversized(peer));
             let _ = recv.stop(STOP_TOO_LARGE);
-            return Ok(());
+            return Ok(StreamEnd::TooLarge);
         }
         let mut frame = vec![0; len];
         recv.read_exact(&mut frame).await?;

@@ -444,3 +444,39 @@ async fn test_removals_lost_while_disconnected_are_gone_after_the_reconnect() {
     .await;
     assert_eq!(keys(c.engine.sessions(NOW)), a.owned_keys());
 }
+
+/// A node that stops hands its last sessions to its peers before it goes: the events still in
+/// its inbox and the batch still waiting to be flushed (a flush delay of a minute here) reach
+/// both peers, and `close` returns because they confirmed, long before its grace is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_stopping_node_hands_its_last_sessions_to_its_peers() {
+    let ca = Ca::new();
+    let config = Config {
+        flush_after: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let [a, b, c] = cluster(&ca, config).await;
+    a.create(SESSIONS).await;
+    let closed = tokio::time::timeout(
+        Duration::from_secs(60),
+        a.sync.close(Duration::from_secs(3600)),
+    )
+    .await;
+    assert!(closed.is_ok(), "the peers never confirmed the hand-over");
+    for peer in [&b, &c] {
+        let engine = &peer.engine;
+        wait_within(
+            "the stopped node's sessions on its peer",
+            Duration::from_secs(30),
+            || engine.session_count() == SESSIONS as usize,
+        )
+        .await;
+        assert_eq!(
+            keys(peer.engine.sessions(NOW)),
+            a.owned_keys(),
+            "{}",
+            peer.name
+        );
+        assert_eq!(peer.refused(), Vec::<String>::new(), "{}", peer.name);
+    }
+}

@@ -103,7 +103,7 @@ fn short_connections(target: SocketAddr, rate: u32, duration: Duration) -> Vec<S
         if let Some(wait) = due.checked_sub(start.elapsed()) {
             std::thread::sleep(wait);
         }
-        if tx.send(start.elapsed()).is_err() {
+        if streams::stop_requested() || tx.send(start.elapsed()).is_err() {
             break;
         }
     }

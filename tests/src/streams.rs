@@ -2,10 +2,13 @@
 //! pattern to a TCP echo server every interval and checks that exactly those bytes come back,
 //! for a set duration. Reports, per connection, the bytes verified, the longest time without
 //! progress, and how it ended (a reset, a content error, a stall past the limit). Bounded in
-//! count and time; used across failovers to show that no connection breaks.
+//! count and time; used across failovers to show that no connection breaks. A run may end early
+//! on SIGUSR1 ([`stop_on_sigusr1`]): for a caller that cannot know in advance how long the load
+//! must last (an Ansible playbook under load), it is the end of the duration brought forward.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -20,6 +23,31 @@ pub const MAX_DURATION: Duration = Duration::from_secs(600);
 const CHUNK: usize = 1024;
 /// A connection that makes no progress for this long has failed.
 const STALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// Set by SIGUSR1 once [`stop_on_sigusr1`] is installed.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_stop(_signal: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// From now on, SIGUSR1 ends every run of this process as its duration would: connections
+/// finish their round trip and close cleanly, and the report is printed.
+pub fn stop_on_sigusr1() -> std::io::Result<()> {
+    let handler: extern "C" fn(libc::c_int) = request_stop;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and it stays
+    // valid for the life of the process.
+    let previous = unsafe { libc::signal(libc::SIGUSR1, handler as libc::sighandler_t) };
+    if previous == libc::SIG_ERR {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether a stop was requested (SIGUSR1).
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
 
 /// How one connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +123,7 @@ fn one(target: SocketAddr, end: Instant, interval: Duration) -> ConnReport {
     let data = pattern(1 << 20);
     let mut last_progress = Instant::now();
     let mut back = vec![0u8; CHUNK];
-    while Instant::now() < end {
+    while Instant::now() < end && !stop_requested() {
         let at = (report.bytes_verified as usize) % (data.len() - CHUNK);
         let chunk = &data[at..at + CHUNK];
         if let Err(e) = stream.write_all(chunk) {

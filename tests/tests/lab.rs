@@ -160,6 +160,33 @@ fn backends_answer_http_tcp_echo_and_udp_echo() {
     );
 }
 
+/// A load started for ten minutes ends on SIGUSR1 as its time would end it: every stream
+/// completes and closes cleanly, and the report comes out (the deployment test ends its load
+/// when a playbook ends, a length not known in advance).
+#[test]
+fn a_load_ends_early_and_cleanly_on_sigusr1() {
+    let lab = up(1, 1);
+    let backend = IpAddr::from(lab.backend_addr(1));
+    let load = tests::load::start(
+        &lab,
+        sock(backend, TCP_ECHO_PORT),
+        sock(backend, HTTP_PORT),
+        20,
+        50,
+        600,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    load.signal("USR1").unwrap();
+    let report = tests::load::report(&load, std::time::Duration::from_secs(15)).unwrap();
+    let (streams, short) = (&report["streams"], &report["short"]);
+    assert_eq!(streams["completed"], 20, "{streams}");
+    assert!(streams["bytes_verified"].as_u64() > Some(0), "{streams}");
+    let attempted = short["attempted"].as_u64().unwrap();
+    assert!((50..=50 * 10).contains(&attempted), "{short}");
+    assert_eq!(short["failed"], 0, "{short}");
+}
+
 #[test]
 fn routes_to_nodes_are_installed_moved_and_removed_by_hand() {
     let lab = up(2, 1);

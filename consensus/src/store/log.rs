@@ -23,7 +23,10 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::record::{self, Records, Tail};
-use super::{StoreError, io_error, read_optional, read_single, sync_dir, write_atomic};
+use super::{
+    StoreError, create_dir, io_error, open_private, read_optional, read_single, sync_dir,
+    write_atomic,
+};
 use crate::{NodeId, TypeConfig};
 
 type Entry = openraft::Entry<TypeConfig>;
@@ -105,7 +108,7 @@ impl LogStore {
     /// acknowledged — is dropped and cut off the file, with a warning. A damaged record followed
     /// by an intact one is [`StoreError::Corrupt`], and the file is not touched.
     pub fn open(dir: &Path) -> Result<LogStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        create_dir(dir)?;
         let path = dir.join(LOG_FILE);
         let bytes = read_optional(&path)?.unwrap_or_default();
         let mut log = Log::default();
@@ -130,10 +133,7 @@ impl LogStore {
                 });
             }
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
+        let file = open_private(&path, OpenOptions::new().create(true).append(true))
             .map_err(io_error(&path))?;
         if len < bytes.len() {
             tracing::warn!(

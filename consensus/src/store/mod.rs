@@ -13,6 +13,10 @@
 //!
 //! "Atomically" is: write `<name>.tmp`, fsync it, rename it over `<name>`, fsync the directory.
 //!
+//! The configuration holds the cluster's secret (the join token), so every file here is the
+//! owner's alone (0600) from its creation on, a file left wider by an earlier version is
+//! narrowed when it is opened, and a directory the store creates is 0700.
+//!
 //! The files are written with blocking calls from the async trait methods. The configuration log
 //! sees a handful of small writes per operator action, so a thread pool hop per write would cost
 //! more than the write.
@@ -21,8 +25,9 @@ mod log;
 mod record;
 mod state_machine;
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 pub use log::{LogReader, LogStore};
@@ -70,10 +75,34 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
+/// The mode of every file of the store: it holds the cluster's secret.
+const FILE_MODE: u32 = 0o600;
+
+/// Creates the store's directory (0700) if it is not there.
+fn create_dir(dir: &Path) -> Result<(), StoreError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_error(dir))
+}
+
+/// Opens `path` with `options`, created 0600, and narrows it to 0600 if it was wider.
+fn open_private(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
+    let file = options.mode(FILE_MODE).open(path)?;
+    if file.metadata()?.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    }
+    Ok(file)
+}
+
 /// Replaces `dir/name` with `bytes` so that a crash leaves either the old or the new contents.
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
-    let mut file = File::create(&tmp)?;
+    let mut file = open_private(
+        &tmp,
+        OpenOptions::new().write(true).create(true).truncate(true),
+    )?;
     file.write_all(bytes)?;
     file.sync_all()?;
     fs::rename(&tmp, dir.join(name))?;
@@ -85,9 +114,14 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Reads a whole file; a missing file reads as `None`.
+/// Reads a whole file (narrowed to 0600 first if it was wider); a missing file reads as `None`.
 fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
-    match fs::read(path) {
+    let read = || -> io::Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        open_private(path, OpenOptions::new().read(true))?.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    };
+    match read() {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_error(path)(e)),

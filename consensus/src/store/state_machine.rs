@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{StoreError, io_error, read_single, write_atomic};
+use super::{StoreError, create_dir, read_single, write_atomic};
 use crate::{Applied, ClusterConfig, Member, NodeId, TypeConfig};
 
 type Entry = openraft::Entry<TypeConfig>;
@@ -55,7 +55,7 @@ pub struct SnapshotBuilder {
 impl ConfigStateMachine {
     /// Opens the state machine in `dir`, restored from the snapshot there if there is one.
     pub fn open(dir: &Path) -> Result<ConfigStateMachine, StoreError> {
-        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        create_dir(dir)?;
         let path = dir.join(SNAPSHOT_FILE);
         let snapshot: Option<StoredSnapshot> = read_single(&path)?;
         let (last_applied, last_membership, config) = match &snapshot {

@@ -12,6 +12,8 @@
 //!   report (resets, content errors, stalls, bytes verified) and fails unless all completed.
 //! * `lab-backend load --streams-to ADDR --conns N --http-to ADDR --rate R --seconds S` — the
 //!   streams above plus R new short HTTP connections per second; prints a JSON report.
+//!
+//! `load` and `streams` end early, as if their time were up, on SIGUSR1.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -106,6 +108,7 @@ fn main() -> Result<()> {
             rate,
             seconds,
         } => {
+            streams::stop_on_sigusr1()?;
             let report = load::run(load::LoadSpec {
                 streams_target: streams_to,
                 streams: conns as usize,
@@ -122,6 +125,7 @@ fn main() -> Result<()> {
             seconds,
             interval_ms,
         } => {
+            streams::stop_on_sigusr1()?;
             let reports = streams::run(
                 addr,
                 conns as usize,
