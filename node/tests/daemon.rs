@@ -82,7 +82,8 @@ fn test_config_check_explains_the_first_error() {
         (
             format!("{NODE}colour = \"blue\"\n"),
             "FILE:4:1: unknown field `colour`, expected one of `name`, `tun`, `workers`, \
-             `local_addrs`, `local_ports`, `max_sessions_v4`, `max_sessions_v6`",
+             `local_addrs`, `local_ports`, `max_sessions_v4`, `max_sessions_v6`, `fastpath`, \
+             `fastpath_devices`, `fastpath_sessions`",
         ),
         (
             format!("{NODE}{svc}{svc}"),

@@ -392,34 +392,51 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Vec<u
 
 /// Sends `message` to the TCP echo server at `addr`, half-closes, and returns what came back.
 pub fn tcp_echo(addr: SocketAddr, message: &[u8], timeout: Duration) -> Result<Vec<u8>> {
-    let mut stream = connect(addr, timeout)?;
+    let stream = connect(addr, timeout)?;
+    exchange(&stream, message, true, |s| {
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).map(|_| answer)
+    })
+    .with_context(|| format!("tcp echo with {addr}"))
+}
+
+/// Writes `message` to `stream` from a second thread (then shuts the writing side down if
+/// `half_close`) while `read` reads in this one: written first and read after, a message larger
+/// than both socket buffers together would stall both ends.
+fn exchange<T>(
+    stream: &TcpStream,
+    message: &[u8],
+    half_close: bool,
+    read: impl FnOnce(&mut TcpStream) -> io::Result<T>,
+) -> io::Result<T> {
+    let mut reader = stream.try_clone()?;
     let mut writer = stream.try_clone()?;
-    let answer = thread::scope(|s| {
-        // Write from a second thread: a large message would otherwise fill both socket buffers.
+    thread::scope(|s| {
         let sent = s.spawn(move || {
             writer.write_all(message)?;
-            writer.shutdown(Shutdown::Write)
+            if half_close {
+                writer.shutdown(Shutdown::Write)?;
+            }
+            Ok(())
         });
-        let mut answer = Vec::new();
-        let read = stream.read_to_end(&mut answer);
+        let read = read(&mut reader);
         let sent = sent
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("writer panicked")));
-        sent.and(read).map(|_| answer)
-    });
-    answer.with_context(|| format!("tcp echo with {addr}"))
+        sent.and(read)
+    })
 }
 
 /// Sends [`pattern`]`(n)` through the TCP echo server at `addr`, checks it came back, then
 /// aborts the connection: it closes with a RST (`SO_LINGER` 0), not a FIN.
 pub fn tcp_echo_reset(addr: SocketAddr, n: usize, timeout: Duration) -> Result<()> {
-    let mut stream = connect(addr, timeout)?;
+    let stream = connect(addr, timeout)?;
     let sent = pattern(n);
-    stream.write_all(&sent)?;
-    let mut echo = vec![0; n];
-    stream
-        .read_exact(&mut echo)
-        .with_context(|| format!("read the echo from {addr}"))?;
+    let echo = exchange(&stream, &sent, false, |s| {
+        let mut echo = vec![0; n];
+        s.read_exact(&mut echo).map(|_| echo)
+    })
+    .with_context(|| format!("tcp echo with {addr}"))?;
     ensure!(
         echo == sent,
         "the echo from {addr} differs from what was sent"

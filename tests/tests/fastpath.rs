@@ -161,17 +161,7 @@ fn an_offloaded_flow_outlives_its_established_timeout_while_it_streams() -> Resu
         echo: "timeouts = { established = 5 }",
         ..SiteOptions::default()
     })?;
-    let streams = tests::load::client_tool(
-        &site.lab,
-        &[
-            "streams",
-            &echo(IpAddr::V4(VIP)).to_string(),
-            "--conns",
-            "4",
-            "--seconds",
-            "20",
-        ],
-    )?;
+    let streams = streams(&site, 4, 20)?;
     tests::lab::wait_for(
         "four streams offloaded",
         Duration::from_secs(10),
@@ -198,17 +188,7 @@ fn a_full_map_leaves_flows_on_the_slow_path_counted() -> Result<()> {
         node: "fastpath_sessions = 1",
         ..SiteOptions::default()
     })?;
-    let streams = tests::load::client_tool(
-        &site.lab,
-        &[
-            "streams",
-            &echo(IpAddr::V4(VIP)).to_string(),
-            "--conns",
-            "3",
-            "--seconds",
-            "5",
-        ],
-    )?;
+    let streams = streams(&site, 3, 5)?;
     let report = tests::load::report(&streams, Duration::from_secs(30))?;
     assert_eq!(report["completed"], 3, "{report}");
     assert_eq!(report["resets"], 0, "{report}");
@@ -217,4 +197,19 @@ fn a_full_map_leaves_flows_on_the_slow_path_counted() -> Result<()> {
     assert_eq!(sessions["offloads"], 1, "{sessions}");
     assert_eq!(sessions["refused"], 2, "{sessions}");
     Ok(())
+}
+
+/// Starts `conns` echo streams of `seconds` each through the IPv4 VIP from the client.
+fn streams(site: &Site, conns: u32, seconds: u32) -> Result<tests::lab::LabProcess> {
+    tests::load::client_tool(
+        &site.lab,
+        &[
+            "streams",
+            &echo(IpAddr::V4(VIP)).to_string(),
+            "--conns",
+            &conns.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ],
+    )
 }
