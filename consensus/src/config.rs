@@ -259,6 +259,20 @@ pub struct ServiceSettings {
     /// Insert the client address as a TOA option into the SYN sent to the backend.
     pub toa: bool,
     pub health: HealthCheck,
+    /// What a client's SYN on the port of a session in TIME_WAIT or CLOSE does. Last, and
+    /// defaulted: entries written before it existed read as `reschedule`.
+    #[serde(default)]
+    pub conn_reuse: ConnReuse,
+}
+
+/// What a client's SYN does when it matches a session in TIME_WAIT or CLOSE: IPVS's
+/// `conn_reuse_mode` (`reschedule` = 1, the default; `keep` = 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnReuse {
+    #[default]
+    Reschedule,
+    Keep,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -784,6 +798,7 @@ mod tests {
             scheduler: Scheduler::Maglev,
             timeouts: Timeouts::default(),
             toa: false,
+            conn_reuse: Default::default(),
             health: HealthCheck::Tcp(Probe {
                 interval_ms: 2000,
                 timeout_ms: 1000,

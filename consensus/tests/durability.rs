@@ -34,6 +34,7 @@ fn add_service() -> Command {
             scheduler: Scheduler::Maglev,
             timeouts: Default::default(),
             toa: true,
+            conn_reuse: Default::default(),
             health: Default::default(),
         },
         backends: vec![Backend {

@@ -70,6 +70,12 @@ named_enum! {
         SessionsCreated => "sessions_created",
         /// Sessions removed by expiry.
         SessionsExpired => "sessions_expired",
+        /// Sessions in TIME_WAIT or CLOSE ended by a client's new SYN on the same port, which
+        /// was scheduled afresh (`conn_reuse = "reschedule"`).
+        SessionsRescheduled => "sessions_rescheduled",
+        /// Flows that never completed a handshake (TCP SYN_RECV, UDP without a reply), evicted
+        /// oldest first to make room for a new flow when the table or a port pool ran out.
+        EmbryonicEvicted => "embryonic_evicted",
         /// ICMP errors translated in their outer and quoted headers.
         IcmpTranslated => "icmp_translated",
         /// SYNs that received a TOA option.

@@ -25,9 +25,10 @@ use crate::counters::{CounterTotals, Counters, DropReason, Event};
 use crate::family::Family;
 use crate::laddr::{L4Proto, LocalAddr, LocalAddrError, LocalAddrPool};
 use crate::offload::{FlowActivity, Offload, Offloaded};
-use crate::service::{Snapshot, TrafficSlotId};
+use crate::service::{ConnReuse, Snapshot, TrafficSlotId};
 use crate::session::{
-    FlowKey, FlowState, InsertError, SessionData, SessionEvent, SessionRecord, SessionTable,
+    FamilyTable, FlowKey, FlowState, InsertError, SessionData, SessionEvent, SessionRecord,
+    SessionTable,
 };
 use crate::tcp_state::{Direction, MAX_WSCALE, Segment, TcpFlags, TcpState, TcpWindow, Timeouts};
 use crate::time::Instant;
@@ -504,6 +505,7 @@ impl Engine {
             mark,
             linked: false,
             offloaded: Offloaded::No,
+            replied: true,
         };
         // A flow that moved here is offloaded like one of this node's own.
         let offload = self.offload.get();
@@ -687,17 +689,19 @@ impl Engine {
     }
 }
 
-/// Whether the faster path may forward a session in `state` (see [`crate::offload`]).
-fn offloadable(state: FlowState) -> bool {
-    matches!(
-        state,
-        FlowState::Udp | FlowState::Tcp(TcpState::Established)
-    )
+/// Whether the faster path may forward a session (see [`crate::offload`]): an established TCP
+/// flow, or a UDP flow its real server has answered (the engine must see the first reply to
+/// know the flow is no longer embryonic).
+fn offloadable<A: Family>(s: &SessionData<A>) -> bool {
+    match s.state {
+        FlowState::Udp => s.replied,
+        FlowState::Tcp(state) => state == TcpState::Established,
+    }
 }
 
 /// Offloads `s` when it becomes offloadable, withdraws it when it stops being so.
 fn follow_offload<A: Family>(offload: &dyn Offload, s: &mut SessionData<A>) {
-    match (s.offloaded, offloadable(s.state)) {
+    match (s.offloaded, offloadable(s)) {
         (Offloaded::No, true) => {
             s.offloaded = if offload.offload(&s.offload_flow()) {
                 Offloaded::Yes
@@ -746,6 +750,21 @@ fn merge_windows<A: Family>(s: &mut SessionData<A>, seen: &FlowActivity) {
 fn deadline(now_s: u64, secs: u64) -> u32 {
     u32::try_from(now_s.saturating_add(secs)).unwrap_or(u32::MAX)
 }
+
+/// How long a session lives without a packet: its state's timeout; for a UDP flow that has not
+/// had a reply, at most [`UDP_UNREPLIED`] (as conntrack does), so that spoofed datagrams hold
+/// their ports briefly.
+fn session_timeout<A: Family>(s: &SessionData<A>) -> u64 {
+    let secs = timeout_secs(s.state, &s.dest.params.timeouts);
+    if s.replied {
+        secs
+    } else {
+        secs.min(UDP_UNREPLIED.as_secs())
+    }
+}
+
+/// The longest a UDP flow lives without a reply from its real server.
+pub const UDP_UNREPLIED: Duration = Duration::from_secs(30);
 
 fn timeout_secs(state: FlowState, t: &Timeouts) -> u64 {
     match state {
@@ -1052,6 +1071,23 @@ impl Worker {
         };
         let from_client = locked.from_client;
         let s = locked.guard.as_mut()?;
+        if from_client
+            && tcp.is_some_and(|t| t.flags.opens())
+            && s.dest.params.conn_reuse == ConnReuse::Reschedule
+            && matches!(
+                s.state,
+                FlowState::Tcp(TcpState::TimeWait | TcpState::Close)
+            )
+        {
+            // A client reusing its port for a new connection: the old one is over, the SYN is
+            // scheduled afresh by the caller (IPVS `conn_reuse_mode = 1`).
+            if let Some(mut old) = table.take(locked) {
+                engine.release(&mut old);
+                counters.count(Event::SessionsRescheduled);
+                emit(events, counters, SessionEvent::Closed(old.record(now_s)));
+            }
+            return None;
+        }
         let dir = if from_client {
             Direction::Inbound
         } else {
@@ -1066,6 +1102,9 @@ impl Worker {
             merge_windows(s, &seen);
         }
         let mut changed = false;
+        if s.state == FlowState::Udp && dir == Direction::Outbound && !s.replied {
+            s.replied = true;
+        }
         if let (FlowState::Tcp(state), Some(t)) = (s.state, tcp) {
             if t.flags.rst && !s.window.rst_acceptable(dir, &t.segment) {
                 counters.count(Event::RstOutOfWindow);
@@ -1079,7 +1118,11 @@ impl Worker {
                 }
             }
         }
-        s.expires = deadline(now_s, timeout_secs(s.state, &s.dest.params.timeouts));
+        // A flow still in SYN_RECV keeps the deadline its SYN gave it: retransmitted SYNs and
+        // SYN-ACKs do not stretch a handshake that never completes.
+        if changed || s.state != FlowState::Tcp(TcpState::SynRecv) {
+            s.expires = deadline(now_s, session_timeout(s));
+        }
         s.dest.stats.count(*traffic_slot, dir, len);
         if let Some(offload) = offload {
             follow_offload(&**offload, s);
@@ -1125,7 +1168,7 @@ impl Worker {
     ) -> Result<Rewrite<A>, DropReason> {
         let engine = self.engine.clone();
         if let Some(t) = tcp
-            && !(t.flags.syn && !t.flags.ack && !t.flags.rst && !t.flags.fin)
+            && !t.flags.opens()
         {
             return Err(DropReason::NoSession);
         }
@@ -1159,9 +1202,18 @@ impl Worker {
         let (Some(rs), rport) = (A::from_ip(dest.addr.ip()), dest.addr.port()) else {
             return Err(DropReason::NoBackend);
         };
-        let local = laddr
-            .allocate(proto, A::IS_V6, flow_hash)
-            .ok_or(DropReason::NoLocalPort)?;
+        let table = A::table(&engine.table);
+        let local = match laddr.allocate(proto, A::IS_V6, flow_hash) {
+            Some(local) => local,
+            // Every port is taken: the oldest flow that never completed its handshake gives
+            // its port up (see `session`).
+            None => {
+                self.evict_embryo(&engine, table, proto, now_s)?;
+                laddr
+                    .allocate(proto, A::IS_V6, flow_hash)
+                    .ok_or(DropReason::NoLocalPort)?
+            }
+        };
         let Some(lip) = A::from_ip(local.ip) else {
             laddr.release(proto, local);
             return Err(DropReason::NoLocalPort);
@@ -1174,9 +1226,9 @@ impl Worker {
             }
             None => FlowState::Udp,
         };
-        let data = SessionData {
+        let mut data = SessionData {
             dest: dest.clone(),
-            expires: deadline(now_s, timeout_secs(state, &svc.params.timeouts)),
+            expires: 0,
             window,
             client: key.src,
             vip: key.dst,
@@ -1191,12 +1243,30 @@ impl Worker {
             offloaded: Offloaded::No,
             mark: 0,
             linked: false,
+            replied: proto == L4Proto::Tcp,
         };
+        data.expires = deadline(now_s, session_timeout(&data));
         let record = data.record(now_s);
+        let embryonic = data.embryonic();
         // Counted before the insert so that a removal racing it balances the count.
         dest.stats.opened(state.is_active());
-        match A::table(&engine.table).insert(data) {
-            Ok(_) => {
+        let mut inserted = table.insert(data);
+        if let Err((InsertError::Full, Some(back))) = inserted {
+            // The table is full: the oldest flow that never completed its handshake (of this
+            // protocol, else of the other) makes room.
+            let room = self
+                .evict_embryo(&engine, table, proto, now_s)
+                .or_else(|_| self.evict_embryo(&engine, table, proto.other(), now_s));
+            inserted = match room {
+                Ok(()) => table.insert(back),
+                Err(_) => Err((InsertError::Full, Some(back))),
+            };
+        }
+        match inserted {
+            Ok(slot) => {
+                if embryonic {
+                    table.track_embryo(slot, proto, &key);
+                }
                 dest.stats
                     .count(self.traffic_slot, Direction::Inbound, pkt.len);
                 self.counters.count(Event::SessionsCreated);
@@ -1228,6 +1298,28 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Evicts the node's oldest embryonic flow of `proto` (see `session`), as a removal with its
+    /// `Closed` event; `NoLocalPort` when there is none.
+    fn evict_embryo<A: Family>(
+        &mut self,
+        engine: &Engine,
+        table: &FamilyTable<A>,
+        proto: L4Proto,
+        now_s: u64,
+    ) -> Result<(), DropReason> {
+        let mut old = table
+            .evict_embryonic(proto)
+            .ok_or(DropReason::NoLocalPort)?;
+        engine.release(&mut old);
+        self.counters.count(Event::EmbryonicEvicted);
+        emit(
+            &mut self.events,
+            &self.counters,
+            SessionEvent::Closed(old.record(now_s)),
+        );
+        Ok(())
     }
 
     fn icmpv4(&mut self, pkt: &mut Packet<'_>, l3: L3<Ipv4Addr>) -> Result<Direction, DropReason> {

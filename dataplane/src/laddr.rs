@@ -62,6 +62,22 @@ impl L4Proto {
     /// Every protocol, in the order [`LocalAddrPool::usage`] reports them.
     pub const ALL: [Self; 2] = [Self::Tcp, Self::Udp];
 
+    /// The position in [`Self::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            L4Proto::Tcp => 0,
+            L4Proto::Udp => 1,
+        }
+    }
+
+    /// The other protocol.
+    pub fn other(self) -> Self {
+        match self {
+            L4Proto::Tcp => L4Proto::Udp,
+            L4Proto::Udp => L4Proto::Tcp,
+        }
+    }
+
     /// The IP protocol number.
     pub fn number(self) -> u8 {
         match self {

@@ -25,7 +25,7 @@ pub use engine::{
 };
 pub use laddr::{L4Proto, LocalAddr, LocalAddrPool};
 pub use offload::{FlowActivity, Offload, OffloadFlow, OffloadSide, SideActivity};
-pub use service::{BackendConfig, ServiceConfig, ServiceKey, Snapshot};
+pub use service::{BackendConfig, ConnReuse, ServiceConfig, ServiceKey, Snapshot};
 pub use session::{FlowState, SessionEvent, SessionRecord};
 pub use tcp_state::{Direction, TcpState, Timeouts};
 pub use time::Instant;

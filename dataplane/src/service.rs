@@ -33,7 +33,32 @@ pub struct ServiceConfig {
     pub timeouts: Timeouts,
     /// Insert the client's address as a TCP option (TOA, kind 254) into SYNs.
     pub toa: bool,
+    pub conn_reuse: ConnReuse,
     pub backends: Vec<BackendConfig>,
+}
+
+/// What a client's SYN does when it matches a session in TIME_WAIT or CLOSE (a client reusing
+/// its port for a new connection): IPVS's `conn_reuse_mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnReuse {
+    /// The old session ends and the SYN is scheduled afresh among the live real servers
+    /// (IPVS's default, `conn_reuse_mode = 1`): a port reused under load never stays pinned to a
+    /// real server that went down.
+    #[default]
+    Reschedule,
+    /// The SYN continues the old session, to its real server (`conn_reuse_mode = 0`).
+    Keep,
+}
+
+impl ConnReuse {
+    /// The name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConnReuse::Reschedule => "reschedule",
+            ConnReuse::Keep => "keep",
+        }
+    }
 }
 
 /// Connection counters of one real server; they outlive snapshots so that a config change does
@@ -198,6 +223,7 @@ impl DestStats {
 #[derive(Debug)]
 pub(crate) struct ServiceParams {
     pub(crate) timeouts: Timeouts,
+    pub(crate) conn_reuse: ConnReuse,
 }
 
 /// A real server as sessions reference it.
@@ -306,6 +332,7 @@ impl Snapshot {
                 .map_err(|source| SnapshotError::Scheduler { proto, vip, source })?;
             let params = Arc::new(ServiceParams {
                 timeouts: cfg.timeouts,
+                conn_reuse: cfg.conn_reuse,
             });
             let old = previous.and_then(|p| p.services.get(&key));
             let dests = cfg

@@ -23,7 +23,15 @@
 //!   session: its data is complete before the first key is linked.
 //! * **Synced copies carry a mark** (see [`Engine::reconcile`](crate::Engine::reconcile)): the
 //!   table stream of the copy's owner that last confirmed it, or 0. It fits the slot's padding.
+//! * **Flows that never completed a handshake go first.** The node's own TCP flows in SYN_RECV
+//!   and UDP flows without a reply are queued per protocol, oldest first, when they are created;
+//!   when the table or a port pool runs out, the engine evicts the oldest of them
+//!   ([`FamilyTable::evict_embryonic`]) rather than refuse a new flow, so a flood of SYNs or
+//!   spoofed datagrams cannot lock out established or legitimate flows. An entry is checked when
+//!   it is used (the flow may have completed or gone since), and the queue holds at most as many
+//!   entries as the table has slots: an entry that falls off is a flow that expires normally.
 
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -131,6 +139,9 @@ impl FlowState {
     }
 }
 
+/// Entries of the embryonic queue one eviction examines at most.
+const EVICTION_BUDGET: usize = 256;
+
 /// A session that another node can install to carry on the same flow with the same local
 /// address, port and real server. Deadlines travel as a remaining time because clocks differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,9 +190,20 @@ pub(crate) struct SessionData<A> {
     pub(crate) mark: u32,
     /// Both keys are in the index (see the module doc); set by the table only.
     pub(crate) linked: bool,
+    /// A UDP flow has seen a datagram from its real server (always true for TCP and for
+    /// sessions installed from a peer).
+    pub(crate) replied: bool,
 }
 
 impl<A: Family> SessionData<A> {
+    /// A flow that has not completed a handshake: TCP in SYN_RECV, UDP with no reply yet.
+    pub(crate) fn embryonic(&self) -> bool {
+        match self.state {
+            FlowState::Udp => !self.replied,
+            FlowState::Tcp(s) => s == TcpState::SynRecv,
+        }
+    }
+
     pub(crate) fn proto(&self) -> L4Proto {
         match self.state {
             FlowState::Udp => L4Proto::Udp,
@@ -484,6 +506,8 @@ pub(crate) struct FamilyTable<A> {
     seed: u64,
     /// Where the next expiry sweep continues.
     sweep: AtomicUsize,
+    /// This node's embryonic flows, oldest first, TCP then UDP: (slot, client-key tag).
+    embryos: [Mutex<VecDeque<(SlotId, u32)>>; 2],
 }
 
 /// A looked-up session, locked, with the side its key matched.
@@ -503,7 +527,52 @@ impl<A: Family> FamilyTable<A> {
             index: Index::new(max * 2),
             seed,
             sweep: AtomicUsize::new(0),
+            embryos: std::array::from_fn(|_| Mutex::new(VecDeque::new())),
         }
+    }
+
+    fn embryo_tag(&self, client_key: &FlowKey<A>) -> u32 {
+        client_key.table_hash(self.seed) as u32
+    }
+
+    /// Queues the session with `client_key` just inserted in `slot` as embryonic (the node's own
+    /// new flow), behind every older one of its protocol. The queue never holds more entries
+    /// than the table has slots: the oldest falls off.
+    pub(crate) fn track_embryo(&self, slot: SlotId, proto: L4Proto, client_key: &FlowKey<A>) {
+        let tag = self.embryo_tag(client_key);
+        let mut queue = self.embryos[proto.index()].lock();
+        if queue.len() >= self.slots.len() {
+            queue.pop_front();
+        }
+        queue.push_back((slot, tag));
+    }
+
+    /// Takes out the oldest embryonic flow of this node of `proto` that is still embryonic (see
+    /// the module doc), examining a bounded number of queue entries; returns it.
+    pub(crate) fn evict_embryonic(&self, proto: L4Proto) -> Option<SessionData<A>> {
+        let queue = &self.embryos[proto.index()];
+        for _ in 0..EVICTION_BUDGET {
+            let (slot, tag) = queue.lock().pop_front()?;
+            let data = {
+                let mut guard = self.slots.get(slot as usize)?.lock();
+                let still = guard.as_ref().is_some_and(|s| {
+                    s.linked
+                        && !s.synced
+                        && s.proto() == proto
+                        && s.embryonic()
+                        && self.embryo_tag(&s.client_key()) == tag
+                });
+                if !still {
+                    continue;
+                }
+                guard.take()
+            };
+            if let Some(data) = data {
+                self.retire(slot, &data);
+                return Some(data);
+            }
+        }
+        None
     }
 
     pub(crate) fn capacity(&self) -> usize {
@@ -823,6 +892,7 @@ mod tests {
             stats: Arc::new(DestStats::default()),
             params: Arc::new(ServiceParams {
                 timeouts: Timeouts::default(),
+                conn_reuse: Default::default(),
             }),
         })
     }
@@ -857,6 +927,7 @@ mod tests {
             offloaded: Offloaded::No,
             mark: 0,
             linked: false,
+            replied: true,
         }
     }
 

@@ -124,6 +124,13 @@ pub struct TcpFlags {
     pub rst: bool,
 }
 
+impl TcpFlags {
+    /// A segment that opens a connection: SYN, and no ACK, FIN or RST.
+    pub fn opens(self) -> bool {
+        self.syn && !self.ack && !self.fin && !self.rst
+    }
+}
+
 /// Per-state timeouts of a service. Defaults are those of Linux IPVS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

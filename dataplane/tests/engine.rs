@@ -647,6 +647,8 @@ fn test_toa_without_room() {
     assert_eq!(engine.counters().events(Event::ToaInserted), 0);
 }
 
+/// A table full of established flows refuses a new one (there is no embryonic flow to evict:
+/// see `pressure.rs`).
 #[test]
 fn test_table_full_refuses_new_flows_established_carry_on() {
     let config = EngineConfig {
@@ -656,12 +658,7 @@ fn test_table_full_refuses_new_flows_established_carry_on() {
     let (engine, mut w) = engine_with(&services(), config);
     let mut lports = Vec::new();
     for cport in [40000, 40001] {
-        run(
-            &mut w,
-            T0,
-            &ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b"")),
-        );
-        lports.push(created(&mut w).local.port());
+        lports.push(handshake(&mut w, T0, cport).local.port());
     }
     let third = ip(v4(CLIENT), v4(VIP), &tcp(40002, 80, SYN, 1, 0, b""));
     assert_eq!(
@@ -675,14 +672,14 @@ fn test_table_full_refuses_new_flows_established_carry_on() {
         &ip(
             v4(RS1),
             v4(LIP),
-            &tcp(8080, lports[1], SYN | ACK, 7, 2, b""),
+            &tcp(8080, lports[1], ACK, 5001, 1001, b"x"),
         ),
     );
     assert_eq!(v, Verdict::Forward(Direction::Outbound));
     let (v, _) = run(
         &mut w,
         T0,
-        &ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, ACK, 2, 8, b"")),
+        &ip(v4(CLIENT), v4(VIP), &tcp(40000, 80, ACK, 1001, 5001, b"y")),
     );
     assert_eq!(v, Verdict::Forward(Direction::Inbound));
     assert_eq!(engine.counters().drops(DropReason::TableFull), 1);
@@ -696,6 +693,7 @@ fn test_table_full_refuses_new_flows_established_carry_on() {
     assert_eq!(tcp_usage.in_use, 2);
 }
 
+/// Every port held by an established flow: a new flow is refused.
 #[test]
 fn test_ports_exhausted() {
     let config = EngineConfig {
@@ -704,12 +702,7 @@ fn test_ports_exhausted() {
     };
     let (engine, mut w) = engine_with(&services(), config);
     for cport in [40000, 40001] {
-        let (v, _) = run(
-            &mut w,
-            T0,
-            &ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b"")),
-        );
-        assert_eq!(v, Verdict::Forward(Direction::Inbound));
+        handshake(&mut w, T0, cport);
     }
     let third = ip(v4(CLIENT), v4(VIP), &tcp(40002, 80, SYN, 1, 0, b""));
     assert_eq!(
@@ -1038,11 +1031,11 @@ fn test_lip_change_never_hands_out_a_held_port() {
     };
     let (engine, mut w) = engine_with(&services(), config);
     let syn = |cport| ip(v4(CLIENT), v4(VIP), &tcp(cport, 80, SYN, 1, 0, b""));
+    // Established, so that no new flow may evict it.
     assert_eq!(
-        run(&mut w, T0, &syn(40000)).0,
-        Verdict::Forward(Direction::Inbound)
+        handshake(&mut w, T0, 40000).local,
+        SocketAddr::new(v4(LIP), 2000)
     );
-    assert_eq!(created(&mut w).local, SocketAddr::new(v4(LIP), 2000));
 
     // The same list again, then A with B: A's only port stays taken.
     engine.set_local_addrs(&[v4(LIP)]).unwrap();
@@ -1052,10 +1045,9 @@ fn test_lip_change_never_hands_out_a_held_port() {
     );
     engine.set_local_addrs(&[v4(LIP_B), v4(LIP)]).unwrap();
     assert_eq!(
-        run(&mut w, T0, &syn(40002)).0,
-        Verdict::Forward(Direction::Inbound)
+        handshake(&mut w, T0, 40002).local,
+        SocketAddr::new(v4(LIP_B), 2000)
     );
-    assert_eq!(created(&mut w).local, SocketAddr::new(v4(LIP_B), 2000));
     assert_eq!(
         run(&mut w, T0, &syn(40003)).0,
         Verdict::Drop(DropReason::NoLocalPort)

@@ -294,6 +294,7 @@ mod tests {
                 scheduler: Scheduler::default(),
                 timeouts: Timeouts::default(),
                 toa: false,
+                conn_reuse: Default::default(),
                 health: HealthCheck::None,
             },
             backends: Vec::new(),

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, ensure};
 use consensus::config::{self as cc, ClusterConfig, Command};
 use consensus::{Member, NodeId};
 use dataplane::sched::{MaglevParams, SchedulerKind};
-use dataplane::{BackendConfig, Engine, L4Proto, ServiceConfig};
+use dataplane::{BackendConfig, ConnReuse, Engine, L4Proto, ServiceConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info_span};
@@ -288,6 +288,10 @@ fn service_from_cluster(s: &cc::Service) -> config::Service {
                 udp: secs(t.udp),
             },
             toa: s.settings.toa,
+            conn_reuse: match s.settings.conn_reuse {
+                cc::ConnReuse::Reschedule => ConnReuse::Reschedule,
+                cc::ConnReuse::Keep => ConnReuse::Keep,
+            },
             backends: s
                 .backends
                 .iter()
@@ -371,6 +375,10 @@ fn service_to_cluster(s: &config::Service) -> Result<cc::Service> {
                 udp: secs(t.udp)?,
             },
             toa: c.toa,
+            conn_reuse: match c.conn_reuse {
+                ConnReuse::Reschedule => cc::ConnReuse::Reschedule,
+                ConnReuse::Keep => cc::ConnReuse::Keep,
+            },
             health: match &s.health {
                 HealthCheck::None => cc::HealthCheck::None,
                 HealthCheck::Tcp(p) => cc::HealthCheck::Tcp(probe_to_cluster(p)?),

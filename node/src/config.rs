@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use dataplane::sched::{MaglevParams, SchedulerKind};
 use dataplane::service::SnapshotError;
-use dataplane::{BackendConfig, ServiceConfig, Snapshot, Timeouts};
+use dataplane::{BackendConfig, ConnReuse, ServiceConfig, Snapshot, Timeouts};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -511,6 +511,8 @@ struct ServiceFile {
     #[serde(default)]
     toa: bool,
     #[serde(default)]
+    conn_reuse: ConnReuse,
+    #[serde(default)]
     timeouts: Timeouts,
     health: Option<HealthFile>,
     #[serde(default, rename = "backend")]
@@ -809,6 +811,7 @@ fn check_service(key: &str, s: ServiceFile, node: &NodeConfig) -> Result<Service
             scheduler: s.scheduler,
             timeouts: s.timeouts,
             toa: s.toa,
+            conn_reuse: s.conn_reuse,
             backends,
         },
         health,

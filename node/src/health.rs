@@ -256,6 +256,7 @@ mod tests {
                     scheduler: dataplane::sched::SchedulerKind::Wrr,
                     timeouts: dataplane::Timeouts::default(),
                     toa: false,
+                    conn_reuse: dataplane::ConnReuse::default(),
                     backends: vec![dataplane::BackendConfig {
                         addr,
                         weight: 1,

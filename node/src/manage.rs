@@ -10,8 +10,8 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use consensus::config::{
-    Backend, ClusterConfig, Command, HealthCheck, Probe, Proto, Scheduler, Service, ServiceKey,
-    ServiceSettings, Timeouts,
+    Backend, ClusterConfig, Command, ConnReuse, HealthCheck, Probe, Proto, Scheduler, Service,
+    ServiceKey, ServiceSettings, Timeouts,
 };
 
 use crate::api::{
@@ -129,6 +129,11 @@ pub(crate) struct ServiceAddArgs {
     /// Stop inserting TOA options.
     #[arg(long)]
     no_toa: bool,
+    /// A client's SYN on the port of a session in TIME_WAIT or CLOSE: reschedule (end the old
+    /// session and schedule the SYN afresh, IPVS's conn_reuse_mode 1, the default) or keep
+    /// (continue the old session to its backend, conn_reuse_mode 0).
+    #[arg(long, value_parser = parse_conn_reuse)]
+    conn_reuse: Option<ConnReuse>,
     /// An idle timeout in seconds, STATE=SECS: established, syn_sent, syn_recv, fin_wait,
     /// time_wait, close, close_wait, last_ack or udp. Repeat for more.
     #[arg(long = "timeout", value_name = "STATE=SECS", value_parser = parse_timeout)]
@@ -219,6 +224,14 @@ fn parse_scheduler(s: &str) -> Result<Scheduler, String> {
     })
 }
 
+fn parse_conn_reuse(s: &str) -> Result<ConnReuse, String> {
+    Ok(match s {
+        "reschedule" => ConnReuse::Reschedule,
+        "keep" => ConnReuse::Keep,
+        _ => return Err(format!("{s:?} is not reschedule or keep")),
+    })
+}
+
 fn parse_timeout(s: &str) -> Result<(String, u32), String> {
     let (state, secs) = s
         .split_once('=')
@@ -268,6 +281,9 @@ impl ServiceAddArgs {
         }
         if self.no_toa {
             base.toa = false;
+        }
+        if let Some(c) = self.conn_reuse {
+            base.conn_reuse = c;
         }
         for (state, secs) in &self.timeouts {
             if let Some(slot) = timeout_slot(&mut base.timeouts, state) {
@@ -415,6 +431,7 @@ pub(crate) fn service(cmd: ServiceCommand) -> Result<()> {
                 scheduler: Scheduler::default(),
                 timeouts: Timeouts::default(),
                 toa: false,
+                conn_reuse: Default::default(),
                 health: HealthCheck::None,
             })?;
             let command = Command::AddService(Service {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use consensus::Role;
-use consensus::config::{ClusterConfig, HealthCheck, Scheduler};
+use consensus::config::{ClusterConfig, ConnReuse, HealthCheck, Scheduler};
 
 use crate::api::{
     ClusterStatus, NodeStatus, SessionEntry, SessionList, SyncStatus, scheduler_name,
@@ -360,6 +360,9 @@ pub(crate) fn services_text(cfg: &ClusterConfig) -> String {
         let mut flags = Vec::new();
         if set.toa {
             flags.push("toa".to_owned());
+        }
+        if set.conn_reuse == ConnReuse::Keep {
+            flags.push("conn_reuse=keep".to_owned());
         }
         match &set.health {
             HealthCheck::None => {}

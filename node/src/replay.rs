@@ -159,6 +159,7 @@ fn services() -> Vec<ServiceConfig> {
             scheduler: SchedulerKind::Maglev,
             timeouts: Timeouts::default(),
             toa: true,
+            conn_reuse: dataplane::ConnReuse::default(),
             backends: (10..=12).map(|i| backend(v4(i, 8080), 1)).collect(),
         },
         ServiceConfig {
@@ -167,6 +168,7 @@ fn services() -> Vec<ServiceConfig> {
             scheduler: SchedulerKind::Wrr,
             timeouts: Timeouts::default(),
             toa: false,
+            conn_reuse: dataplane::ConnReuse::default(),
             backends: vec![backend(v4(20, 53), 2), backend(v4(21, 53), 1)],
         },
         ServiceConfig {
@@ -175,6 +177,7 @@ fn services() -> Vec<ServiceConfig> {
             scheduler: SchedulerKind::Rr,
             timeouts: Timeouts::default(),
             toa: false,
+            conn_reuse: dataplane::ConnReuse::default(),
             backends: vec![backend(v6(0x10, 8080), 1), backend(v6(0x11, 8080), 1)],
         },
     ]

@@ -191,6 +191,7 @@ proptest! {
             scheduler: SchedulerKind::Rr,
             timeouts: Timeouts::default(),
             toa: false,
+            conn_reuse: dataplane::ConnReuse::default(),
             backends: vec![BackendConfig { addr: BACKEND.parse().unwrap(), weight: 1, healthy: true }],
         };
         let snap = Snapshot::new(1, &[service(L4Proto::Tcp), service(L4Proto::Udp)], MaglevParams::default(), None).unwrap();

@@ -58,6 +58,7 @@ fn engine(lips: Vec<IpAddr>) -> Arc<Engine> {
         scheduler: SchedulerKind::Rr,
         timeouts: Timeouts::default(),
         toa: false,
+        conn_reuse: dataplane::ConnReuse::default(),
         backends: vec![BackendConfig {
             addr: "198.18.3.10:8080".parse().unwrap(),
             weight: 1,

@@ -332,6 +332,7 @@ pub(crate) fn add_service(last_octet: u8) -> Command {
             scheduler: Scheduler::Maglev,
             timeouts: Timeouts::default(),
             toa: false,
+            conn_reuse: Default::default(),
             health: HealthCheck::None,
         },
         backends: vec![Backend {

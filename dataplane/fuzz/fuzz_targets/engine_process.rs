@@ -20,6 +20,7 @@ fn worker() -> &'static Mutex<Worker> {
             scheduler: SchedulerKind::Maglev,
             timeouts: Timeouts::default(),
             toa: true,
+            conn_reuse: dataplane::ConnReuse::default(),
             backends: vec![BackendConfig { addr: rs.parse().unwrap(), weight: 1, healthy: true }],
         };
         let services = [

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use dataplane::sched::{MaglevParams, SchedulerKind};
 use dataplane::{
-    BackendConfig, Engine, EngineConfig, Instant, L4Checksum, L4Proto, Packet, ServiceConfig,
-    SessionEvent, SessionRecord, Snapshot, Timeouts, Verdict, Worker,
+    BackendConfig, Direction, Engine, EngineConfig, Instant, L4Checksum, L4Proto, Packet,
+    ServiceConfig, SessionEvent, SessionRecord, Snapshot, Timeouts, Verdict, Worker,
 };
 
 pub const SYN: u8 = 0x02;
@@ -341,6 +341,7 @@ pub fn service(
         scheduler: SchedulerKind::Rr,
         timeouts: Timeouts::default(),
         toa: false,
+        conn_reuse: dataplane::ConnReuse::default(),
         backends,
     }
 }
@@ -419,4 +420,38 @@ pub fn created(worker: &mut Worker) -> SessionRecord {
         })
         .collect();
     *created.last().expect("a Created event")
+}
+
+/// Opens a TCP flow from CLIENT:`cport` to VIP:80 and completes its handshake (SYN, the real
+/// server's SYN-ACK, the client's ACK); returns the session's record.
+pub fn handshake(worker: &mut Worker, now: Instant, cport: u16) -> SessionRecord {
+    let (client, vip) = (IpAddr::V4(CLIENT), IpAddr::V4(VIP));
+    let (v, _) = run(
+        worker,
+        now,
+        &ip(client, vip, &tcp(cport, 80, SYN, 1000, 0, b"")),
+    );
+    assert_eq!(v, Verdict::Forward(Direction::Inbound), "SYN from {cport}");
+    let rec = created(worker);
+    let synack = tcp(
+        rec.backend.port(),
+        rec.local.port(),
+        SYN | ACK,
+        5000,
+        1001,
+        b"",
+    );
+    let (v, _) = run(worker, now, &ip(rec.backend.ip(), rec.local.ip(), &synack));
+    assert_eq!(
+        v,
+        Verdict::Forward(Direction::Outbound),
+        "SYN-ACK to {cport}"
+    );
+    let (v, _) = run(
+        worker,
+        now,
+        &ip(client, vip, &tcp(cport, 80, ACK, 1001, 5001, b"")),
+    );
+    assert_eq!(v, Verdict::Forward(Direction::Inbound), "ACK from {cport}");
+    rec
 }

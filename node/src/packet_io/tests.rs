@@ -200,6 +200,7 @@ fn engine() -> Arc<Engine> {
         timeouts: Timeouts::default(),
         // TOA grows every SYN by 8 (IPv4) or 20 (IPv6) bytes through the TUN.
         toa: proto == L4Proto::Tcp,
+        conn_reuse: dataplane::ConnReuse::default(),
         backends: vec![BackendConfig {
             addr: backend,
             weight: 1,

@@ -39,6 +39,7 @@ fn node() -> &'static Mutex<Node> {
             scheduler: SchedulerKind::Maglev,
             timeouts: Timeouts::default(),
             toa: false,
+            conn_reuse: dataplane::ConnReuse::default(),
             backends: vec![BackendConfig {
                 addr: "198.18.3.10:8080".parse().unwrap(),
                 weight: 1,
