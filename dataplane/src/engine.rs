@@ -689,19 +689,18 @@ impl Engine {
     }
 }
 
-/// Whether the faster path may forward a session (see [`crate::offload`]): an established TCP
-/// flow, or a UDP flow its real server has answered (the engine must see the first reply to
-/// know the flow is no longer embryonic).
-fn offloadable<A: Family>(s: &SessionData<A>) -> bool {
-    match s.state {
-        FlowState::Udp => s.replied,
-        FlowState::Tcp(state) => state == TcpState::Established,
-    }
+/// Whether the faster path may forward a session in `state` (see [`crate::offload`]): a UDP
+/// flow from its second datagram on, an established TCP flow.
+fn offloadable(state: FlowState) -> bool {
+    matches!(
+        state,
+        FlowState::Udp | FlowState::Tcp(TcpState::Established)
+    )
 }
 
 /// Offloads `s` when it becomes offloadable, withdraws it when it stops being so.
 fn follow_offload<A: Family>(offload: &dyn Offload, s: &mut SessionData<A>) {
-    match (s.offloaded, offloadable(s)) {
+    match (s.offloaded, offloadable(s.state)) {
         (Offloaded::No, true) => {
             s.offloaded = if offload.offload(&s.offload_flow()) {
                 Offloaded::Yes
@@ -753,7 +752,7 @@ fn deadline(now_s: u64, secs: u64) -> u32 {
 
 /// How long a session lives without a packet: its state's timeout; for a UDP flow that has not
 /// had a reply, at most [`UDP_UNREPLIED`] (as conntrack does), so that spoofed datagrams hold
-/// their ports briefly.
+/// their ports briefly. (A flow the faster path carries lives by the packets it saw there.)
 fn session_timeout<A: Family>(s: &SessionData<A>) -> u64 {
     let secs = timeout_secs(s.state, &s.dest.params.timeouts);
     if s.replied {

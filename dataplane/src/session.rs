@@ -196,10 +196,12 @@ pub(crate) struct SessionData<A> {
 }
 
 impl<A: Family> SessionData<A> {
-    /// A flow that has not completed a handshake: TCP in SYN_RECV, UDP with no reply yet.
+    /// A flow that has not completed a handshake: TCP in SYN_RECV, UDP with no reply yet. A
+    /// UDP flow the faster path carries is not: it has sent more than one datagram, and its
+    /// replies, if any, pass there unseen.
     pub(crate) fn embryonic(&self) -> bool {
         match self.state {
-            FlowState::Udp => !self.replied,
+            FlowState::Udp => !self.replied && self.offloaded != Offloaded::Yes,
             FlowState::Tcp(s) => s == TcpState::SynRecv,
         }
     }

@@ -233,6 +233,36 @@ fn test_udp_is_offloaded_on_its_second_packet() {
     assert_eq!(offloaded[0].proto, L4Proto::Udp);
 }
 
+/// A one-way UDP flow (a stream to a sink) is offloaded on its second datagram, before any
+/// reply: no longer a single datagram that may be spoofed, it keeps its port when the pool runs
+/// out, where a flow of one unanswered datagram would give it up (see `pressure.rs`).
+#[test]
+fn test_an_offloaded_one_way_udp_flow_is_not_evicted() {
+    let config = dataplane::EngineConfig {
+        local_ports: 2000..=2000,
+        ..small_config()
+    };
+    let (engine, mut w) = engine_with(&services(), config);
+    let recorder = Arc::new(Recorder::default());
+    assert!(engine.set_offload(recorder.clone()));
+    let dgram = |cport| ip(CLIENT.into(), VIP.into(), &udp(cport, 53, b"log line"));
+    for _ in 0..2 {
+        assert!(matches!(
+            run(&mut w, T0, &dgram(5000)).0,
+            Verdict::Forward(_)
+        ));
+    }
+    assert_eq!(recorder.offloaded.lock().len(), 1);
+    assert_eq!(
+        run(&mut w, T0, &dgram(5001)).0,
+        Verdict::Drop(dataplane::DropReason::NoLocalPort)
+    );
+    assert_eq!(
+        engine.counters().events(dataplane::Event::EmbryonicEvicted),
+        0
+    );
+}
+
 #[test]
 fn test_a_refused_flow_stays_with_the_engine_and_is_not_asked_again() {
     let (_, mut w, rec) = with_recorder(true);
