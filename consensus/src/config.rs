@@ -263,6 +263,21 @@ pub struct ServiceSettings {
     /// defaulted: entries written before it existed read as `reschedule`.
     #[serde(default)]
     pub conn_reuse: ConnReuse,
+    /// Whether the node answers the service's SYNs with SYN cookies. Defaulted like
+    /// `conn_reuse`.
+    #[serde(default)]
+    pub syn_proxy: SynProxy,
+}
+
+/// Whether a TCP service's SYNs are answered with SYN cookies: `off`, `on`, or `auto` (the
+/// default: while the node's half-open flows pass a threshold).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SynProxy {
+    Off,
+    On,
+    #[default]
+    Auto,
 }
 
 /// What a client's SYN does when it matches a session in TIME_WAIT or CLOSE: IPVS's
@@ -799,6 +814,7 @@ mod tests {
             timeouts: Timeouts::default(),
             toa: false,
             conn_reuse: Default::default(),
+            syn_proxy: Default::default(),
             health: HealthCheck::Tcp(Probe {
                 interval_ms: 2000,
                 timeout_ms: 1000,

@@ -35,6 +35,7 @@ fn add_service() -> Command {
             timeouts: Default::default(),
             toa: true,
             conn_reuse: Default::default(),
+            syn_proxy: Default::default(),
             health: Default::default(),
         },
         backends: vec![Backend {

@@ -56,6 +56,11 @@ named_enum! {
         IcmpNoSession => "icmp_no_session",
         /// An ICMP message that is not a translatable error (echo, redirect, ND, …).
         IcmpUnsupported => "icmp_unsupported",
+        /// A bare ACK to a proxied service with no session and no valid SYN cookie.
+        BadCookie => "bad_cookie",
+        /// A segment of a proxied flow whose real server has not answered yet (its first data
+        /// is held and sent on when it does; the client sends the rest again).
+        SynProxyOpening => "syn_proxy_opening",
     }
 }
 
@@ -84,6 +89,14 @@ named_enum! {
         ToaNoRoom => "toa_no_room",
         /// RSTs forwarded without closing the session because they were out of window.
         RstOutOfWindow => "rst_out_of_window",
+        /// SYNs answered with a SYN cookie by the SYN proxy.
+        SynCookiesSent => "syn_cookies_sent",
+        /// Client ACKs that proved a SYN cookie: proxied flows opened.
+        SynCookiesAccepted => "syn_cookies_accepted",
+        /// Proxied flows whose real server refused the connection (RST to the client).
+        SynProxyRefused => "syn_proxy_refused",
+        /// Proxied flows whose real server never answered the proxy's SYNs (RST to the client).
+        SynProxyFailed => "syn_proxy_failed",
         /// Session events lost because the worker's event buffer was full.
         EventsLost => "events_lost",
     }

@@ -15,6 +15,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -25,11 +26,12 @@ use crate::counters::{CounterTotals, Counters, DropReason, Event};
 use crate::family::Family;
 use crate::laddr::{L4Proto, LocalAddr, LocalAddrError, LocalAddrPool};
 use crate::offload::{FlowActivity, Offload, Offloaded};
-use crate::service::{ConnReuse, Snapshot, TrafficSlotId};
+use crate::service::{ConnReuse, Snapshot, SynProxy, TrafficSlotId};
 use crate::session::{
-    FamilyTable, FlowKey, FlowState, InsertError, SessionData, SessionEvent, SessionRecord,
-    SessionTable,
+    FamilyTable, FlowKey, FlowState, Held, InsertError, Locked, Opening, Proxy, SessionData,
+    SessionEvent, SessionRecord, SessionTable,
 };
+use crate::synproxy::{self, CookieOpts, Cookies, PROXY_WSCALE};
 use crate::tcp_state::{Direction, MAX_WSCALE, Segment, TcpFlags, TcpState, TcpWindow, Timeouts};
 use crate::time::Instant;
 use crate::wire::{
@@ -120,6 +122,11 @@ pub struct EngineConfig {
     /// A peer's record keeps at most its state's timeout plus this much time: the grace session
     /// sync adds to the sessions a node sends (`sessionsync::Config::expiry_grace`).
     pub sync_grace: Duration,
+    /// The secret of the SYN cookies: pick it at random per node.
+    pub cookie_key: [u64; 2],
+    /// Services with `syn_proxy = "auto"` answer SYNs with cookies while the node has at least
+    /// this many flows of a family that never completed a handshake.
+    pub syn_proxy_threshold: usize,
 }
 
 impl Default for EngineConfig {
@@ -132,6 +139,8 @@ impl Default for EngineConfig {
             local_ports: LocalAddrPool::DEFAULT_PORTS,
             event_capacity: 4096,
             sync_grace: Duration::from_secs(60),
+            cookie_key: [0x6c62_6373_796e_636b, 0x636f_6f6b_6965_7321],
+            syn_proxy_threshold: 1024,
         }
     }
 }
@@ -240,6 +249,11 @@ pub struct Engine {
     /// The faster path established flows are handed to, once the node has one.
     offload: OnceLock<Arc<dyn Offload>>,
     sync_grace: Duration,
+    cookies: Cookies,
+    /// One more than the cookie time slot in which a SYN cookie was last sent (0: never): an ACK
+    /// can prove a cookie only while one of the last two slots sent some.
+    cookie_slot: AtomicU64,
+    syn_proxy_threshold: usize,
 }
 
 impl Engine {
@@ -257,6 +271,9 @@ impl Engine {
             event_capacity: config.event_capacity,
             offload: OnceLock::new(),
             sync_grace: config.sync_grace,
+            cookies: Cookies::new(config.cookie_key),
+            cookie_slot: AtomicU64::new(0),
+            syn_proxy_threshold: config.syn_proxy_threshold,
         }))
     }
 
@@ -456,6 +473,9 @@ impl Engine {
                 s.state = rec.state;
                 s.window = rec.window;
                 s.expires = expires;
+                if let Some(delta) = rec.syn_proxy {
+                    s.proxy = Proxy::Joined { delta };
+                }
                 if let Authority::Owner { mark } = authority {
                     s.mark = mark;
                 }
@@ -506,6 +526,10 @@ impl Engine {
             linked: false,
             offloaded: Offloaded::No,
             replied: true,
+            tracked: false,
+            proxy: rec
+                .syn_proxy
+                .map_or(Proxy::No, |delta| Proxy::Joined { delta }),
         };
         // A flow that moved here is offloaded like one of this node's own.
         let offload = self.offload.get();
@@ -701,7 +725,8 @@ fn offloadable(state: FlowState) -> bool {
 /// Offloads `s` when it becomes offloadable, withdraws it when it stops being so.
 fn follow_offload<A: Family>(offload: &dyn Offload, s: &mut SessionData<A>) {
     match (s.offloaded, offloadable(s.state)) {
-        (Offloaded::No, true) => {
+        // The faster path does not shift sequence numbers: a proxied flow stays here.
+        (Offloaded::No, true) if matches!(s.proxy, Proxy::No) => {
             s.offloaded = if offload.offload(&s.offload_flow()) {
                 Offloaded::Yes
             } else {
@@ -852,6 +877,54 @@ struct Rewrite<A> {
     dir: Direction,
     /// Insert a TOA option carrying this client address and port (new SYNs only).
     toa: Option<(A, u16)>,
+    /// The sequence-number shift of a flow the SYN proxy joined.
+    shift: Option<Shift>,
+}
+
+/// What becomes of a packet of a known or a new flow.
+#[derive(Debug, Clone, Copy)]
+enum Outcome<A> {
+    /// Translated with these addresses and ports.
+    Rewrite(Rewrite<A>),
+    /// The SYN proxy wrote a segment of its own over it: send it that way.
+    Built(Direction),
+    Drop(DropReason),
+}
+
+/// How the packets of a proxied flow are shifted (see [`crate::synproxy`]): the real server's
+/// sequence numbers are the client's view plus `delta`, and windows are rescaled where the two
+/// sides' window scales differ from what each was told.
+#[derive(Debug, Clone, Copy)]
+struct Shift {
+    delta: u32,
+    /// Windows from the real server, from its scale to the proxy's.
+    outbound_window: Option<(u8, u8)>,
+    /// Windows from the client, from its scale to none (a real server that did not scale).
+    inbound_window: Option<(u8, u8)>,
+}
+
+impl Shift {
+    fn new(delta: u32, window: &TcpWindow) -> Shift {
+        let client = window.offered_wscale(Direction::Inbound);
+        let server = window.offered_wscale(Direction::Outbound);
+        match client {
+            // The client offered no scaling: nobody scales.
+            None => Shift {
+                delta,
+                outbound_window: None,
+                inbound_window: None,
+            },
+            Some(client) => Shift {
+                delta,
+                outbound_window: Some((server.unwrap_or(0), PROXY_WSCALE))
+                    .filter(|(from, to)| from != to),
+                inbound_window: server
+                    .is_none()
+                    .then_some((client, 0))
+                    .filter(|(f, _)| *f != 0),
+            },
+        }
+    }
 }
 
 /// One packet worker: processes packets, buffers session events, sweeps expired sessions.
@@ -1020,21 +1093,32 @@ impl Worker {
             proto: proto.number(),
         };
         let now_s = now.as_secs();
-        let rewrite = match self.established(now_s, &key, pkt.len, tcp, Lookup::Fast) {
-            Some(rw) => rw,
+        let outcome = match self.established(now_s, &key, pkt, &l3, tcp, Lookup::Fast) {
+            Some(outcome) => outcome,
             None => match self.new_flow(now_s, pkt, &l3, key, proto, tcp) {
-                Ok(rw) => rw,
+                Ok(outcome) => outcome,
                 // The fast lookup may have missed a session a writer was moving: before a
                 // packet is refused for having none, look again under the index lock. (A packet
                 // that opens a flow needs no second look: its insert finds an existing session.)
-                Err(reason @ (DropReason::NoSession | DropReason::NoService)) => self
-                    .established(now_s, &key, pkt.len, tcp, Lookup::Stable)
+                Err(
+                    reason
+                    @ (DropReason::NoSession | DropReason::NoService | DropReason::BadCookie),
+                ) => self
+                    .established(now_s, &key, pkt, &l3, tcp, Lookup::Stable)
                     .ok_or(reason)?,
                 Err(reason) => return Err(reason),
             },
         };
+        let rewrite = match outcome {
+            Outcome::Rewrite(rewrite) => rewrite,
+            Outcome::Built(dir) => return Ok(dir),
+            Outcome::Drop(reason) => return Err(reason),
+        };
         rewrite_addrs(pkt.buf, &l3, rewrite.src, rewrite.dst);
         rewrite_l4(pkt, &l3, proto, &rewrite);
+        if let Some(shift) = rewrite.shift {
+            shift_tcp(pkt, &l3, rewrite.dir, shift);
+        }
         if let Some((client, cport)) = rewrite.toa {
             let inserted = insert_toa(pkt, &l3, rewrite.src, rewrite.dst, client, cport);
             self.counters.count(if inserted {
@@ -1051,10 +1135,12 @@ impl Worker {
         &mut self,
         now_s: u64,
         key: &FlowKey<A>,
-        len: usize,
+        pkt: &mut Packet<'_>,
+        l3: &L3<A>,
         tcp: Option<TcpInfo>,
         how: Lookup,
-    ) -> Option<Rewrite<A>> {
+    ) -> Option<Outcome<A>> {
+        let len = pkt.len;
         // Field by field, so the session stays locked while events are written: no Arc clone
         // per packet.
         let Worker {
@@ -1087,6 +1173,33 @@ impl Worker {
             }
             return None;
         }
+        if let (Proxy::Opening(_), Some(t)) = (&s.proxy, tcp) {
+            return Some(opening(
+                engine, counters, events, table, locked, pkt, l3, t, now_s,
+            ));
+        }
+        if let (Some(_), Some(t), false) = (s.proxy_delta(), tcp, from_client)
+            && t.flags.syn
+        {
+            // The real server sent its SYN-ACK again: the proxy's ACK was lost. Answered here.
+            let (seq, _, _) = s.window.edges(Direction::Inbound);
+            let seg = synproxy::Segment {
+                src: s.lip,
+                dst: s.rs,
+                sport: s.lport,
+                dport: s.rport,
+                seq,
+                ack: t.segment.seq.wrapping_add(1),
+                flags: synproxy::flags::ACK,
+                window: u16::MAX,
+                options: &[],
+                payload: &[],
+            };
+            return Some(match write_built(pkt, &seg) {
+                Some(()) => Outcome::Built(Direction::Inbound),
+                None => Outcome::Drop(DropReason::Truncated),
+            });
+        }
         let dir = if from_client {
             Direction::Inbound
         } else {
@@ -1104,6 +1217,7 @@ impl Worker {
         if s.state == FlowState::Udp && dir == Direction::Outbound && !s.replied {
             s.replied = true;
         }
+        let was_embryonic = s.tracked;
         if let (FlowState::Tcp(state), Some(t)) = (s.state, tcp) {
             if t.flags.rst && !s.window.rst_acceptable(dir, &t.segment) {
                 counters.count(Event::RstOutOfWindow);
@@ -1126,6 +1240,10 @@ impl Worker {
         if let Some(offload) = offload {
             follow_offload(&**offload, s);
         }
+        if was_embryonic {
+            table.embryo_left(s);
+        }
+        let shift = s.proxy_delta().map(|delta| Shift::new(delta, &s.window));
         let rewrite = if from_client {
             Rewrite {
                 src: s.lip,
@@ -1134,6 +1252,7 @@ impl Worker {
                 dport: s.rport,
                 dir,
                 toa: None,
+                shift,
             }
         } else {
             Rewrite {
@@ -1143,6 +1262,7 @@ impl Worker {
                 dport: s.cport,
                 dir,
                 toa: None,
+                shift,
             }
         };
         if changed {
@@ -1152,23 +1272,26 @@ impl Worker {
                 SessionEvent::StateChanged(s.record(now_s)),
             );
         }
-        Some(rewrite)
+        Some(Outcome::Rewrite(rewrite))
     }
 
-    /// The miss path: only a TCP SYN or a UDP datagram to a service opens a flow.
+    /// The miss path: a TCP SYN or a UDP datagram to a service opens a flow. Under the SYN
+    /// proxy a SYN is answered with a cookie instead, and the client's ACK that proves it opens
+    /// the flow ([`Self::accept_cookie`]).
     fn new_flow<A: Family>(
         &mut self,
         now_s: u64,
-        pkt: &Packet<'_>,
+        pkt: &mut Packet<'_>,
         l3: &L3<A>,
         key: FlowKey<A>,
         proto: L4Proto,
         tcp: Option<TcpInfo>,
-    ) -> Result<Rewrite<A>, DropReason> {
+    ) -> Result<Outcome<A>, DropReason> {
         let engine = self.engine.clone();
-        if let Some(t) = tcp
-            && !t.flags.opens()
-        {
+        let opens = tcp.is_none_or(|t| t.flags.opens());
+        let bare_ack =
+            tcp.is_some_and(|t| t.flags.ack && !t.flags.syn && !t.flags.rst && !t.flags.fin);
+        if !opens && !bare_ack {
             return Err(DropReason::NoSession);
         }
         let snap = engine.snapshot.load();
@@ -1181,42 +1304,35 @@ impl Worker {
                 DropReason::NoService
             });
         };
+        if !opens && svc.params.syn_proxy == SynProxy::Off {
+            return Err(DropReason::NoSession);
+        }
         if pkt.csum == L4Checksum::Unverified && !l4_checksum_ok(pkt, l3, proto) {
             return Err(DropReason::BadChecksum);
         }
-        let maglev_seed = snap.maglev().seed;
-        let flow_hash = key.flow_hash(maglev_seed);
-        let source_hash =
-            xxhash_rust::xxh3::xxh3_64_with_seed(l3.src.octets_of().as_ref(), maglev_seed);
-        let idx = svc
-            .scheduler
-            .pick(flow_hash, source_hash, |i| {
-                svc.dests
-                    .get(i)
-                    .map(|d| d.stats.conns())
-                    .unwrap_or_default()
-            })
-            .ok_or(DropReason::NoBackend)?;
-        let dest = svc.dests.get(idx).ok_or(DropReason::NoBackend)?.clone();
-        let (Some(rs), rport) = (A::from_ip(dest.addr.ip()), dest.addr.port()) else {
-            return Err(DropReason::NoBackend);
-        };
         let table = A::table(&engine.table);
-        let local = match laddr.allocate(proto, A::IS_V6, flow_hash) {
-            Some(local) => local,
-            // Every port is taken: the oldest flow that never completed its handshake gives
-            // its port up (see `session`).
-            None => {
-                self.evict_embryo(&engine, table, proto, now_s)?;
-                laddr
-                    .allocate(proto, A::IS_V6, flow_hash)
-                    .ok_or(DropReason::NoLocalPort)?
+        // The proxy writes its own segments over plain headers only (no IPv6 extension
+        // headers; IPv4 options were refused before).
+        let plain = l3.l4_start == if A::IS_V6 { 40 } else { 20 };
+        if let Some(t) = tcp {
+            if !opens {
+                if !plain {
+                    return Err(DropReason::NoSession);
+                }
+                return self.accept_cookie(&engine, &snap, svc, &laddr, pkt, l3, key, t, now_s);
             }
-        };
-        let Some(lip) = A::from_ip(local.ip) else {
-            laddr.release(proto, local);
-            return Err(DropReason::NoLocalPort);
-        };
+            let proxied = plain
+                && match svc.params.syn_proxy {
+                    SynProxy::Off => false,
+                    SynProxy::On => true,
+                    SynProxy::Auto => table.embryonic_flows() >= engine.syn_proxy_threshold,
+                };
+            if proxied {
+                return answer_syn(&engine, &self.counters, pkt, l3, &key, t, now_s);
+            }
+        }
+        let (dest, rs, local, lip) =
+            self.schedule(&engine, &snap, svc, &laddr, l3, &key, proto, now_s)?;
         let mut window = TcpWindow::new();
         let state = match tcp {
             Some(t) => {
@@ -1236,36 +1352,21 @@ impl Worker {
             cport: key.sport,
             vport: key.dport,
             lport: local.port,
-            rport,
+            rport: dest.addr.port(),
             state,
             synced: false,
             offloaded: Offloaded::No,
             mark: 0,
             linked: false,
             replied: proto == L4Proto::Tcp,
+            tracked: false,
+            proxy: Proxy::No,
         };
         data.expires = deadline(now_s, session_timeout(&data));
+        data.tracked = data.embryonic();
         let record = data.record(now_s);
-        let embryonic = data.embryonic();
-        // Counted before the insert so that a removal racing it balances the count.
-        dest.stats.opened(state.is_active());
-        let mut inserted = table.insert(data);
-        if let Err((InsertError::Full, Some(back))) = inserted {
-            // The table is full: the oldest flow that never completed its handshake (of this
-            // protocol, else of the other) makes room.
-            let room = self
-                .evict_embryo(&engine, table, proto, now_s)
-                .or_else(|_| self.evict_embryo(&engine, table, proto.other(), now_s));
-            inserted = match room {
-                Ok(()) => table.insert(back),
-                Err(_) => Err((InsertError::Full, Some(back))),
-            };
-        }
-        match inserted {
-            Ok(slot) => {
-                if embryonic {
-                    table.track_embryo(slot, proto, &key);
-                }
+        match self.insert_new(&engine, table, data, now_s) {
+            Ok(()) => {
                 dest.stats
                     .count(self.traffic_slot, Direction::Inbound, pkt.len);
                 self.counters.count(Event::SessionsCreated);
@@ -1275,28 +1376,210 @@ impl Worker {
                     SessionEvent::Created(record),
                 );
                 let toa = (proto == L4Proto::Tcp && svc.config.toa).then_some((key.src, key.sport));
-                Ok(Rewrite {
+                Ok(Outcome::Rewrite(Rewrite {
                     src: lip,
                     sport: local.port,
                     dst: rs,
-                    dport: rport,
+                    dport: dest.addr.port(),
                     dir: Direction::Inbound,
                     toa,
-                })
+                    shift: None,
+                }))
+            }
+            Err(InsertError::Full) => Err(DropReason::TableFull),
+            // Another worker opened the same flow a moment ago (a retransmitted SYN on another
+            // queue): carry on with its session.
+            Err(InsertError::Exists(_)) => self
+                .established(now_s, &key, pkt, l3, tcp, Lookup::Stable)
+                .ok_or(DropReason::NoSession),
+        }
+    }
+
+    /// Picks the real server of a new flow and allocates its local address and port (a flow
+    /// that never completed its handshake gives its port up if none is free).
+    #[allow(clippy::too_many_arguments)]
+    fn schedule<A: Family>(
+        &mut self,
+        engine: &Engine,
+        snap: &Snapshot,
+        svc: &crate::service::Service,
+        laddr: &LocalAddrPool,
+        l3: &L3<A>,
+        key: &FlowKey<A>,
+        proto: L4Proto,
+        now_s: u64,
+    ) -> Result<(Arc<crate::service::Dest>, A, LocalAddr, A), DropReason> {
+        let maglev_seed = snap.maglev().seed;
+        let flow_hash = key.flow_hash(maglev_seed);
+        let source_hash =
+            xxhash_rust::xxh3::xxh3_64_with_seed(l3.src.octets_of().as_ref(), maglev_seed);
+        let idx = svc
+            .scheduler
+            .pick(flow_hash, source_hash, |i| {
+                svc.dests
+                    .get(i)
+                    .map(|d| d.stats.conns())
+                    .unwrap_or_default()
+            })
+            .ok_or(DropReason::NoBackend)?;
+        let dest = svc.dests.get(idx).ok_or(DropReason::NoBackend)?.clone();
+        let Some(rs) = A::from_ip(dest.addr.ip()) else {
+            return Err(DropReason::NoBackend);
+        };
+        let table = A::table(&engine.table);
+        let local = match laddr.allocate(proto, A::IS_V6, flow_hash) {
+            Some(local) => local,
+            // Every port is taken: the oldest flow that never completed its handshake gives
+            // its port up (see `session`).
+            None => {
+                self.evict_embryo(engine, table, proto, now_s)?;
+                laddr
+                    .allocate(proto, A::IS_V6, flow_hash)
+                    .ok_or(DropReason::NoLocalPort)?
+            }
+        };
+        let Some(lip) = A::from_ip(local.ip) else {
+            laddr.release(proto, local);
+            return Err(DropReason::NoLocalPort);
+        };
+        Ok((dest, rs, local, lip))
+    }
+
+    /// Inserts a session this node creates, counted in its real server's connections; when the
+    /// table is full, the oldest flow that never completed its handshake (of the same protocol,
+    /// else of the other) makes room. On failure the session's port is released.
+    fn insert_new<A: Family>(
+        &mut self,
+        engine: &Engine,
+        table: &FamilyTable<A>,
+        data: SessionData<A>,
+        now_s: u64,
+    ) -> Result<(), InsertError> {
+        let (dest, proto, active) = (data.dest.clone(), data.proto(), data.state.is_active());
+        let (key, tracked) = (data.client_key(), data.tracked);
+        let local = LocalAddr {
+            ip: data.lip.to_ip(),
+            port: data.lport,
+        };
+        // Counted before the insert so that a removal racing it balances the count.
+        dest.stats.opened(active);
+        let mut inserted = table.insert(data);
+        if let Err((InsertError::Full, Some(back))) = inserted {
+            let room = self
+                .evict_embryo(engine, table, proto, now_s)
+                .or_else(|_| self.evict_embryo(engine, table, proto.other(), now_s));
+            inserted = match room {
+                Ok(()) => table.insert(back),
+                Err(_) => Err((InsertError::Full, Some(back))),
+            };
+        }
+        match inserted {
+            Ok(slot) => {
+                if tracked {
+                    table.track_embryo(slot, proto, &key);
+                }
+                Ok(())
             }
             Err((e, _)) => {
-                dest.stats.closed(state.is_active());
-                laddr.release(proto, local);
-                match e {
-                    InsertError::Full => Err(DropReason::TableFull),
-                    // Another worker opened the same flow a moment ago (a retransmitted SYN on
-                    // another queue): carry on with its session.
-                    InsertError::Exists(_) => self
-                        .established(now_s, &key, pkt.len, tcp, Lookup::Stable)
-                        .ok_or(DropReason::NoSession),
-                }
+                dest.stats.closed(active);
+                engine.laddr.load().release(proto, local);
+                Err(e)
             }
         }
+    }
+
+    /// A bare ACK of no session to a proxied service: if it proves a SYN cookie, the flow opens
+    /// (scheduled, a port allocated, a session opening) and the ACK becomes the proxy's SYN to
+    /// the real server; its data, if any, is held until the real server answers.
+    #[allow(clippy::too_many_arguments)]
+    fn accept_cookie<A: Family>(
+        &mut self,
+        engine: &Engine,
+        snap: &Snapshot,
+        svc: &crate::service::Service,
+        laddr: &LocalAddrPool,
+        pkt: &mut Packet<'_>,
+        l3: &L3<A>,
+        key: FlowKey<A>,
+        t: TcpInfo,
+        now_s: u64,
+    ) -> Result<Outcome<A>, DropReason> {
+        let slot = now_s / synproxy::COOKIE_SLOT_SECS;
+        if engine.cookie_slot.load(Ordering::Relaxed) < slot {
+            // No cookie sent in this slot or the last: no ACK can prove one.
+            return Err(DropReason::NoSession);
+        }
+        let isn = t.segment.seq.wrapping_sub(1);
+        let cookie = t.segment.ack.wrapping_sub(1);
+        let opts = engine
+            .cookies
+            .check(&key, isn, cookie, now_s)
+            .ok_or(DropReason::BadCookie)?;
+        let (dest, rs, local, lip) =
+            self.schedule(engine, snap, svc, laddr, l3, &key, L4Proto::Tcp, now_s)?;
+        let tcp = TcpPacket::new_unchecked(&pkt.buf[l3.l4_start..l3.l4_end]);
+        let held = (!tcp.payload().is_empty()).then(|| Held {
+            seq: t.segment.seq,
+            flags: tcp_flags_byte(&tcp),
+            window: t.segment.window,
+            payload: tcp.payload().into(),
+        });
+        let mut window = TcpWindow::new();
+        window.update(
+            Direction::Inbound,
+            &Segment {
+                flags: TcpFlags {
+                    syn: true,
+                    ..TcpFlags::default()
+                },
+                seq: isn,
+                ack: 0,
+                len: 1,
+                window: t.segment.window,
+                wscale: opts.wscale,
+            },
+        );
+        let rport = dest.addr.port();
+        let data = SessionData {
+            dest,
+            expires: deadline(now_s, PROXY_OPENING.as_secs()),
+            window,
+            client: key.src,
+            vip: key.dst,
+            lip,
+            rs,
+            cport: key.sport,
+            vport: key.dport,
+            lport: local.port,
+            rport,
+            state: FlowState::Tcp(TcpState::SynSent),
+            synced: false,
+            offloaded: Offloaded::No,
+            mark: 0,
+            linked: false,
+            replied: true,
+            tracked: true,
+            proxy: Proxy::Opening(Box::new(Opening {
+                cookie,
+                client_isn: isn,
+                opts,
+                window: t.segment.window,
+                sent_at: now_s,
+                tries: 1,
+                held,
+            })),
+        };
+        let syn = ProxySyn::of(&data, isn, opts, svc.config.toa);
+        let table = A::table(&engine.table);
+        match self.insert_new(engine, table, data, now_s) {
+            Ok(()) => {}
+            Err(InsertError::Full) => return Err(DropReason::TableFull),
+            // Another worker took the same ACK a moment ago.
+            Err(InsertError::Exists(_)) => return Err(DropReason::SynProxyOpening),
+        }
+        self.counters.count(Event::SynCookiesAccepted);
+        syn.write(pkt)?;
+        Ok(Outcome::Built(Direction::Inbound))
     }
 
     /// Evicts the node's oldest embryonic flow of `proto` (see `session`), as a removal with its
@@ -1376,12 +1659,13 @@ impl Worker {
         let quote = Quote::<A>::parse(&pkt.buf[quoted_start..l3.l4_end])
             .ok_or(DropReason::IcmpUnsupported)?;
         let key = quote.key.reversed();
-        let (outer, inner, dir) = {
+        let (outer, inner, dir, delta) = {
             let locked = A::table(&self.engine.table)
                 .lookup(&key)
                 .ok_or(DropReason::IcmpNoSession)?;
             let s = locked.guard.as_ref().ok_or(DropReason::IcmpNoSession)?;
-            if locked.from_client {
+            let delta = s.proxy_delta();
+            let (outer, inner, dir) = if locked.from_client {
                 // About our packet VIP → client, from the client side: tell the real server
                 // about its packet RS → LIP.
                 (
@@ -1397,7 +1681,8 @@ impl Worker {
                     (s.client, s.cport, s.vip, s.vport),
                     Direction::Outbound,
                 )
-            }
+            };
+            (outer, inner, dir, delta)
         };
         let quoted = &mut pkt.buf[quoted_start..l3.l4_end];
         let (q_src, q_sport, q_dst, q_dport) = inner;
@@ -1411,9 +1696,421 @@ impl Worker {
             (quote.key.src, quote.key.dst),
             (q_src, q_sport, q_dst, q_dport),
         );
+        if let (Some(delta), true) = (delta, quote.key.proto == L4Proto::Tcp.number()) {
+            // The quoted segment of a proxied flow, back in the sequence space of its receiver:
+            // our VIP → client segment had its sequence number shifted down, our LIP → real
+            // server segment its acknowledgement up.
+            let (at, delta) = match dir {
+                Direction::Inbound => (4, delta),
+                Direction::Outbound => (8, delta.wrapping_neg()),
+            };
+            shift_quoted(&mut quoted[quote.l4_off..], at, delta);
+        }
         rewrite_addrs(pkt.buf, l3, outer.0, outer.1);
         self.counters.count(Event::IcmpTranslated);
         Ok(dir)
+    }
+}
+
+/// The kind of the TOA option (client address and port in a SYN).
+const TOA_KIND: u8 = 254;
+
+/// How long a proxied flow waits for its real server's SYN-ACK before it is dropped.
+const PROXY_OPENING: Duration = Duration::from_secs(5);
+
+/// Seconds before the proxy sends its SYN to the real server again, on the client's next
+/// segment.
+const SYN_RETRY_SECS: u64 = 1;
+
+/// SYNs the proxy sends a real server at most before it resets the client.
+const MAX_SYN_TRIES: u8 = 3;
+
+/// The MSS the proxy offers at most.
+fn proxy_max_mss<A: Family>() -> u16 {
+    if A::IS_V6 { 1440 } else { 1460 }
+}
+
+/// Answers a SYN to a proxied service with a SYN-ACK whose sequence number is a cookie, written
+/// over the SYN: no session, no port.
+fn answer_syn<A: Family>(
+    engine: &Engine,
+    counters: &Counters,
+    pkt: &mut Packet<'_>,
+    l3: &L3<A>,
+    key: &FlowKey<A>,
+    t: TcpInfo,
+    now_s: u64,
+) -> Result<Outcome<A>, DropReason> {
+    let tcp = TcpPacket::new_unchecked(&pkt.buf[l3.l4_start..l3.l4_end]);
+    let opts = CookieOpts::from_syn(tcp.options(), proxy_max_mss::<A>())?;
+    let cookie = engine.cookies.make(key, t.segment.seq, now_s, opts);
+    let slot = now_s / synproxy::COOKIE_SLOT_SECS + 1;
+    if engine.cookie_slot.load(Ordering::Relaxed) < slot {
+        engine.cookie_slot.fetch_max(slot, Ordering::Relaxed);
+    }
+    let mut options = [TcpOption::NoOperation; 6];
+    options[0] = TcpOption::MaxSegmentSize(opts.mss);
+    let mut n = 1;
+    if opts.sack {
+        options[n + 2] = TcpOption::SackPermitted;
+        n += 3;
+    }
+    if opts.wscale.is_some() {
+        options[n + 1] = TcpOption::WindowScale(PROXY_WSCALE);
+        n += 2;
+    }
+    let seg = synproxy::Segment {
+        src: key.dst,
+        dst: key.src,
+        sport: key.dport,
+        dport: key.sport,
+        seq: cookie,
+        ack: t.segment.seq.wrapping_add(1),
+        flags: synproxy::flags::SYN | synproxy::flags::ACK,
+        window: u16::MAX,
+        options: &options[..n],
+        payload: &[],
+    };
+    write_built(pkt, &seg).ok_or(DropReason::Truncated)?;
+    counters.count(Event::SynCookiesSent);
+    Ok(Outcome::Built(Direction::Outbound))
+}
+
+/// Writes a segment of the proxy over `pkt`; `None` if it does not fit the buffer.
+fn write_built<A: Family>(pkt: &mut Packet<'_>, seg: &synproxy::Segment<'_, A>) -> Option<()> {
+    let partial = pkt.csum == L4Checksum::Partial;
+    pkt.len = synproxy::write_segment(pkt.buf, partial, seg)?;
+    if !partial {
+        pkt.csum = L4Checksum::Verified;
+    }
+    Some(())
+}
+
+/// The flags byte of a TCP header (FIN to CWR).
+fn tcp_flags_byte<T: AsRef<[u8]>>(t: &TcpPacket<T>) -> u8 {
+    [
+        t.fin(),
+        t.syn(),
+        t.rst(),
+        t.psh(),
+        t.ack(),
+        t.urg(),
+        t.ece(),
+        t.cwr(),
+    ]
+    .iter()
+    .enumerate()
+    .fold(0, |b, (i, &on)| b | u8::from(on) << i)
+}
+
+/// The proxy's SYN to the real server of an opening flow: the client's initial sequence number
+/// and options (and a TOA option if the service inserts one).
+struct ProxySyn<A> {
+    src: A,
+    dst: A,
+    sport: u16,
+    dport: u16,
+    isn: u32,
+    opts: CookieOpts,
+    /// The TOA option's data: client port and address.
+    toa: Option<([u8; 18], usize)>,
+}
+
+impl<A: Family> ProxySyn<A> {
+    fn of(s: &SessionData<A>, isn: u32, opts: CookieOpts, toa: bool) -> ProxySyn<A> {
+        ProxySyn {
+            src: s.lip,
+            dst: s.rs,
+            sport: s.lport,
+            dport: s.rport,
+            isn,
+            opts,
+            toa: toa.then(|| {
+                let mut data = [0u8; 18];
+                data[..2].copy_from_slice(&s.cport.to_be_bytes());
+                let addr = s.client.octets_of();
+                let n = addr.as_ref().len();
+                data[2..2 + n].copy_from_slice(addr.as_ref());
+                (data, 2 + n)
+            }),
+        }
+    }
+
+    fn write(&self, pkt: &mut Packet<'_>) -> Result<(), DropReason> {
+        let mut options = [TcpOption::NoOperation; 7];
+        options[0] = TcpOption::MaxSegmentSize(self.opts.mss);
+        let mut n = 1;
+        if self.opts.sack {
+            options[n + 2] = TcpOption::SackPermitted;
+            n += 3;
+        }
+        if let Some(ws) = self.opts.wscale {
+            options[n + 1] = TcpOption::WindowScale(ws);
+            n += 2;
+        }
+        if let Some((data, len)) = &self.toa {
+            options[n] = TcpOption::Unknown {
+                kind: TOA_KIND,
+                data: &data[..*len],
+            };
+            n += 1;
+        }
+        let seg = synproxy::Segment {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            seq: self.isn,
+            ack: 0,
+            flags: synproxy::flags::SYN,
+            window: u16::MAX,
+            options: &options[..n],
+            payload: &[],
+        };
+        write_built(pkt, &seg).ok_or(DropReason::Truncated)
+    }
+}
+
+/// A packet of a proxied flow whose real server has not answered yet. From the real server: its
+/// SYN-ACK joins the two halves (the delta is fixed, the session becomes established and is
+/// announced to session sync, and the proxy's ACK — or the client's held data — goes to the
+/// real server in its place); its RST becomes a RST to the client. From the client: its first
+/// data is held; a segment at least [`SYN_RETRY_SECS`] after the last SYN becomes the SYN again,
+/// [`MAX_SYN_TRIES`] at most, then a RST to the client.
+#[allow(clippy::too_many_arguments)]
+fn opening<A: Family>(
+    engine: &Engine,
+    counters: &Counters,
+    events: &mut Vec<SessionEvent>,
+    table: &FamilyTable<A>,
+    mut locked: Locked<'_, A>,
+    pkt: &mut Packet<'_>,
+    l3: &L3<A>,
+    t: TcpInfo,
+    now_s: u64,
+) -> Outcome<A> {
+    let from_client = locked.from_client;
+    let Some(s) = locked.guard.as_mut() else {
+        return Outcome::Drop(DropReason::NoSession);
+    };
+    let Proxy::Opening(op) = &mut s.proxy else {
+        return Outcome::Drop(DropReason::NoSession);
+    };
+    let reset_client = |cookie: u32, s: &SessionData<A>, pkt: &mut Packet<'_>| {
+        let seg = synproxy::Segment {
+            src: s.vip,
+            dst: s.client,
+            sport: s.vport,
+            dport: s.cport,
+            seq: cookie.wrapping_add(1),
+            ack: 0,
+            flags: synproxy::flags::RST,
+            window: 0,
+            options: &[],
+            payload: &[],
+        };
+        write_built(pkt, &seg)
+    };
+    if !from_client {
+        if t.flags.rst {
+            // The real server refused the connection: so does the proxy, to the client.
+            let cookie = op.cookie;
+            let built = reset_client(cookie, s, pkt);
+            close_opening(engine, table, locked);
+            counters.count(Event::SynProxyRefused);
+            return built.map_or(Outcome::Drop(DropReason::Truncated), |()| {
+                Outcome::Built(Direction::Outbound)
+            });
+        }
+        if !(t.flags.syn && t.flags.ack && t.segment.ack == op.client_isn.wrapping_add(1)) {
+            return Outcome::Drop(DropReason::SynProxyOpening);
+        }
+        let delta = t.segment.seq.wrapping_sub(op.cookie);
+        let Proxy::Opening(op) = std::mem::replace(&mut s.proxy, Proxy::Joined { delta }) else {
+            return Outcome::Drop(DropReason::NoSession);
+        };
+        s.window.update(Direction::Outbound, &t.segment);
+        s.dest.stats.moved(false, true);
+        s.state = FlowState::Tcp(TcpState::Established);
+        s.expires = deadline(now_s, session_timeout(s));
+        table.embryo_left(s);
+        let ack = t.segment.seq.wrapping_add(1);
+        let (seq, flags, window, payload) = match &op.held {
+            Some(h) => (
+                h.seq,
+                h.flags | synproxy::flags::ACK,
+                h.window,
+                &h.payload[..],
+            ),
+            None => (
+                op.client_isn.wrapping_add(1),
+                synproxy::flags::ACK,
+                op.window,
+                &[][..],
+            ),
+        };
+        s.window.update(
+            Direction::Inbound,
+            &Segment {
+                flags: TcpFlags {
+                    ack: true,
+                    ..TcpFlags::default()
+                },
+                seq,
+                ack,
+                len: u32::try_from(payload.len()).unwrap_or(u32::MAX),
+                window,
+                wscale: None,
+            },
+        );
+        let seg = synproxy::Segment {
+            src: s.lip,
+            dst: s.rs,
+            sport: s.lport,
+            dport: s.rport,
+            seq,
+            ack,
+            flags,
+            window,
+            options: &[],
+            payload,
+        };
+        counters.count(Event::SessionsCreated);
+        emit(events, counters, SessionEvent::Created(s.record(now_s)));
+        return match write_built(pkt, &seg) {
+            Some(()) => Outcome::Built(Direction::Inbound),
+            None => Outcome::Drop(DropReason::Truncated),
+        };
+    }
+    if t.flags.rst || t.flags.fin {
+        // The client gave up before the real server answered.
+        close_opening(engine, table, locked);
+        return Outcome::Drop(DropReason::SynProxyOpening);
+    }
+    op.window = t.segment.window;
+    if op.held.is_none() {
+        let tcp = TcpPacket::new_unchecked(&pkt.buf[l3.l4_start..l3.l4_end]);
+        if !tcp.payload().is_empty() {
+            op.held = Some(Held {
+                seq: t.segment.seq,
+                flags: tcp_flags_byte(&tcp),
+                window: t.segment.window,
+                payload: tcp.payload().into(),
+            });
+        }
+    }
+    if now_s < op.sent_at.saturating_add(SYN_RETRY_SECS) {
+        return Outcome::Drop(DropReason::SynProxyOpening);
+    }
+    if op.tries >= MAX_SYN_TRIES {
+        // The real server never answered.
+        let cookie = op.cookie;
+        let built = reset_client(cookie, s, pkt);
+        close_opening(engine, table, locked);
+        counters.count(Event::SynProxyFailed);
+        return built.map_or(Outcome::Drop(DropReason::Truncated), |()| {
+            Outcome::Built(Direction::Outbound)
+        });
+    }
+    op.tries += 1;
+    op.sent_at = now_s;
+    let (isn, opts) = (op.client_isn, op.opts);
+    let syn = ProxySyn::of(s, isn, opts, s.dest.params.toa);
+    match syn.write(pkt) {
+        Ok(()) => Outcome::Built(Direction::Inbound),
+        Err(reason) => Outcome::Drop(reason),
+    }
+}
+
+/// Removes a proxied flow that never opened (it was announced to nobody).
+fn close_opening<A: Family>(engine: &Engine, table: &FamilyTable<A>, locked: Locked<'_, A>) {
+    if let Some(mut data) = table.take(locked) {
+        engine.release(&mut data);
+    }
+}
+
+/// Shifts the sequence numbers of a packet of a proxied flow (after its addresses and ports were
+/// translated): from the real server, its sequence number down by the delta and its window to
+/// the proxy's scale; from the client, its acknowledgement and SACK blocks up by the delta (and
+/// its window down to no scale, for a real server that does not scale). The L4 checksum follows
+/// incrementally, unless it is a pseudo-header sum (offload pending), which covers none of this.
+fn shift_tcp<A: Family>(pkt: &mut Packet<'_>, l3: &L3<A>, dir: Direction, shift: Shift) {
+    let partial = pkt.csum == L4Checksum::Partial;
+    let Some(tcp) = pkt.buf.get_mut(l3.l4_start..l3.l4_end) else {
+        return;
+    };
+    if tcp.len() < 20 {
+        return;
+    }
+    let mut sum = u16::from_be_bytes([tcp[16], tcp[17]]);
+    let mut put32 = |tcp: &mut [u8], at: usize, f: &dyn Fn(u32) -> u32| {
+        let old = u32::from_be_bytes([tcp[at], tcp[at + 1], tcp[at + 2], tcp[at + 3]]);
+        let new = f(old);
+        tcp[at..at + 4].copy_from_slice(&new.to_be_bytes());
+        sum = checksum::update_bytes(sum, &old.to_be_bytes(), &new.to_be_bytes());
+    };
+    let window = match dir {
+        Direction::Outbound => {
+            put32(tcp, 4, &|seq| seq.wrapping_sub(shift.delta));
+            shift.outbound_window
+        }
+        Direction::Inbound => {
+            if tcp[13] & synproxy::flags::ACK != 0 {
+                put32(tcp, 8, &|ack| ack.wrapping_add(shift.delta));
+            }
+            let hl = usize::from(tcp[12] >> 4) * 4;
+            let mut at = 20;
+            while at < hl.min(tcp.len()) {
+                match tcp[at] {
+                    0 => break,
+                    1 => at += 1,
+                    kind => {
+                        let len = usize::from(*tcp.get(at + 1).unwrap_or(&0));
+                        if len < 2 || at + len > hl.min(tcp.len()) {
+                            break;
+                        }
+                        if kind == 5 {
+                            let mut b = at + 2;
+                            while b + 8 <= at + len {
+                                put32(tcp, b, &|edge| edge.wrapping_add(shift.delta));
+                                put32(tcp, b + 4, &|edge| edge.wrapping_add(shift.delta));
+                                b += 8;
+                            }
+                        }
+                        at += len;
+                    }
+                }
+            }
+            shift.inbound_window
+        }
+    };
+    if let Some((from, to)) = window {
+        let old = u16::from_be_bytes([tcp[14], tcp[15]]);
+        let new = synproxy::rescale_window(old, from, to);
+        tcp[14..16].copy_from_slice(&new.to_be_bytes());
+        sum = checksum::update_word(sum, old, new);
+    }
+    if !partial {
+        tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    }
+}
+
+/// Adds `delta` to the 32-bit field at `at` of a quoted TCP header, and follows it in the quoted
+/// checksum; either may lie past the end of the quote (then it is left out).
+fn shift_quoted(tcp: &mut [u8], at: usize, delta: u32) {
+    let Some(field) = tcp.get_mut(at..at + 4) else {
+        return;
+    };
+    let old = u32::from_be_bytes([field[0], field[1], field[2], field[3]]);
+    let new = old.wrapping_add(delta);
+    field.copy_from_slice(&new.to_be_bytes());
+    if let Some(c) = tcp.get_mut(16..18) {
+        let sum = checksum::update_bytes(
+            u16::from_be_bytes([c[0], c[1]]),
+            &old.to_be_bytes(),
+            &new.to_be_bytes(),
+        );
+        c.copy_from_slice(&sum.to_be_bytes());
     }
 }
 
@@ -1561,7 +2258,6 @@ fn insert_toa<A: Family>(
     client: A,
     cport: u16,
 ) -> bool {
-    const TOA_KIND: u8 = 254;
     let opt_len = A::TOA_LEN;
     let hl = usize::from(TcpPacket::new_unchecked(&pkt.buf[l3.l4_start..l3.l4_end]).header_len());
     let new_end = l3.l4_end + opt_len;

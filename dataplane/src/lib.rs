@@ -14,6 +14,7 @@ pub mod offload;
 pub mod sched;
 pub mod service;
 pub mod session;
+pub mod synproxy;
 pub mod tcp_state;
 pub mod time;
 pub mod wire;
@@ -25,7 +26,7 @@ pub use engine::{
 };
 pub use laddr::{L4Proto, LocalAddr, LocalAddrPool};
 pub use offload::{FlowActivity, Offload, OffloadFlow, OffloadSide, SideActivity};
-pub use service::{BackendConfig, ConnReuse, ServiceConfig, ServiceKey, Snapshot};
+pub use service::{BackendConfig, ConnReuse, ServiceConfig, ServiceKey, Snapshot, SynProxy};
 pub use session::{FlowState, SessionEvent, SessionRecord};
 pub use tcp_state::{Direction, TcpState, Timeouts};
 pub use time::Instant;

@@ -34,7 +34,35 @@ pub struct ServiceConfig {
     /// Insert the client's address as a TCP option (TOA, kind 254) into SYNs.
     pub toa: bool,
     pub conn_reuse: ConnReuse,
+    pub syn_proxy: SynProxy,
     pub backends: Vec<BackendConfig>,
+}
+
+/// Whether a TCP service's SYNs are answered by the node with SYN cookies (see
+/// [`crate::synproxy`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SynProxy {
+    /// Every SYN goes to a real server.
+    Off,
+    /// Every SYN is answered with a cookie.
+    On,
+    /// Cookies only while the node's flows that never completed a handshake number at least
+    /// [`EngineConfig::syn_proxy_threshold`](crate::EngineConfig::syn_proxy_threshold), as
+    /// Linux's `tcp_syncookies = 1` answers with cookies only while its SYN queue overflows.
+    #[default]
+    Auto,
+}
+
+impl SynProxy {
+    /// The name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            SynProxy::Off => "off",
+            SynProxy::On => "on",
+            SynProxy::Auto => "auto",
+        }
+    }
 }
 
 /// What a client's SYN does when it matches a session in TIME_WAIT or CLOSE (a client reusing
@@ -224,6 +252,8 @@ impl DestStats {
 pub(crate) struct ServiceParams {
     pub(crate) timeouts: Timeouts,
     pub(crate) conn_reuse: ConnReuse,
+    pub(crate) syn_proxy: SynProxy,
+    pub(crate) toa: bool,
 }
 
 /// A real server as sessions reference it.
@@ -333,6 +363,8 @@ impl Snapshot {
             let params = Arc::new(ServiceParams {
                 timeouts: cfg.timeouts,
                 conn_reuse: cfg.conn_reuse,
+                syn_proxy: cfg.syn_proxy,
+                toa: cfg.toa,
             });
             let old = previous.and_then(|p| p.services.get(&key));
             let dests = cfg

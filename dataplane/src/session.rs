@@ -158,6 +158,10 @@ pub struct SessionRecord {
     pub expires_in_secs: u32,
     /// Installed from a peer rather than created by this node's traffic.
     pub synced: bool,
+    /// A flow the SYN proxy joined: the real server's sequence numbers are the client's view
+    /// plus this delta (see [`crate::synproxy`]). Session sync carries it, so a proxied flow
+    /// carries on on any node.
+    pub syn_proxy: Option<u32>,
 }
 
 /// What session sync needs to hear from the data plane.
@@ -193,6 +197,47 @@ pub(crate) struct SessionData<A> {
     /// A UDP flow has seen a datagram from its real server (always true for TCP and for
     /// sessions installed from a peer).
     pub(crate) replied: bool,
+    /// Counted among the table's embryonic flows (see [`FamilyTable::embryonic_flows`]).
+    pub(crate) tracked: bool,
+    pub(crate) proxy: Proxy,
+}
+
+/// The SYN proxy's part of a session (see [`crate::synproxy`]).
+#[derive(Debug, Default)]
+pub(crate) enum Proxy {
+    /// Not proxied: the client's handshake went to the real server.
+    #[default]
+    No,
+    /// The client completed its handshake with the proxy; the proxy's SYN to the real server
+    /// awaits its SYN-ACK.
+    Opening(Box<Opening>),
+    /// Joined: the real server's sequence numbers are the client's view plus `delta`.
+    Joined { delta: u32 },
+}
+
+/// A proxied flow between the client's cookie ACK and the real server's SYN-ACK.
+#[derive(Debug)]
+pub(crate) struct Opening {
+    /// The proxy's initial sequence number towards the client.
+    pub(crate) cookie: u32,
+    pub(crate) client_isn: u32,
+    pub(crate) opts: crate::synproxy::CookieOpts,
+    /// The client's last window, as it sent it (scaled by its own window scale).
+    pub(crate) window: u16,
+    /// When the SYN to the real server was last sent (seconds), and how many were.
+    pub(crate) sent_at: u64,
+    pub(crate) tries: u8,
+    /// The client's first data segment, held until the real server answers.
+    pub(crate) held: Option<Held>,
+}
+
+/// A data segment the proxy holds.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(crate) seq: u32,
+    pub(crate) flags: u8,
+    pub(crate) window: u16,
+    pub(crate) payload: Box<[u8]>,
 }
 
 impl<A: Family> SessionData<A> {
@@ -202,7 +247,15 @@ impl<A: Family> SessionData<A> {
     pub(crate) fn embryonic(&self) -> bool {
         match self.state {
             FlowState::Udp => !self.replied && self.offloaded != Offloaded::Yes,
-            FlowState::Tcp(s) => s == TcpState::SynRecv,
+            FlowState::Tcp(s) => s == TcpState::SynRecv || matches!(self.proxy, Proxy::Opening(_)),
+        }
+    }
+
+    /// The delta of a joined proxied flow.
+    pub(crate) fn proxy_delta(&self) -> Option<u32> {
+        match self.proxy {
+            Proxy::Joined { delta } => Some(delta),
+            _ => None,
         }
     }
 
@@ -269,6 +322,7 @@ impl<A: Family> SessionData<A> {
             expires_in_secs: u32::try_from(u64::from(self.expires).saturating_sub(now_secs))
                 .unwrap_or(u32::MAX),
             synced: self.synced,
+            syn_proxy: self.proxy_delta(),
         }
     }
 }
@@ -510,6 +564,8 @@ pub(crate) struct FamilyTable<A> {
     sweep: AtomicUsize,
     /// This node's embryonic flows, oldest first, TCP then UDP: (slot, client-key tag).
     embryos: [Mutex<VecDeque<(SlotId, u32)>>; 2],
+    /// This node's embryonic flows now (the sessions marked `tracked`).
+    embryos_live: AtomicUsize,
 }
 
 /// A looked-up session, locked, with the side its key matched.
@@ -530,6 +586,21 @@ impl<A: Family> FamilyTable<A> {
             seed,
             sweep: AtomicUsize::new(0),
             embryos: std::array::from_fn(|_| Mutex::new(VecDeque::new())),
+            embryos_live: AtomicUsize::new(0),
+        }
+    }
+
+    /// This node's own flows that have not completed a handshake, now: counted when inserted
+    /// `tracked`, until they leave that state ([`Self::embryo_left`]) or the table.
+    pub(crate) fn embryonic_flows(&self) -> usize {
+        self.embryos_live.load(Ordering::Relaxed)
+    }
+
+    /// A tracked session completed its handshake: clears its mark and its count.
+    pub(crate) fn embryo_left(&self, s: &mut SessionData<A>) {
+        if s.tracked && !s.embryonic() {
+            s.tracked = false;
+            self.embryos_live.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -674,6 +745,10 @@ impl<A: Family> FamilyTable<A> {
         match result {
             Ok(()) => {
                 if let Some(s) = guard.as_mut() {
+                    // Counted before it is linked: nobody removes it (and uncounts it) before.
+                    if s.tracked {
+                        self.embryos_live.fetch_add(1, Ordering::Relaxed);
+                    }
                     s.linked = true;
                 }
                 Ok(slot)
@@ -717,6 +792,9 @@ impl<A: Family> FamilyTable<A> {
 
     /// Unlinks a session taken out of `slot` and frees the slot.
     fn retire(&self, slot: SlotId, data: &SessionData<A>) {
+        if data.tracked {
+            self.embryos_live.fetch_sub(1, Ordering::Relaxed);
+        }
         self.index.remove(self.position(&data.client_key()), slot);
         self.index.remove(self.position(&data.server_key()), slot);
         self.free.lock().push(slot);
@@ -895,6 +973,8 @@ mod tests {
             params: Arc::new(ServiceParams {
                 timeouts: Timeouts::default(),
                 conn_reuse: Default::default(),
+                syn_proxy: Default::default(),
+                toa: false,
             }),
         })
     }
@@ -930,6 +1010,8 @@ mod tests {
             mark: 0,
             linked: false,
             replied: true,
+            tracked: false,
+            proxy: Proxy::No,
         }
     }
 

@@ -295,6 +295,12 @@ impl TcpWindow {
 
     /// Folds in what a faster path saw while it forwarded `dir` ([`TcpWindow::edges`] moved
     /// on).
+    /// The window scale the side sending in `dir` offered in its SYN, if it offered one.
+    pub fn offered_wscale(&self, dir: Direction) -> Option<u8> {
+        let w = self.wscale[dir.index()];
+        (w != NO_WSCALE).then_some(w)
+    }
+
     pub fn merge(&mut self, dir: Direction, end: u32, max_win: u32) {
         let me = dir.index();
         if (end.wrapping_sub(self.end[me]) as i32) > 0 {

@@ -272,6 +272,7 @@ fn session_record() -> impl Strategy<Value = dataplane::SessionRecord> {
                     window,
                     expires_in_secs,
                     synced,
+                    syn_proxy: None,
                 }
             },
         )

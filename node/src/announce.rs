@@ -295,6 +295,7 @@ mod tests {
                 timeouts: Timeouts::default(),
                 toa: false,
                 conn_reuse: Default::default(),
+                syn_proxy: Default::default(),
                 health: HealthCheck::None,
             },
             backends: Vec::new(),

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, ensure};
 use consensus::config::{self as cc, ClusterConfig, Command};
 use consensus::{Member, NodeId};
 use dataplane::sched::{MaglevParams, SchedulerKind};
-use dataplane::{BackendConfig, ConnReuse, Engine, L4Proto, ServiceConfig};
+use dataplane::{BackendConfig, ConnReuse, Engine, L4Proto, ServiceConfig, SynProxy};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info_span};
@@ -292,6 +292,11 @@ fn service_from_cluster(s: &cc::Service) -> config::Service {
                 cc::ConnReuse::Reschedule => ConnReuse::Reschedule,
                 cc::ConnReuse::Keep => ConnReuse::Keep,
             },
+            syn_proxy: match s.settings.syn_proxy {
+                cc::SynProxy::Off => SynProxy::Off,
+                cc::SynProxy::On => SynProxy::On,
+                cc::SynProxy::Auto => SynProxy::Auto,
+            },
             backends: s
                 .backends
                 .iter()
@@ -378,6 +383,11 @@ fn service_to_cluster(s: &config::Service) -> Result<cc::Service> {
             conn_reuse: match c.conn_reuse {
                 ConnReuse::Reschedule => cc::ConnReuse::Reschedule,
                 ConnReuse::Keep => cc::ConnReuse::Keep,
+            },
+            syn_proxy: match c.syn_proxy {
+                SynProxy::Off => cc::SynProxy::Off,
+                SynProxy::On => cc::SynProxy::On,
+                SynProxy::Auto => cc::SynProxy::Auto,
             },
             health: match &s.health {
                 HealthCheck::None => cc::HealthCheck::None,

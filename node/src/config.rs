@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use dataplane::sched::{MaglevParams, SchedulerKind};
 use dataplane::service::SnapshotError;
-use dataplane::{BackendConfig, ConnReuse, ServiceConfig, Snapshot, Timeouts};
+use dataplane::{BackendConfig, ConnReuse, ServiceConfig, Snapshot, SynProxy, Timeouts};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -513,6 +513,8 @@ struct ServiceFile {
     #[serde(default)]
     conn_reuse: ConnReuse,
     #[serde(default)]
+    syn_proxy: SynProxy,
+    #[serde(default)]
     timeouts: Timeouts,
     health: Option<HealthFile>,
     #[serde(default, rename = "backend")]
@@ -812,6 +814,7 @@ fn check_service(key: &str, s: ServiceFile, node: &NodeConfig) -> Result<Service
             timeouts: s.timeouts,
             toa: s.toa,
             conn_reuse: s.conn_reuse,
+            syn_proxy: s.syn_proxy,
             backends,
         },
         health,

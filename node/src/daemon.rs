@@ -86,6 +86,8 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
             max_sessions_v4: config.node.max_sessions_v4,
             max_sessions_v6: config.node.max_sessions_v6,
             table_seed: random_seed(),
+            // SipHash keys from the OS's randomness (RandomState's), per node.
+            cookie_key: [random_seed(), random_seed()],
             local_addrs: config.node.local_addrs.clone(),
             local_ports: config.node.local_ports.clone(),
             ..EngineConfig::default()

@@ -257,6 +257,7 @@ mod tests {
                     timeouts: dataplane::Timeouts::default(),
                     toa: false,
                     conn_reuse: dataplane::ConnReuse::default(),
+                    syn_proxy: dataplane::SynProxy::default(),
                     backends: vec![dataplane::BackendConfig {
                         addr,
                         weight: 1,

@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use consensus::config::{
     Backend, ClusterConfig, Command, ConnReuse, HealthCheck, Probe, Proto, Scheduler, Service,
-    ServiceKey, ServiceSettings, Timeouts,
+    ServiceKey, ServiceSettings, SynProxy, Timeouts,
 };
 
 use crate::api::{
@@ -134,6 +134,10 @@ pub(crate) struct ServiceAddArgs {
     /// (continue the old session to its backend, conn_reuse_mode 0).
     #[arg(long, value_parser = parse_conn_reuse)]
     conn_reuse: Option<ConnReuse>,
+    /// Answer the service's SYNs with SYN cookies: off, on, or auto (the default: while the
+    /// node's half-open flows pass a threshold).
+    #[arg(long, value_parser = parse_syn_proxy)]
+    syn_proxy: Option<SynProxy>,
     /// An idle timeout in seconds, STATE=SECS: established, syn_sent, syn_recv, fin_wait,
     /// time_wait, close, close_wait, last_ack or udp. Repeat for more.
     #[arg(long = "timeout", value_name = "STATE=SECS", value_parser = parse_timeout)]
@@ -232,6 +236,15 @@ fn parse_conn_reuse(s: &str) -> Result<ConnReuse, String> {
     })
 }
 
+fn parse_syn_proxy(s: &str) -> Result<SynProxy, String> {
+    Ok(match s {
+        "off" => SynProxy::Off,
+        "on" => SynProxy::On,
+        "auto" => SynProxy::Auto,
+        _ => return Err(format!("{s:?} is not off, on or auto")),
+    })
+}
+
 fn parse_timeout(s: &str) -> Result<(String, u32), String> {
     let (state, secs) = s
         .split_once('=')
@@ -284,6 +297,9 @@ impl ServiceAddArgs {
         }
         if let Some(c) = self.conn_reuse {
             base.conn_reuse = c;
+        }
+        if let Some(p) = self.syn_proxy {
+            base.syn_proxy = p;
         }
         for (state, secs) in &self.timeouts {
             if let Some(slot) = timeout_slot(&mut base.timeouts, state) {
@@ -432,6 +448,7 @@ pub(crate) fn service(cmd: ServiceCommand) -> Result<()> {
                 timeouts: Timeouts::default(),
                 toa: false,
                 conn_reuse: Default::default(),
+                syn_proxy: Default::default(),
                 health: HealthCheck::None,
             })?;
             let command = Command::AddService(Service {

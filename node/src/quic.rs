@@ -817,7 +817,7 @@ mod tests {
         match conn.connection.closed().await {
             ConnectionError::ApplicationClosed(close) => {
                 assert_eq!(close.error_code, CLOSE_NO_HANDLER);
-                assert_eq!(&close.reason[..], b"no handler for ALPN lbc-sync/2");
+                assert_eq!(&close.reason[..], b"no handler for ALPN lbc-sync/3");
             }
             other => panic!("unexpected close: {other}"),
         }

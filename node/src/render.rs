@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use consensus::Role;
-use consensus::config::{ClusterConfig, ConnReuse, HealthCheck, Scheduler};
+use consensus::config::{ClusterConfig, ConnReuse, HealthCheck, Scheduler, SynProxy};
 
 use crate::api::{
     ClusterStatus, NodeStatus, SessionEntry, SessionList, SyncStatus, scheduler_name,
@@ -363,6 +363,11 @@ pub(crate) fn services_text(cfg: &ClusterConfig) -> String {
         }
         if set.conn_reuse == ConnReuse::Keep {
             flags.push("conn_reuse=keep".to_owned());
+        }
+        match set.syn_proxy {
+            SynProxy::Auto => {}
+            SynProxy::On => flags.push("synproxy".to_owned()),
+            SynProxy::Off => flags.push("synproxy=off".to_owned()),
         }
         match &set.health {
             HealthCheck::None => {}

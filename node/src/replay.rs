@@ -160,6 +160,7 @@ fn services() -> Vec<ServiceConfig> {
             timeouts: Timeouts::default(),
             toa: true,
             conn_reuse: dataplane::ConnReuse::default(),
+            syn_proxy: dataplane::SynProxy::default(),
             backends: (10..=12).map(|i| backend(v4(i, 8080), 1)).collect(),
         },
         ServiceConfig {
@@ -169,6 +170,7 @@ fn services() -> Vec<ServiceConfig> {
             timeouts: Timeouts::default(),
             toa: false,
             conn_reuse: dataplane::ConnReuse::default(),
+            syn_proxy: dataplane::SynProxy::default(),
             backends: vec![backend(v4(20, 53), 2), backend(v4(21, 53), 1)],
         },
         ServiceConfig {
@@ -178,6 +180,7 @@ fn services() -> Vec<ServiceConfig> {
             timeouts: Timeouts::default(),
             toa: false,
             conn_reuse: dataplane::ConnReuse::default(),
+            syn_proxy: dataplane::SynProxy::default(),
             backends: vec![backend(v6(0x10, 8080), 1), backend(v6(0x11, 8080), 1)],
         },
     ]

@@ -1,6 +1,6 @@
 //! Session sync in the node (DESIGN §2, §3): the engine's session events go to the
 //! `sessionsync` driver, which replicates them to every other member over the node's QUIC
-//! endpoint (ALPN `lbc-sync/2`, the same mutual TLS and membership check as Raft); what peers
+//! endpoint (ALPN `lbc-sync/3`, the same mutual TLS and membership check as Raft); what peers
 //! send is installed in the engine as synced sessions, so a packet of a peer's flow, in either
 //! direction, is forwarded here at once with the original backend and LIP:port.
 //!

@@ -42,6 +42,7 @@ fn record(n: u32) -> SessionRecord {
         window: Default::default(),
         expires_in_secs: 900,
         synced: false,
+        syn_proxy: None,
     }
 }
 

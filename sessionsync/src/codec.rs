@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks. A frame of any other version is dropped and counted:
 /// a change to [`Batch`] or [`Entry`] bumps it.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 /// Bytes of a frame at most (version byte included); larger frames are dropped undecoded.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -144,6 +144,7 @@ mod tests {
             window: Default::default(),
             expires_in_secs: 900,
             synced: false,
+            syn_proxy: None,
         };
         Batch {
             from: "a".into(),

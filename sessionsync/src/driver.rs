@@ -44,7 +44,7 @@ use crate::core::{Apply, Config, ConfigError, Core, Output, PeerStats};
 /// The ALPN of session-sync connections. The number is the wire version's ([`codec`]'s): nodes
 /// that cannot read each other's frames do not connect (the handshake fails with an ALPN
 /// error both sides log) instead of dropping every frame.
-pub const ALPN: &[u8] = b"lbc-sync/2";
+pub const ALPN: &[u8] = b"lbc-sync/3";
 
 /// Application close code: the peer left the peer set, or sync shut down.
 const CLOSE_GONE: VarInt = VarInt::from_u32(1);

@@ -107,6 +107,7 @@ fn entry() -> impl Strategy<Value = Entry> {
                         window,
                         expires_in_secs: expires,
                         synced,
+                        syn_proxy: None,
                     },
                     closed,
                     age_us: age,
@@ -192,6 +193,7 @@ proptest! {
             timeouts: Timeouts::default(),
             toa: false,
             conn_reuse: dataplane::ConnReuse::default(),
+            syn_proxy: dataplane::SynProxy::default(),
             backends: vec![BackendConfig { addr: BACKEND.parse().unwrap(), weight: 1, healthy: true }],
         };
         let snap = Snapshot::new(1, &[service(L4Proto::Tcp), service(L4Proto::Udp)], MaglevParams::default(), None).unwrap();

@@ -48,6 +48,7 @@ fn record(owner: &str, n: u32) -> SessionRecord {
         window: Default::default(),
         expires_in_secs: 900,
         synced: false,
+        syn_proxy: None,
     }
 }
 
@@ -59,6 +60,7 @@ fn engine(lips: Vec<IpAddr>) -> Arc<Engine> {
         timeouts: Timeouts::default(),
         toa: false,
         conn_reuse: dataplane::ConnReuse::default(),
+        syn_proxy: dataplane::SynProxy::default(),
         backends: vec![BackendConfig {
             addr: "198.18.3.10:8080".parse().unwrap(),
             weight: 1,

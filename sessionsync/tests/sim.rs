@@ -29,6 +29,7 @@ fn record_of(owner: usize, n: u32, state: TcpState) -> SessionRecord {
         window: Default::default(),
         expires_in_secs: 900,
         synced: false,
+        syn_proxy: None,
     }
 }
 

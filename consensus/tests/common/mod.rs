@@ -333,6 +333,7 @@ pub(crate) fn add_service(last_octet: u8) -> Command {
             timeouts: Timeouts::default(),
             toa: false,
             conn_reuse: Default::default(),
+            syn_proxy: Default::default(),
             health: HealthCheck::None,
         },
         backends: vec![Backend {

@@ -21,6 +21,7 @@ fn worker() -> &'static Mutex<Worker> {
             timeouts: Timeouts::default(),
             toa: true,
             conn_reuse: dataplane::ConnReuse::default(),
+            syn_proxy: dataplane::SynProxy::default(),
             backends: vec![BackendConfig { addr: rs.parse().unwrap(), weight: 1, healthy: true }],
         };
         let services = [

@@ -342,6 +342,7 @@ pub fn service(
         timeouts: Timeouts::default(),
         toa: false,
         conn_reuse: dataplane::ConnReuse::default(),
+        syn_proxy: dataplane::SynProxy::default(),
         backends,
     }
 }

@@ -201,6 +201,7 @@ fn engine() -> Arc<Engine> {
         // TOA grows every SYN by 8 (IPv4) or 20 (IPv6) bytes through the TUN.
         toa: proto == L4Proto::Tcp,
         conn_reuse: dataplane::ConnReuse::default(),
+        syn_proxy: dataplane::SynProxy::default(),
         backends: vec![BackendConfig {
             addr: backend,
             weight: 1,

@@ -40,6 +40,7 @@ fn node() -> &'static Mutex<Node> {
             timeouts: Timeouts::default(),
             toa: false,
             conn_reuse: dataplane::ConnReuse::default(),
+            syn_proxy: dataplane::SynProxy::default(),
             backends: vec![BackendConfig {
                 addr: "198.18.3.10:8080".parse().unwrap(),
                 weight: 1,
