@@ -1935,6 +1935,17 @@ fn opening<A: Family>(
         s.expires = deadline(now_s, session_timeout(s));
         table.embryo_left(s);
         let ack = t.segment.seq.wrapping_add(1);
+        if let Some(h) = &op.held
+            && h.flags & synproxy::flags::FIN != 0
+        {
+            let fin = TcpFlags {
+                fin: true,
+                ack: true,
+                ..TcpFlags::default()
+            };
+            s.state = FlowState::Tcp(TcpState::Established.next(Direction::Inbound, fin));
+            s.dest.stats.moved(true, false);
+        }
         let (seq, flags, window, payload) = match &op.held {
             Some(h) => (
                 h.seq,
@@ -1982,13 +1993,15 @@ fn opening<A: Family>(
             None => Outcome::Drop(DropReason::Truncated),
         };
     }
-    if t.flags.rst || t.flags.fin {
+    if t.flags.rst {
         // The client gave up before the real server answered.
         close_opening(engine, table, locked);
         return Outcome::Drop(DropReason::SynProxyOpening);
     }
     op.window = t.segment.window;
     if op.held.is_none() {
+        // A client that sends its request and closes at once (data, then a FIN) has the data
+        // held, and sends the FIN again.
         let tcp = TcpPacket::new_unchecked(&pkt.buf[l3.l4_start..l3.l4_end]);
         if !tcp.payload().is_empty() {
             op.held = Some(Held {

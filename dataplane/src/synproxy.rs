@@ -150,8 +150,9 @@ impl Cookies {
         let now_slot = now_s / COOKIE_SLOT_SECS;
         let bits = cookie >> OPT_SHIFT & 0x7f;
         let opts = CookieOpts::from_bits(bits)?;
-        [now_slot, now_slot.checked_sub(1)?]
+        [Some(now_slot), now_slot.checked_sub(1)]
             .into_iter()
+            .flatten()
             .find(|&slot| {
                 slot as u32 & 7 == cookie >> SLOT_SHIFT
                     && self.mac(key, isn, slot, bits) == cookie & MAC_MASK
@@ -162,6 +163,7 @@ impl Cookies {
 
 /// TCP flags as they sit in byte 13 of the header.
 pub(crate) mod flags {
+    pub(crate) const FIN: u8 = 0x01;
     pub(crate) const SYN: u8 = 0x02;
     pub(crate) const RST: u8 = 0x04;
     pub(crate) const ACK: u8 = 0x10;
@@ -288,6 +290,9 @@ mod tests {
         assert_eq!(jar.check(&key(40000), 1000, c ^ 1 << 23, 6400), None);
         // Not from the future either.
         assert_eq!(jar.check(&key(40000), 1000, c, 6400 - 64), None);
+        // The first slot of the clock has no previous one.
+        let first = jar.make(&key(40000), 1000, 3, OPTS);
+        assert_eq!(jar.check(&key(40000), 1000, first, 5), Some(OPTS));
     }
 
     #[test]

@@ -543,3 +543,28 @@ fn test_another_node_carries_a_joined_flow_on_from_its_record() {
         )
     );
 }
+
+/// A client that sends its request and closes at once: the request and its FIN are held and
+/// sent on together, and the flow is half closed.
+#[test]
+fn test_a_request_with_its_fin_is_held_whole() {
+    let (engine, mut w) = proxied(SynProxy::On, small_config());
+    let cookie = cookie_handshake(&mut w, T0);
+    let ack = ip(c(), vip(), &seg(40000, 80, ACK, ISN + 1, cookie + 1, 502));
+    let lport = u16::from_be_bytes(run(&mut w, T0, &ack).1[20..22].try_into().unwrap());
+    let req = b"QUIT\r\n";
+    let last = seg(40000, 80, FIN | PSH | ACK, ISN + 1, cookie + 1, 502);
+    let data = ip(c(), vip(), &with(last, &[], req));
+    assert_eq!(
+        run(&mut w, T0, &data).0,
+        Verdict::Drop(DropReason::SynProxyOpening)
+    );
+    let synack = tcp(8080, lport, SYN | ACK, SERVER_ISN, ISN + 1, b"");
+    let (_, out) = run(&mut w, T0, &ip(rs(), lip(), &synack));
+    let sent = seg(lport, 8080, FIN | PSH | ACK, ISN + 1, SERVER_ISN + 1, 502);
+    assert_eq!(out, ip(lip(), rs(), &with(sent, &[], req)));
+    assert_eq!(
+        engine.sessions(T0)[0].state,
+        FlowState::Tcp(TcpState::CloseWait)
+    );
+}
