@@ -25,6 +25,10 @@ const SETTLE: Duration = Duration::from_secs(30);
 pub enum Scenario {
     /// Node 1's links are cut mid-load.
     HardFailure,
+    /// The same with the echo service behind the SYN proxy (`--syn-proxy on`): every
+    /// long-lived stream was opened by a cookie and is carried with a sequence delta, which
+    /// session sync hands to the survivors.
+    HardFailureProxied,
     /// The Raft leader's daemon is killed mid-load and started again 10 s later: the others
     /// elect meanwhile; it rejoins without an election, bulk-syncs and takes traffic.
     RestartAfterFailure,
@@ -49,6 +53,8 @@ pub struct ScenarioReport {
     pub pulled: Option<u64>,
     /// How the restarted node came back (restart after failure).
     pub rejoin: Option<Rejoin>,
+    /// Flows the nodes opened through the SYN proxy (the proxied hard failure).
+    pub proxied: Option<u64>,
     /// What happened when, for the operator.
     pub timeline: Vec<String>,
 }
@@ -85,7 +91,8 @@ impl ScenarioReport {
 /// Runs `scenario` in a lab of its own (removed at the end).
 pub fn run(scenario: Scenario) -> Result<ScenarioReport> {
     match scenario {
-        Scenario::HardFailure => hard_failure(),
+        Scenario::HardFailure => hard_failure(&[]),
+        Scenario::HardFailureProxied => hard_failure(&["--syn-proxy", "on"]),
         Scenario::RestartAfterFailure => restart_after_failure(),
         Scenario::ScaleOut => scale_out(),
         Scenario::DrainAndRemove => drain_and_remove(),
@@ -97,6 +104,11 @@ pub fn run(scenario: Scenario) -> Result<ScenarioReport> {
 /// echo service on VIP:9000 beside the bootstrap HTTP service on VIP:80, routed over all
 /// members.
 fn site(nodes: usize, members: usize) -> Result<ClusterSite> {
+    site_with(nodes, members, &[])
+}
+
+/// [`site`], with more `service add` options for the echo service.
+fn site_with(nodes: usize, members: usize, echo_options: &[&str]) -> Result<ClusterSite> {
     let site = ClusterSite::start_with(ClusterOptions {
         nodes,
         members,
@@ -104,8 +116,9 @@ fn site(nodes: usize, members: usize) -> Result<ClusterSite> {
         bgp: Some(BgpOptions { bfd: true }),
     })?;
     let vip = format!("{VIP}:9000");
-    site.cli(1, &["service", "add", "-t", &vip, "-s", "mh"])?
-        .ok()?;
+    let mut add = vec!["service", "add", "-t", &vip, "-s", "mh"];
+    add.extend_from_slice(echo_options);
+    site.cli(1, &add)?.ok()?;
     for j in 1..=2 {
         let backend = format!("{}:9000", site.lab.backend_addr(j));
         site.cli(1, &["backend", "add", "-t", &vip, "-r", &backend])?
@@ -138,14 +151,19 @@ fn load(site: &ClusterSite, seconds: u64) -> Result<(LabProcess, Instant)> {
 
 /// Node k's sessions created by its own traffic.
 fn created(site: &ClusterSite, k: usize) -> Result<u64> {
+    event(site, k, "sessions_created")
+}
+
+/// Node k's engine event counter `name`.
+fn event(site: &ClusterSite, k: usize, name: &str) -> Result<u64> {
     let (_, st) = site.status(k)?;
     st["events"]
         .as_array()
         .into_iter()
         .flatten()
-        .find(|e| e["name"] == "sessions_created")
+        .find(|e| e["name"] == name)
         .and_then(|e| e["count"].as_u64())
-        .context("sessions_created")
+        .with_context(|| name.to_owned())
 }
 
 fn wait_warm(site: &ClusterSite, k: usize) -> Result<()> {
@@ -169,12 +187,13 @@ fn empty() -> ScenarioReport {
         created_after: None,
         pulled: None,
         rejoin: None,
+        proxied: None,
         timeline: Vec::new(),
     }
 }
 
-fn hard_failure() -> Result<ScenarioReport> {
-    let site = site(3, 3)?;
+fn hard_failure(echo_options: &[&str]) -> Result<ScenarioReport> {
+    let site = site_with(3, 3, echo_options)?;
     let (load, started) = load(&site, 10)?;
     let cut = started.elapsed();
     site.cut_links(1)?;
@@ -182,7 +201,15 @@ fn hard_failure() -> Result<ScenarioReport> {
     r.failure_at = Some(cut);
     r.timeline
         .push(format!("n1's links cut {cut:?} into the load"));
-    finish(&site, &load, r)
+    let r = finish(&site, &load, r)?;
+    let mut proxied = 0;
+    for k in 1..=3 {
+        proxied += event(&site, k, "syn_cookies_accepted")?;
+    }
+    Ok(ScenarioReport {
+        proxied: Some(proxied),
+        ..r
+    })
 }
 
 /// How long the killed node stays down (the operator's restart "about 10 s later").

@@ -71,6 +71,21 @@ fn hard_failure() -> Result<()> {
     Ok(())
 }
 
+/// Every stream opened through the SYN proxy: the survivors carry them on with the sequence
+/// delta session sync gave them.
+#[test]
+fn hard_failure_with_every_stream_proxied() -> Result<()> {
+    let r = scenario(Scenario::HardFailureProxied)?;
+    streams_intact(&r);
+    failure_window(&r);
+    let proxied = r.proxied.unwrap_or_default();
+    assert!(
+        proxied >= u64::from(STREAMS),
+        "{proxied} flows opened by cookies, {STREAMS} streams"
+    );
+    Ok(())
+}
+
 /// The leader killed, restarted 10 s later under load: warm within 2 s of its start, and no
 /// election caused by its return (the leadership and term the survivors had stay).
 #[test]
