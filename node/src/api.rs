@@ -219,6 +219,30 @@ impl NodeStatus {
     pub(crate) fn total_drops(&self) -> u64 {
         self.drops.iter().map(|d| d.count).sum()
     }
+
+    /// What has run out, one line each: a session table at its maximum, a LIP's ports of a
+    /// protocol all in use. New flows then live only by evicting flows that never completed
+    /// their handshake; `status` is degraded while any of this lasts.
+    pub(crate) fn exhausted(&self) -> Vec<String> {
+        let f = &self.sessions.by_family;
+        let mut out: Vec<String> = [("IPv4", f.v4, f.v4_capacity), ("IPv6", f.v6, f.v6_capacity)]
+            .into_iter()
+            .filter(|&(_, n, cap)| cap > 0 && n >= cap)
+            .map(|(family, n, cap)| format!("{family} session table full ({n} of {cap})"))
+            .collect();
+        out.extend(
+            self.local_addrs
+                .iter()
+                .filter(|l| l.capacity > 0 && l.in_use >= l.capacity)
+                .map(|l| {
+                    format!(
+                        "LIP {} {} ports exhausted ({} of {})",
+                        l.ip, l.proto, l.in_use, l.capacity
+                    )
+                }),
+        );
+        out
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -289,7 +289,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let nodes_down = status.cluster.as_ref().map_or(0, |c| c.nodes_down());
             Ok(match &status.cluster {
                 Some(c) if !c.quorum => ExitCode::from(EXIT_CRITICAL),
-                _ if nodes_down > 0 || status.backends_down() > 0 => ExitCode::from(EXIT_DEGRADED),
+                _ if nodes_down > 0
+                    || status.backends_down() > 0
+                    || !status.exhausted().is_empty() =>
+                {
+                    ExitCode::from(EXIT_DEGRADED)
+                }
                 _ => ExitCode::SUCCESS,
             })
         }

@@ -473,6 +473,9 @@ pub(crate) fn status_text(st: &NodeStatus) -> String {
         st.sessions.capacity,
         st.total_drops()
     );
+    for what in st.exhausted() {
+        let _ = writeln!(s, "DEGRADED: {what}");
+    }
     if let Some(f) = &st.fastpath {
         fastpath_line(&mut s, f);
     }
