@@ -254,7 +254,14 @@ pub struct Engine {
     /// can prove a cookie only while one of the last two slots sent some.
     cookie_slot: AtomicU64,
     syn_proxy_threshold: usize,
+    /// `auto` stays engaged until this second (see [`AUTO_HOLD`]).
+    auto_until: AtomicU64,
 }
+
+/// How long `syn_proxy = "auto"` keeps answering with cookies after the half-open flows last
+/// passed the threshold: without it, a client whose SYN got a cookie could have its
+/// retransmitted SYN go to the real server as the count dips, and two handshakes would cross.
+const AUTO_HOLD: Duration = Duration::from_secs(10);
 
 impl Engine {
     pub fn new(config: EngineConfig, snapshot: Snapshot) -> Result<Arc<Engine>, LocalAddrError> {
@@ -273,8 +280,22 @@ impl Engine {
             sync_grace: config.sync_grace,
             cookies: Cookies::new(config.cookie_key),
             cookie_slot: AtomicU64::new(0),
+            auto_until: AtomicU64::new(0),
             syn_proxy_threshold: config.syn_proxy_threshold,
         }))
+    }
+
+    /// Whether `syn_proxy = "auto"` answers with cookies now: while the node's half-open flows
+    /// of the family number at least the threshold, and [`AUTO_HOLD`] after.
+    fn auto_engaged<A: Family>(&self, table: &FamilyTable<A>, now_s: u64) -> bool {
+        if table.embryonic_flows() >= self.syn_proxy_threshold {
+            let until = now_s + AUTO_HOLD.as_secs();
+            if self.auto_until.load(Ordering::Relaxed) < until {
+                self.auto_until.store(until, Ordering::Relaxed);
+            }
+            return true;
+        }
+        now_s < self.auto_until.load(Ordering::Relaxed)
     }
 
     /// Hands established flows to `offload` from now on (see [`crate::offload`]); set once, a
@@ -1325,7 +1346,7 @@ impl Worker {
                 && match svc.params.syn_proxy {
                     SynProxy::Off => false,
                     SynProxy::On => true,
-                    SynProxy::Auto => table.embryonic_flows() >= engine.syn_proxy_threshold,
+                    SynProxy::Auto => engine.auto_engaged(table, now_s),
                 };
             if proxied {
                 return answer_syn(&engine, &self.counters, pkt, l3, &key, t, now_s);

@@ -473,11 +473,11 @@ fn test_auto_proxies_only_past_the_threshold() {
         assert_eq!(&out[16..20], &RS1.octets());
     }
     // Two half-open flows: the third SYN gets a cookie.
-    let (v, out) = cookie_or_not(&mut w, 40003);
+    let (v, out) = cookie_or_not(&mut w, 40003, T0);
     assert_eq!(v, Verdict::Forward(Direction::Outbound));
     assert_eq!(&out[16..20], &CLIENT.octets());
     assert_eq!(engine.session_count(), 2);
-    // One completes its handshake: below the threshold again.
+    // One completes its handshake: below the threshold again, but cookies go on 10 s more.
     let rec = engine
         .sessions(T0)
         .into_iter()
@@ -494,12 +494,18 @@ fn test_auto_proxies_only_past_the_threshold() {
             &tcp(40001, 80, ACK, ISN + 1, SERVER_ISN + 1, b""),
         ),
     );
-    let (v, _) = cookie_or_not(&mut w, 40004);
-    assert_eq!(v, Verdict::Forward(Direction::Inbound));
+    let (v, _) = cookie_or_not(&mut w, 40004, at(9));
+    assert_eq!(v, Verdict::Forward(Direction::Outbound), "still a cookie");
+    let (v, _) = cookie_or_not(&mut w, 40005, at(10));
+    assert_eq!(
+        v,
+        Verdict::Forward(Direction::Inbound),
+        "to the real server"
+    );
 }
 
-fn cookie_or_not(w: &mut dataplane::Worker, cport: u16) -> (Verdict, Vec<u8>) {
-    run(w, T0, &ip(c(), vip(), &tcp(cport, 80, SYN, ISN, 0, b"")))
+fn cookie_or_not(w: &mut dataplane::Worker, cport: u16, now: Instant) -> (Verdict, Vec<u8>) {
+    run(w, now, &ip(c(), vip(), &tcp(cport, 80, SYN, ISN, 0, b"")))
 }
 
 #[test]

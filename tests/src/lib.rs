@@ -18,6 +18,7 @@ pub mod bench;
 pub mod bgp;
 pub mod cluster;
 pub mod deploy;
+pub mod flood;
 pub mod lab;
 pub mod load;
 pub mod scenarios;

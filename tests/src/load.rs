@@ -24,7 +24,7 @@ const SHORT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One short connection: when it was due and when a worker began it (from the start of the
 /// run), how long it took, and what went wrong if it failed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Short {
     pub at: Duration,
     pub began: Duration,
@@ -66,7 +66,7 @@ pub fn run(spec: LoadSpec) -> Value {
 }
 
 /// Opens `rate` connections per second for `duration`, each a `GET /`.
-fn short_connections(target: SocketAddr, rate: u32, duration: Duration) -> Vec<Short> {
+pub fn short_connections(target: SocketAddr, rate: u32, duration: Duration) -> Vec<Short> {
     let start = Instant::now();
     let (tx, rx) = mpsc::channel::<Duration>();
     let rx = Arc::new(Mutex::new(rx));
@@ -114,6 +114,28 @@ fn short_connections(target: SocketAddr, rate: u32, duration: Duration) -> Vec<S
     let mut shorts = std::mem::take(&mut *results.lock().unwrap_or_else(PoisonError::into_inner));
     shorts.sort_by_key(|s| s.at);
     shorts
+}
+
+/// Success and latency of some short connections.
+pub fn phase_json<'a>(shorts: impl Iterator<Item = &'a Short>) -> Value {
+    let shorts: Vec<&Short> = shorts.collect();
+    let mut ok: Vec<Duration> = shorts
+        .iter()
+        .filter(|s| s.error.is_none())
+        .map(|s| s.latency)
+        .collect();
+    ok.sort_unstable();
+    let pct = |p: usize| {
+        ok.get((ok.len() * p / 100).min(ok.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    let attempted = shorts.len();
+    json!({
+        "attempted": attempted,
+        "succeeded": ok.len(),
+        "success_pct": if attempted == 0 { 100.0 } else { ok.len() as f64 * 100.0 / attempted as f64 },
+        "latency_ms": { "p50": pct(50), "p99": pct(99), "max": ok.last().map_or(0.0, |d| d.as_secs_f64() * 1e3) },
+    })
 }
 
 fn short_json(shorts: &[Short], rate: u32) -> Value {

@@ -61,6 +61,8 @@ pub struct SiteOptions<'a> {
     pub node: &'a str,
     /// More lines for the TCP echo services on port 9000 (`timeouts = { … }`, …).
     pub echo: &'a str,
+    /// More lines for the IPv4 HTTP service on port 80 (`syn_proxy = "on"`, …).
+    pub http: &'a str,
 }
 
 impl Default for SiteOptions<'_> {
@@ -70,6 +72,7 @@ impl Default for SiteOptions<'_> {
             toa: false,
             node: "",
             echo: "",
+            http: "",
         }
     }
 }
@@ -100,6 +103,7 @@ impl Site {
             toa,
             node,
             echo,
+            http,
         } = options;
         let lab = Lab::up(LabSpec {
             nodes: 1,
@@ -126,6 +130,7 @@ proto = "tcp"
 scheduler = "{scheduler}"
 toa = {toa}
 {health}
+{http}
 [[service.backend]]
 addr = "{b1}:8080"
 [[service.backend]]
@@ -216,6 +221,15 @@ addr = "[{b2v6}]:9000"
     /// An engine event counter (`icmp_translated`, `toa_inserted`, …) from
     /// `lbcluster status -o json`.
     pub fn event(&self, name: &str) -> Result<u64> {
+        self.counter("events", name)
+    }
+
+    /// A drop counter (`table_full`, `bad_cookie`, …) from `lbcluster status -o json`.
+    pub fn drop_count(&self, name: &str) -> Result<u64> {
+        self.counter("drops", name)
+    }
+
+    fn counter(&self, list: &str, name: &str) -> Result<u64> {
         let out = self.status(true)?;
         ensure!(
             out.status.code().is_some_and(|c| c < 3),
@@ -223,13 +237,13 @@ addr = "[{b2v6}]:9000"
             String::from_utf8_lossy(&out.stderr)
         );
         let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        status["events"]
+        status[list]
             .as_array()
             .into_iter()
             .flatten()
             .find(|e| e["name"] == name)
             .and_then(|e| e["count"].as_u64())
-            .with_context(|| format!("no event {name} in the status"))
+            .with_context(|| format!("no {list} counter {name} in the status"))
     }
 
     /// `GET path` on port 80 of a VIP, from the client namespace.

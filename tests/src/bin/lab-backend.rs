@@ -65,6 +65,24 @@ enum Command {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
         seconds: u64,
     },
+    /// New short HTTP connections (`GET /`) at a rate; print every one as JSON (`each`).
+    Short {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=5000))]
+        rate: u32,
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+        seconds: u64,
+    },
+    /// Send TCP SYNs from spoofed lab addresses (198.18.1.100-249) to ADDR as fast as one raw
+    /// socket can, for SECONDS or MAX_PACKETS; print what was sent as JSON. IPv4 lab
+    /// addresses only.
+    SynFlood {
+        addr: std::net::SocketAddrV4,
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=120))]
+        seconds: u64,
+        #[arg(long, default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+        max_packets: u64,
+    },
     /// Keep long-lived connections through a TCP echo server, checking every byte; print a
     /// JSON report.
     Streams {
@@ -117,6 +135,31 @@ fn main() -> Result<()> {
                 duration: Duration::from_secs(seconds),
             });
             println!("{report}");
+            Vec::new()
+        }
+        Command::Short {
+            addr,
+            rate,
+            seconds,
+        } => {
+            let each = load::short_connections(addr, rate, Duration::from_secs(seconds));
+            println!("{}", serde_json::json!({ "each": each }));
+            Vec::new()
+        }
+        Command::SynFlood {
+            addr,
+            seconds,
+            max_packets,
+        } => {
+            let (sent, took) = tests::flood::syn_flood(addr, seconds, max_packets)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "packets": sent,
+                    "seconds": took.as_secs_f64(),
+                    "pps": sent as f64 / took.as_secs_f64().max(1e-9),
+                })
+            );
             Vec::new()
         }
         Command::Streams {

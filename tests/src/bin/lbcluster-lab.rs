@@ -63,6 +63,17 @@ enum Command {
         #[arg(value_enum)]
         name: Scenario,
     },
+    /// The SYN-flood benchmark: one node (50,000 sessions), legitimate clients at RATE new
+    /// connections/s before, during and after a flood of spoofed SYNs; prints the report.
+    Flood {
+        /// `syn_proxy` of the flooded service: off, on or auto.
+        #[arg(long, default_value = "auto", value_parser = ["off", "on", "auto"])]
+        syn_proxy: String,
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=120))]
+        flood_seconds: u64,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        rate: u32,
+    },
     /// Run a three-node cluster in a lab, configure it, send traffic through its VIP, show
     /// `lbcluster status`, clean up.
     Demo {
@@ -121,6 +132,26 @@ fn main() -> Result<()> {
             requests,
             scheduler,
         } => demo(requests, &scheduler)?,
+        Command::Flood {
+            syn_proxy,
+            flood_seconds,
+            rate,
+        } => {
+            let syn_proxy = match syn_proxy.as_str() {
+                "off" => "off",
+                "on" => "on",
+                _ => "auto",
+            };
+            let report = tests::flood::run(tests::flood::FloodSpec {
+                syn_proxy,
+                before: Duration::from_secs(10),
+                flood: Duration::from_secs(flood_seconds),
+                after: Duration::from_secs(15),
+                rate,
+                max_packets: 100_000_000,
+            })?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
     }
     Ok(())
 }
