@@ -1569,8 +1569,19 @@ impl<A: Family> Quote<A> {
     fn parse(b: &[u8]) -> Option<Quote<A>> {
         let (proto, l4_off) = if A::IS_V6 {
             // Quotes with extension headers are not translated: the walk could not be trusted
-            // on a truncated packet.
-            (*b.get(6)?, 40)
+            // on a truncated packet. The one exception is the Fragment header (fixed size) of
+            // a first fragment, which holds the ports: a router that cannot forward the
+            // fragments a client sent says so quoting them (see `frag`).
+            match *b.get(6)? {
+                next if IpProtocol::from(next) == IpProtocol::Ipv6Frag => {
+                    let frag_offset = u16::from_be_bytes([*b.get(42)?, *b.get(43)?]) & 0xfff8;
+                    if frag_offset != 0 {
+                        return None;
+                    }
+                    (*b.get(40)?, 48)
+                }
+                next => (next, 40),
+            }
         } else {
             let ihl = usize::from(b.first()? & 0x0f) * 4;
             let frag_offset = u16::from_be_bytes([*b.get(6)?, *b.get(7)?]) & 0x1fff;

@@ -366,3 +366,37 @@ fn test_atomic_v6_fragment_is_a_whole_datagram() {
     let expected = ip(v6(LIP6), v6(RS6), &udp(lport, 5353, b"atomic"));
     assert_eq!(out, fragment_v6(&expected, 1448, 8)[0]);
 }
+
+#[test]
+fn test_packet_too_big_quoting_a_first_fragment_is_translated() {
+    // The client's fragments are too big for a path behind the node: the router there says so
+    // to the LIP, quoting the translated first fragment; the client must hear it about its own.
+    let (engine, mut w) = engine6();
+    let request = payload(3000);
+    let whole = ip(v6(CLIENT6), v6(VIP6), &udp(5000, 53, &request));
+    let frags = fragment_v6(&whole, 1448, 21);
+    let out = forward_all(&mut w, T0, &frags, Direction::Inbound);
+    let router6: IpAddr = "2001:db8:3::1".parse().unwrap();
+    let too_big = |quoted: &[u8], src: IpAddr, dst: IpAddr| {
+        ip(
+            src,
+            dst,
+            &L4::Icmp {
+                typ: 2,
+                code: 0,
+                rest: 1280u32.to_be_bytes(),
+                data: quoted[..1232].to_vec(),
+            },
+        )
+    };
+    let (v, translated) = run(&mut w, T0, &too_big(&out[0], router6, v6(LIP6)));
+    assert_eq!(v, Verdict::Forward(Direction::Outbound));
+    assert_eq!(translated, too_big(&frags[0], v6(VIP6), v6(CLIENT6)));
+    assert_checksums_ok(&translated);
+    // About a later fragment (no ports to find the flow by): not translated, counted.
+    assert_eq!(
+        run(&mut w, T0, &too_big(&out[1], router6, v6(LIP6))).0,
+        Verdict::Drop(DropReason::IcmpUnsupported)
+    );
+    assert_eq!(engine.counters().events(Event::IcmpTranslated), 1);
+}

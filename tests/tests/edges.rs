@@ -75,8 +75,10 @@ fn large_udp_datagrams_cross_the_vip_fragmented_both_ways() -> Result<()> {
 fn large_udp_datagrams_cross_a_smaller_mtu_behind_the_node() -> Result<()> {
     let site = Site::start("rr")?;
     // The backends answer over a 1000-byte (IPv4) or 1280-byte (IPv6, its minimum) path:
-    // their kernels cut the replies to that size. IPv4 towards the backends is limited the
-    // same way at the router, which cuts the client's fragments again (they carry no DF).
+    // their kernels cut the replies to that size. The router limits the way to the backends
+    // the same: it cuts the client's IPv4 fragments again (they carry no DF), and answers
+    // the 1500-byte IPv6 ones with "packet too big" to the LIP, which the node translates
+    // for the client (quoting its first fragment): the client's next try is cut to 1280.
     for j in 1..=2 {
         let role = format!("b{j}");
         site.lab.exec(
@@ -110,16 +112,18 @@ fn large_udp_datagrams_cross_a_smaller_mtu_behind_the_node() -> Result<()> {
             ],
         )?;
     }
-    site.lab.limit_backend_path_mtu(1000, 1500)?;
+    site.lab.limit_backend_path_mtu(1000, 1280)?;
     for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
         echo_through(&site, vip, LARGE, 2)?;
     }
+    let too_big = site.event("icmp_translated")?;
+    ensure!(too_big >= 1, "no packet too big translated");
     // A 1400-byte IPv4 datagram leaves the client whole with DF; the router's "fragmentation
     // needed" is translated back to the client, which then fragments it at 1000 bytes.
     echo_through(&site, VIP.into(), 1400, 2)?;
     ensure!(
-        site.event("icmp_translated")? >= 1,
-        "no ICMP error translated"
+        site.event("icmp_translated")? > too_big,
+        "no fragmentation needed translated"
     );
     ensure!(site.dropped("fragment_untracked")? == 0);
     Ok(())
