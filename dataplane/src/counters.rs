@@ -36,8 +36,17 @@ named_enum! {
         Malformed => "malformed",
         /// An IP header, or the L4 checksum of a packet that opens a flow, is wrong.
         BadChecksum => "bad_checksum",
-        /// IP fragments are not reassembled.
+        /// A fragment the engine does not follow: of a datagram other than TCP or UDP (an ICMP
+        /// echo or error, …), or a first fragment too short to hold the TCP or UDP ports.
         Fragment => "fragment",
+        /// A later fragment whose first fragment was not seen (it arrived out of order before
+        /// it, was dropped, or its datagram's entry was reused): nothing says where it goes.
+        FragmentUntracked => "fragment_untracked",
+        /// A later fragment that came after its datagram's entry expired (see `frag`).
+        FragmentExpired => "fragment_expired",
+        /// A first fragment refused because the fragment table had no room: too many
+        /// fragmented datagrams in flight (see `frag`).
+        FragmentTableFull => "fragment_table_full",
         /// IPv4 packets with options are not forwarded.
         IpOptions => "ip_options",
         /// Neither TCP, UDP nor an ICMP error.
@@ -54,13 +63,18 @@ named_enum! {
         TableFull => "table_full",
         /// An ICMP error quoting a packet of no known session.
         IcmpNoSession => "icmp_no_session",
-        /// An ICMP message that is not a translatable error (echo, redirect, ND, …).
+        /// An ICMP message that is neither a translatable error nor an echo request to a VIP
+        /// (redirect, ND, an echo reply, …).
         IcmpUnsupported => "icmp_unsupported",
         /// A bare ACK to a proxied service with no session and no valid SYN cookie.
         BadCookie => "bad_cookie",
         /// A segment of a proxied flow whose real server has not answered yet (its first data
         /// is held and sent on when it does; the client sends the rest again).
         SynProxyOpening => "syn_proxy_opening",
+        /// An ICMP or ICMPv6 echo request to an address that is not a VIP (a LIP, …).
+        EchoNotVip => "echo_not_vip",
+        /// An echo request to a VIP left unanswered: replies were over their rate (see `echo`).
+        EchoRateLimited => "echo_rate_limited",
     }
 }
 
@@ -83,6 +97,12 @@ named_enum! {
         EmbryonicEvicted => "embryonic_evicted",
         /// ICMP errors translated in their outer and quoted headers.
         IcmpTranslated => "icmp_translated",
+        /// Echo requests to a VIP answered by the node (`Verdict::Reply`).
+        EchoReplied => "echo_replied",
+        /// First fragments translated and tracked: their datagram's later fragments follow.
+        FragmentsTracked => "fragments_tracked",
+        /// Later fragments translated like their first fragment.
+        FragmentsFollowed => "fragments_followed",
         /// SYNs that received a TOA option.
         ToaInserted => "toa_inserted",
         /// SYNs forwarded without TOA because the option did not fit.

@@ -6,7 +6,9 @@
 //! the server-side key, it leaves as VIP:vport → client. Checksums are updated incrementally
 //! (RFC 1624), or as a pseudo-header partial sum when the I/O layer hands the packet over with
 //! checksum offload pending. ICMP errors about a known flow are translated in the outer and the
-//! quoted header. Everything else is dropped under a named reason.
+//! quoted header. Later fragments of a datagram follow its first fragment's translation
+//! (`frag`); echo requests to a VIP are answered by the engine itself (`echo`). Everything else
+//! is dropped under a named reason.
 //!
 //! The engine is sans-IO: it reads no clock and opens no socket. An [`Engine`] holds what all
 //! workers share (session table, local addresses, the service snapshot); each packet worker owns
@@ -23,7 +25,9 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::counters::{CounterTotals, Counters, DropReason, Event};
+use crate::echo::{self, EchoLimiter};
 use crate::family::Family;
+use crate::frag::{FragKey, FragPos, Fragments};
 use crate::laddr::{L4Proto, LocalAddr, LocalAddrError, LocalAddrPool};
 use crate::offload::{FlowActivity, Offload, Offloaded};
 use crate::service::{ConnReuse, Snapshot, SynProxy, TrafficSlotId};
@@ -35,8 +39,8 @@ use crate::synproxy::{self, CookieOpts, Cookies, PROXY_WSCALE};
 use crate::tcp_state::{Direction, MAX_WSCALE, Segment, TcpFlags, TcpState, TcpWindow, Timeouts};
 use crate::time::Instant;
 use crate::wire::{
-    self, Icmpv4Packet, Icmpv6Packet, IpProtocol, Ipv4Packet, Ipv6Packet, TcpOption, TcpOptions,
-    TcpPacket, UdpPacket, checksum,
+    self, Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpProtocol, Ipv4Packet,
+    Ipv6Packet, TcpOption, TcpOptions, TcpPacket, UdpPacket, checksum,
 };
 
 impl From<wire::Error> for DropReason {
@@ -100,7 +104,17 @@ impl<'a> Packet<'a> {
 pub enum Verdict {
     /// Send the (rewritten) packet on.
     Forward(Direction),
+    /// Send the packet back where it came from: the engine answered it itself (an echo reply
+    /// to a VIP). Over TUN this is the same write as a forward: the kernel routes it.
+    Reply,
     Drop(DropReason),
+}
+
+/// What the IP layer did with a packet it did not drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handled {
+    Forward(Direction),
+    Reply,
 }
 
 /// Engine settings that are fixed for the life of the engine.
@@ -256,6 +270,10 @@ pub struct Engine {
     syn_proxy_threshold: usize,
     /// `auto` stays engaged until this second (see [`AUTO_HOLD`]).
     auto_until: AtomicU64,
+    /// Datagrams whose later fragments follow their first (see `frag`).
+    fragments: Fragments,
+    /// Echo replies to VIPs (see `echo`).
+    echo: EchoLimiter,
 }
 
 /// How long `syn_proxy = "auto"` keeps answering with cookies after the half-open flows last
@@ -282,6 +300,8 @@ impl Engine {
             cookie_slot: AtomicU64::new(0),
             auto_until: AtomicU64::new(0),
             syn_proxy_threshold: config.syn_proxy_threshold,
+            fragments: Fragments::new(config.table_seed),
+            echo: EchoLimiter::new(),
         }))
     }
 
@@ -836,6 +856,8 @@ struct L3<A> {
     /// Start and end of the L4 header and payload in the buffer.
     l4_start: usize,
     l4_end: usize,
+    /// A fragment: the L4 header, if here, heads a longer datagram (see `frag`).
+    fragment: bool,
 }
 
 /// The TCP fields the engine tracks.
@@ -972,13 +994,14 @@ impl Worker {
             None => Err(DropReason::Truncated),
         };
         match result {
-            Ok(dir) => {
+            Ok(Handled::Forward(dir)) => {
                 self.counters.count(match dir {
                     Direction::Inbound => Event::ForwardedInbound,
                     Direction::Outbound => Event::ForwardedOutbound,
                 });
                 Verdict::Forward(dir)
             }
+            Ok(Handled::Reply) => Verdict::Reply,
             Err(reason) => {
                 self.counters.dropped(reason);
                 Verdict::Drop(reason)
@@ -1032,13 +1055,10 @@ impl Worker {
         );
     }
 
-    fn ipv4(&mut self, now: Instant, pkt: &mut Packet<'_>) -> Result<Direction, DropReason> {
+    fn ipv4(&mut self, now: Instant, pkt: &mut Packet<'_>) -> Result<Handled, DropReason> {
         let ip = Ipv4Packet::new_checked(pkt.data())?;
         if !ip.verify_checksum() {
             return Err(DropReason::BadChecksum);
-        }
-        if ip.is_fragment() {
-            return Err(DropReason::Fragment);
         }
         if ip.has_options() {
             return Err(DropReason::IpOptions);
@@ -1048,35 +1068,105 @@ impl Worker {
             dst: ip.dst_addr(),
             l4_start: usize::from(ip.header_len()),
             l4_end: usize::from(ip.total_len()),
+            fragment: ip.is_fragment(),
         };
         let proto = ip.next_header();
+        let ident = u32::from(ip.ident());
+        let pos = FragPos {
+            offset: u32::from(ip.frag_offset()),
+            len: u32::from(ip.total_len() - u16::from(ip.header_len())),
+            more: ip.more_frags(),
+        };
         // Link-layer padding past the IP datagram is not forwarded.
         pkt.len = l3.l4_end;
+        if l3.fragment {
+            return self.fragment(now, pkt, l3, proto, ident, pos);
+        }
         match proto {
-            IpProtocol::Tcp | IpProtocol::Udp => self.translate(now, pkt, l3, proto),
-            IpProtocol::Icmp => self.icmpv4(pkt, l3),
+            IpProtocol::Tcp | IpProtocol::Udp => {
+                self.translate(now, pkt, l3, proto).map(Handled::Forward)
+            }
+            IpProtocol::Icmp => self.icmpv4(now, pkt, l3),
             _ => Err(DropReason::UnsupportedProtocol),
         }
     }
 
-    fn ipv6(&mut self, now: Instant, pkt: &mut Packet<'_>) -> Result<Direction, DropReason> {
+    fn ipv6(&mut self, now: Instant, pkt: &mut Packet<'_>) -> Result<Handled, DropReason> {
         let ip = Ipv6Packet::new_checked(pkt.data())?;
         let upper = ip.upper_layer()?;
-        if upper.fragment.is_some() {
-            return Err(DropReason::Fragment);
-        }
+        // An atomic fragment (offset 0, no more) is a whole datagram (RFC 6946).
+        let frag = upper.fragment.filter(|f| f.offset != 0 || f.more);
         let l3 = L3 {
             src: ip.src_addr(),
             dst: ip.dst_addr(),
             l4_start: upper.offset,
             l4_end: 40 + usize::from(ip.payload_len()),
+            fragment: frag.is_some(),
         };
         pkt.len = l3.l4_end;
+        if let Some(f) = frag {
+            let pos = FragPos {
+                offset: u32::from(f.offset),
+                // Bytes after the Fragment header; for a first fragment, after the headers
+                // that follow it too (an entry then lives until it expires: harmless).
+                len: u32::try_from(l3.l4_end.saturating_sub(l3.l4_start)).unwrap_or(u32::MAX),
+                more: f.more,
+            };
+            return self.fragment(now, pkt, l3, upper.protocol, f.ident, pos);
+        }
         match upper.protocol {
-            IpProtocol::Tcp | IpProtocol::Udp => self.translate(now, pkt, l3, upper.protocol),
-            IpProtocol::Icmpv6 => self.icmpv6(pkt, l3),
+            IpProtocol::Tcp | IpProtocol::Udp => self
+                .translate(now, pkt, l3, upper.protocol)
+                .map(Handled::Forward),
+            IpProtocol::Icmpv6 => self.icmpv6(now, pkt, l3),
             _ => Err(DropReason::UnsupportedProtocol),
         }
+    }
+
+    /// A fragment (see `frag`): the first is translated like its flow's packets and tracked,
+    /// later ones get the addresses their first got.
+    fn fragment<A: Family>(
+        &mut self,
+        now: Instant,
+        pkt: &mut Packet<'_>,
+        l3: L3<A>,
+        proto: IpProtocol,
+        ident: u32,
+        pos: FragPos,
+    ) -> Result<Handled, DropReason> {
+        if !matches!(proto, IpProtocol::Tcp | IpProtocol::Udp) {
+            return Err(DropReason::Fragment);
+        }
+        let key = FragKey {
+            src: l3.src,
+            dst: l3.dst,
+            proto: u8::from(proto),
+            ident,
+        };
+        let engine = self.engine.clone();
+        let table = A::fragments(&engine.fragments);
+        if pos.offset != 0 {
+            let follow = table.lock().follow(&key, pos, now)?;
+            rewrite_addrs(pkt.buf, &l3, follow.src, follow.dst);
+            self.counters.count(Event::FragmentsFollowed);
+            return Ok(Handled::Forward(follow.dir));
+        }
+        if !table.lock().has_room(&key, now) {
+            return Err(DropReason::FragmentTableFull);
+        }
+        let dir = match self.translate(now, pkt, l3, proto) {
+            // Too short for the ports: nothing to follow.
+            Err(DropReason::Truncated) => return Err(DropReason::Fragment),
+            other => other?,
+        };
+        let follow = crate::frag::Follow {
+            src: A::from_slice(&pkt.buf[A::SRC_OFF..]),
+            dst: A::from_slice(&pkt.buf[A::DST_OFF..]),
+            dir,
+        };
+        table.lock().track(key, pos, follow, now)?;
+        self.counters.count(Event::FragmentsTracked);
+        Ok(Handled::Forward(dir))
     }
 
     fn translate<A: Family>(
@@ -1099,7 +1189,12 @@ impl Worker {
                 Some(TcpInfo::parse(&t)?),
             )
         } else {
-            let u = UdpPacket::new_checked(l4)?;
+            // A first fragment holds the header of a datagram longer than itself.
+            let u = if l3.fragment && l4.len() >= wire::udp::HEADER_LEN {
+                UdpPacket::new_unchecked(l4)
+            } else {
+                UdpPacket::new_checked(l4)?
+            };
             // RFC 8200: a zero UDP checksum is invalid over IPv6.
             if A::IS_V6 && u.checksum() == 0 {
                 return Err(DropReason::BadChecksum);
@@ -1140,7 +1235,8 @@ impl Worker {
         if let Some(shift) = rewrite.shift {
             shift_tcp(pkt, &l3, rewrite.dir, shift);
         }
-        if let Some((client, cport)) = rewrite.toa {
+        // A first fragment keeps its length: its later fragments follow it (see `frag`).
+        if let Some((client, cport)) = rewrite.toa.filter(|_| !l3.fragment) {
             let inserted = insert_toa(pkt, &l3, rewrite.src, rewrite.dst, client, cport);
             self.counters.count(if inserted {
                 Event::ToaInserted
@@ -1195,6 +1291,9 @@ impl Worker {
             return None;
         }
         if let (Proxy::Opening(_), Some(t)) = (&s.proxy, tcp) {
+            if l3.fragment {
+                return Some(Outcome::Drop(DropReason::SynProxyOpening));
+            }
             return Some(opening(
                 engine, counters, events, table, locked, pkt, l3, t, now_s,
             ));
@@ -1328,13 +1427,14 @@ impl Worker {
         if !opens && svc.params.syn_proxy == SynProxy::Off {
             return Err(DropReason::NoSession);
         }
-        if pkt.csum == L4Checksum::Unverified && !l4_checksum_ok(pkt, l3, proto) {
+        // A fragment's checksum covers bytes the engine never sees (see `frag`).
+        if pkt.csum == L4Checksum::Unverified && !l3.fragment && !l4_checksum_ok(pkt, l3, proto) {
             return Err(DropReason::BadChecksum);
         }
         let table = A::table(&engine.table);
         // The proxy writes its own segments over plain headers only (no IPv6 extension
-        // headers; IPv4 options were refused before).
-        let plain = l3.l4_start == if A::IS_V6 { 40 } else { 20 };
+        // headers, no fragment; IPv4 options were refused before).
+        let plain = l3.l4_start == if A::IS_V6 { 40 } else { 20 } && !l3.fragment;
         if let Some(t) = tcp {
             if !opens {
                 if !plain {
@@ -1625,10 +1725,20 @@ impl Worker {
         Ok(())
     }
 
-    fn icmpv4(&mut self, pkt: &mut Packet<'_>, l3: L3<Ipv4Addr>) -> Result<Direction, DropReason> {
+    fn icmpv4(
+        &mut self,
+        now: Instant,
+        pkt: &mut Packet<'_>,
+        l3: L3<Ipv4Addr>,
+    ) -> Result<Handled, DropReason> {
         let msg = Icmpv4Packet::new_checked(&pkt.buf[l3.l4_start..l3.l4_end])?;
         if !msg.verify_checksum() {
             return Err(DropReason::BadChecksum);
+        }
+        if msg.msg_type() == Icmpv4Message::EchoRequest {
+            self.echo_allowed(now, l3.dst.into(), echo::answerable_v4(l3.src))?;
+            echo::reply_v4(pkt.buf, l3.l4_start, l3.l4_end);
+            return Ok(Handled::Reply);
         }
         if !msg.msg_type().is_error() {
             return Err(DropReason::IcmpUnsupported);
@@ -1636,10 +1746,35 @@ impl Worker {
         let dir = self.translate_icmp_error(pkt, &l3)?;
         let mut msg = Icmpv4Packet::new_unchecked(&mut pkt.buf[l3.l4_start..l3.l4_end]);
         msg.fill_checksum();
-        Ok(dir)
+        Ok(Handled::Forward(dir))
     }
 
-    fn icmpv6(&mut self, pkt: &mut Packet<'_>, l3: L3<Ipv6Addr>) -> Result<Direction, DropReason> {
+    /// Whether an echo request to `dst` is answered (see `echo`); counted either way.
+    fn echo_allowed(
+        &mut self,
+        now: Instant,
+        dst: IpAddr,
+        answerable: bool,
+    ) -> Result<(), DropReason> {
+        if !self.engine.snapshot.load().is_vip(dst) {
+            return Err(DropReason::EchoNotVip);
+        }
+        if !answerable {
+            return Err(DropReason::Malformed);
+        }
+        if !self.engine.echo.allow(now) {
+            return Err(DropReason::EchoRateLimited);
+        }
+        self.counters.count(Event::EchoReplied);
+        Ok(())
+    }
+
+    fn icmpv6(
+        &mut self,
+        now: Instant,
+        pkt: &mut Packet<'_>,
+        l3: L3<Ipv6Addr>,
+    ) -> Result<Handled, DropReason> {
         let len = u32::try_from(l3.l4_end - l3.l4_start).map_err(|_| DropReason::Malformed)?;
         let msg = Icmpv6Packet::new_checked(&pkt.buf[l3.l4_start..l3.l4_end])?;
         if !msg.verify_checksum(checksum::pseudo_header_v6(
@@ -1649,6 +1784,14 @@ impl Worker {
             len,
         )) {
             return Err(DropReason::BadChecksum);
+        }
+        if msg.msg_type() == Icmpv6Message::EchoRequest {
+            if l3.l4_start != wire::ipv6::HEADER_LEN {
+                return Err(DropReason::IcmpUnsupported);
+            }
+            self.echo_allowed(now, l3.dst.into(), echo::answerable_v6(l3.src))?;
+            echo::reply_v6(pkt.buf, l3.l4_start, l3.l4_end);
+            return Ok(Handled::Reply);
         }
         if !msg.msg_type().is_error() {
             return Err(DropReason::IcmpUnsupported);
@@ -1665,7 +1808,7 @@ impl Worker {
             IpProtocol::Icmpv6,
             len,
         ));
-        Ok(dir)
+        Ok(Handled::Forward(dir))
     }
 
     /// Translates an ICMP error's outer header and the packet it quotes. The quoted packet went
@@ -2160,8 +2303,19 @@ impl<A: Family> Quote<A> {
     fn parse(b: &[u8]) -> Option<Quote<A>> {
         let (proto, l4_off) = if A::IS_V6 {
             // Quotes with extension headers are not translated: the walk could not be trusted
-            // on a truncated packet.
-            (*b.get(6)?, 40)
+            // on a truncated packet. The one exception is the Fragment header (fixed size) of
+            // a first fragment, which holds the ports: a router that cannot forward the
+            // fragments a client sent says so quoting them (see `frag`).
+            match *b.get(6)? {
+                next if IpProtocol::from(next) == IpProtocol::Ipv6Frag => {
+                    let frag_offset = u16::from_be_bytes([*b.get(42)?, *b.get(43)?]) & 0xfff8;
+                    if frag_offset != 0 {
+                        return None;
+                    }
+                    (*b.get(40)?, 48)
+                }
+                next => (next, 40),
+            }
         } else {
             let ihl = usize::from(b.first()? & 0x0f) * 4;
             let frag_offset = u16::from_be_bytes([*b.get(6)?, *b.get(7)?]) & 0x1fff;

@@ -5,6 +5,9 @@ use std::fmt::Debug;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use parking_lot::Mutex;
+
+use crate::frag::{FragTable, Fragments};
 use crate::session::{FamilyTable, SessionTable};
 use crate::wire::{IpProtocol, checksum};
 
@@ -22,6 +25,7 @@ pub(crate) trait Family: Copy + Eq + Hash + Debug + Send + Sync + 'static {
     fn to_ip(self) -> IpAddr;
     fn from_ip(ip: IpAddr) -> Option<Self>;
     fn table(t: &SessionTable) -> &FamilyTable<Self>;
+    fn fragments(f: &Fragments) -> &Mutex<FragTable<Self>>;
     fn pseudo_header(src: Self, dst: Self, proto: IpProtocol, len: u32) -> u16;
 }
 
@@ -51,6 +55,9 @@ impl Family for Ipv4Addr {
     }
     fn table(t: &SessionTable) -> &FamilyTable<Self> {
         &t.v4
+    }
+    fn fragments(f: &Fragments) -> &Mutex<FragTable<Self>> {
+        &f.v4
     }
     fn pseudo_header(src: Self, dst: Self, proto: IpProtocol, len: u32) -> u16 {
         checksum::pseudo_header_v4(&src, &dst, proto, len)
@@ -83,6 +90,9 @@ impl Family for Ipv6Addr {
     }
     fn table(t: &SessionTable) -> &FamilyTable<Self> {
         &t.v6
+    }
+    fn fragments(f: &Fragments) -> &Mutex<FragTable<Self>> {
+        &f.v6
     }
     fn pseudo_header(src: Self, dst: Self, proto: IpProtocol, len: u32) -> u16 {
         checksum::pseudo_header_v6(&src, &dst, proto, len)

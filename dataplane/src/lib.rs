@@ -7,8 +7,10 @@
 #![forbid(unsafe_code)]
 
 pub mod counters;
+pub mod echo;
 pub mod engine;
 mod family;
+pub mod frag;
 pub mod laddr;
 pub mod offload;
 pub mod sched;

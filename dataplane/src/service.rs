@@ -3,7 +3,7 @@
 //! change) and swaps it in whole; the packet path never locks it.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -315,6 +315,8 @@ pub enum SnapshotError {
 pub struct Snapshot {
     version: u64,
     services: HashMap<ServiceKey, Service>,
+    /// The addresses of the VIPs, whatever their ports: what the node answers pings on.
+    vips: HashSet<IpAddr>,
     maglev: MaglevParams,
 }
 
@@ -392,9 +394,11 @@ impl Snapshot {
                 return Err(SnapshotError::DuplicateService { proto, vip });
             }
         }
+        let vips = map.keys().map(|k| k.vip.ip()).collect();
         Ok(Snapshot {
             version,
             services: map,
+            vips,
             maglev,
         })
     }
@@ -404,6 +408,7 @@ impl Snapshot {
         Snapshot {
             version: 0,
             services: HashMap::new(),
+            vips: HashSet::new(),
             maglev: MaglevParams::default(),
         }
     }
@@ -415,6 +420,11 @@ impl Snapshot {
 
     pub(crate) fn service(&self, proto: L4Proto, vip: SocketAddr) -> Option<&Service> {
         self.services.get(&ServiceKey { proto, vip })
+    }
+
+    /// Whether `ip` is the VIP of some service.
+    pub fn is_vip(&self, ip: IpAddr) -> bool {
+        self.vips.contains(&ip)
     }
 
     /// The real servers of a service with their counters, in config order.

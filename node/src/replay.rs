@@ -678,11 +678,11 @@ impl Replay {
                 (DropReason::Truncated, syn[..12].to_vec())
             }
             2 => {
-                let mut pkt = udp_datagram(client, dns, b"first fragment");
+                let mut pkt = udp_datagram(client, dns, b"a later fragment");
                 let mut ip = Ipv4Packet::new_unchecked(&mut pkt[..]);
-                ip.set_more_frags(true);
+                ip.set_frag_offset(1480);
                 ip.fill_checksum();
-                (DropReason::Fragment, pkt)
+                (DropReason::FragmentUntracked, pkt)
             }
             3 => {
                 let mut pkt = tcp_segment(client, web, TcpControl::Syn, 1, None, &[]);

@@ -484,7 +484,9 @@ pub fn tcp_echo_check(addr: SocketAddr, n: usize, timeout: Duration) -> Result<(
 
 /// Sends `message` to the UDP echo server at `addr`, again every 200 ms until an answer comes or
 /// `timeout` passes (a first datagram can be lost while neighbours are resolved), and returns
-/// the answer.
+/// the answer. A path-MTU report (EMSGSIZE: a router's "fragmentation needed" for a datagram
+/// that left whole with DF) is taken like a loss: the kernel fragments the next send to the
+/// path's MTU.
 pub fn udp_echo(addr: SocketAddr, message: &[u8], timeout: Duration) -> Result<Vec<u8>> {
     const RESEND: Duration = Duration::from_millis(200);
     let local: IpAddr = match addr {
@@ -497,14 +499,18 @@ pub fn udp_echo(addr: SocketAddr, message: &[u8], timeout: Duration) -> Result<V
     let deadline = std::time::Instant::now() + timeout;
     let mut buf = vec![0u8; 65536];
     while std::time::Instant::now() < deadline {
-        socket.send(message)?;
+        match socket.send(message) {
+            // The answer's wait below paces the next try.
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => 0,
+            sent => sent?,
+        };
         match socket.recv(&mut buf) {
             Ok(n) => return Ok(buf[..n].to_vec()),
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
+                ) || e.raw_os_error() == Some(libc::EMSGSIZE) => {}
             Err(e) => return Err(e).with_context(|| format!("udp echo from {addr}")),
         }
     }

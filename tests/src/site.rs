@@ -96,7 +96,8 @@ impl Site {
 
     /// Brings the lab up, starts `lbcluster run` in node 1 with TCP services on both VIPs (port
     /// 80 to the backends' HTTP server, HTTP health checks on the IPv4 one; port 9000 to their
-    /// TCP echo server) and a UDP service on port 53, and routes the VIPs and LIPs to it.
+    /// TCP echo server) and a UDP service on port 53 (to their UDP echo server), and routes the
+    /// VIPs and LIPs to it.
     pub fn start_with(options: SiteOptions<'_>) -> Result<Site> {
         let SiteOptions {
             scheduler,
@@ -176,6 +177,15 @@ toa = {toa}
 addr = "[{b1v6}]:9000"
 [[service.backend]]
 addr = "[{b2v6}]:9000"
+
+[[service]]
+vip = "[{VIP6}]:53"
+proto = "udp"
+scheduler = "rr"
+[[service.backend]]
+addr = "[{b1v6}]:5353"
+[[service.backend]]
+addr = "[{b2v6}]:5353"
 "#,
             socket = socket.display(),
         );
@@ -244,6 +254,25 @@ addr = "[{b2v6}]:9000"
             .find(|e| e["name"] == name)
             .and_then(|e| e["count"].as_u64())
             .with_context(|| format!("no {list} counter {name} in the status"))
+    }
+
+    /// An engine drop counter (`fragment_untracked`, `echo_not_vip`, …) from
+    /// `lbcluster status -o json`.
+    pub fn dropped(&self, name: &str) -> Result<u64> {
+        let out = self.status(true)?;
+        ensure!(
+            out.status.code().is_some_and(|c| c < 3),
+            "lbcluster status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        status["drops"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["count"].as_u64())
+            .with_context(|| format!("no drop reason {name} in the status"))
     }
 
     /// `GET path` on port 80 of a VIP, from the client namespace.

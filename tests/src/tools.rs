@@ -51,6 +51,7 @@ pub const TOOLS: &[Tool] = &[
     tool("/usr/bin/python3", "python3"),
     // Not run by the lab either: node/build.rs compiles the fast path's eBPF program with it.
     tool("clang", "clang"),
+    tool("ping", "iputils-ping"),
     tool("iperf3", "iperf3"),
     tool("haproxy", "haproxy"),
 ];

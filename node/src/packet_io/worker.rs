@@ -127,8 +127,9 @@ pub(super) fn run<P: PacketIo>(
                 bump(&c.gso_packets, 1);
             }
             let mut pkt = Packet::new(&mut buf[headroom..], rx.len, rx.csum);
-            // A dropped packet is counted by the engine under its reason.
-            if let Verdict::Forward(_) = worker.process(t, &mut pkt) {
+            // A dropped packet is counted by the engine under its reason. A reply goes back
+            // into the kernel like a forward: it routes the packet to whoever asked.
+            if let Verdict::Forward(_) | Verdict::Reply = worker.process(t, &mut pkt) {
                 let len = pkt.len();
                 match io.send(&mut buf, &rx, len) {
                     Ok(()) => bump(&c.packets_written, 1),
