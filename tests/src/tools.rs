@@ -51,6 +51,9 @@ pub const TOOLS: &[Tool] = &[
     tool("/usr/bin/python3", "python3"),
     // Not run by the lab either: node/build.rs compiles the fast path's eBPF program with it.
     tool("clang", "clang"),
+    tool("prometheus", "prometheus"),
+    tool("promtool", "prometheus"),
+    tool("chromium", "chromium"),
     tool("iperf3", "iperf3"),
     tool("haproxy", "haproxy"),
 ];
@@ -178,7 +181,7 @@ mod tests {
         let list = scripts_packages();
         for l in &list {
             assert!(
-                ["build", "lab", "deploy", "bench"].contains(&l.set.as_str()),
+                ["build", "lab", "deploy", "observe", "bench"].contains(&l.set.as_str()),
                 "scripts/packages: {} has set {:?}",
                 l.package,
                 l.set
@@ -219,10 +222,13 @@ mod tests {
                 l.package
             );
         }
-        for program in crate::deploy::PROGRAMS {
+        for program in crate::deploy::PROGRAMS
+            .iter()
+            .chain(crate::observe::PROGRAMS)
+        {
             let l = listed(&list, program);
             assert!(
-                l.set == "lab" || l.set == "deploy",
+                ["lab", "deploy", "observe"].contains(&l.set.as_str()),
                 "{program}: scripts/test does not install {}",
                 l.package
             );
