@@ -70,25 +70,29 @@ fn bad_request(message: String) -> Response {
         .into_response()
 }
 
+/// The refresh the query asks for, or what is wrong with it.
+fn refresh_secs(query: Result<Query<PageQuery>, QueryRejection>) -> Result<u32, String> {
+    match query {
+        Ok(Query(PageQuery { refresh: None })) => Ok(DEFAULT_REFRESH_SECS),
+        Ok(Query(PageQuery { refresh: Some(r) })) if REFRESH_RANGE.contains(&r) => Ok(r),
+        Ok(Query(PageQuery { refresh: Some(r) })) => Err(format!(
+            "refresh={r}: the refresh must be {} to {} seconds",
+            REFRESH_RANGE.start(),
+            REFRESH_RANGE.end()
+        )),
+        Err(e) => Err(format!(
+            "{}: the page takes only ?refresh=SECONDS ({} to {})",
+            e.body_text(),
+            REFRESH_RANGE.start(),
+            REFRESH_RANGE.end()
+        )),
+    }
+}
+
 async fn page(State(p): State<Page>, query: Result<Query<PageQuery>, QueryRejection>) -> Response {
-    let refresh = match query {
-        Ok(Query(PageQuery { refresh: None })) => DEFAULT_REFRESH_SECS,
-        Ok(Query(PageQuery { refresh: Some(r) })) if REFRESH_RANGE.contains(&r) => r,
-        Ok(Query(PageQuery { refresh: Some(r) })) => {
-            return bad_request(format!(
-                "refresh={r}: the refresh must be {} to {} seconds",
-                REFRESH_RANGE.start(),
-                REFRESH_RANGE.end()
-            ));
-        }
-        Err(e) => {
-            return bad_request(format!(
-                "{}: the page takes only ?refresh=SECONDS ({} to {})",
-                e.body_text(),
-                REFRESH_RANGE.start(),
-                REFRESH_RANGE.end()
-            ));
-        }
+    let refresh = match refresh_secs(query) {
+        Ok(r) => r,
+        Err(message) => return bad_request(message),
     };
     let status = p.admin.status().await;
     let history = p.observations.page();
@@ -718,6 +722,30 @@ pub(crate) mod tests {
                     .collect(),
             }),
             bgp: None,
+        }
+    }
+
+    /// Bad queries are answered with what is wrong, never a panic.
+    #[test]
+    fn test_refresh_query() {
+        let refresh = |uri: &str| refresh_secs(Query::try_from_uri(&uri.parse().unwrap()));
+        assert_eq!(refresh("/"), Ok(DEFAULT_REFRESH_SECS));
+        assert_eq!(refresh("/?refresh=30"), Ok(30));
+        assert_eq!(
+            refresh("/?refresh=0"),
+            Err("refresh=0: the refresh must be 1 to 3600 seconds".to_owned())
+        );
+        for bad in [
+            "/?refresh=abc",
+            "/?refresh=-1",
+            "/?refresh=99999999999",
+            "/?x=1",
+        ] {
+            let e = refresh(bad).unwrap_err();
+            assert!(
+                e.ends_with("the page takes only ?refresh=SECONDS (1 to 3600)"),
+                "{bad}: {e}"
+            );
         }
     }
 

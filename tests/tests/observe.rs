@@ -211,6 +211,12 @@ fn prometheus_dashboard_alerts_and_status_page_on_a_bgp_cluster() -> Result<()> 
         &artifacts().join("status-page-healthy.png"),
         (1400, 1400),
     )?;
+    // A bad query is answered 400 with what is wrong.
+    let bad = site
+        .lab
+        .http_get("router", site.metrics_addr(1), "/?refresh=abc")
+        .expect_err("?refresh=abc is answered 200");
+    ensure!(format!("{bad:#}").contains("400 Bad Request"), "{bad:#}");
     ensure!(
         prom.firing(&site.lab, "LbclusterBackendDown")?.is_empty(),
         "backend-down fires before a backend is down"
