@@ -9,6 +9,7 @@
 //! So for each rule the test checks that Prometheus evaluates it without error (health `ok`)
 //! and that every metric it selects has series; the backend-down rule is checked to fire.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
@@ -149,7 +150,18 @@ fn prometheus_dashboard_alerts_and_status_page_on_a_bgp_cluster() -> Result<()> 
         Ok(())
     })?;
 
-    // Every dashboard query returns series.
+    // Rates need several scrapes of every node.
+    wait_for("five scrapes of every node", SETTLE, POLL, || {
+        let r = prom.query(
+            &site.lab,
+            "count_over_time(up{job=\"lbcluster\"}[10s]) >= 5",
+        )?;
+        ensure!(r.len() == 3, "{r:?}");
+        Ok(())
+    })?;
+
+    // Every dashboard query returns series; one that keeps the instance label has every node.
+    let instances: BTreeSet<String> = (1..=3).map(|k| site.metrics_addr(k).to_string()).collect();
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(deploy_file(
         "grafana/lbcluster.json",
     ))?)?;
@@ -159,6 +171,14 @@ fn prometheus_dashboard_alerts_and_status_page_on_a_bgp_cluster() -> Result<()> 
         let n = wait_for(&format!("series of {panel:?}"), SETTLE, POLL, || {
             let r = prom.query(&site.lab, &promql)?;
             ensure!(!r.is_empty(), "{promql} returned no series");
+            let seen: BTreeSet<String> = r
+                .iter()
+                .filter_map(|v| v["metric"]["instance"].as_str().map(str::to_owned))
+                .collect();
+            ensure!(
+                seen.is_empty() || seen == instances,
+                "{promql}: series of {seen:?}, not of every node {instances:?}"
+            );
             Ok(r.len())
         })?;
         println!("dashboard {panel:?}: {n} series");
