@@ -812,6 +812,10 @@ pub(crate) mod tests {
         let html = render(&st, &PageHistory::default(), 5, 0);
         assert!(html.contains("<tr class=\"node down\" data-node=\"n3\""));
 
+        let standalone = render(&status(0, 1, 1), &PageHistory::default(), 5, 0);
+        assert!(standalone.contains("standalone node"));
+        assert!(standalone.contains("data-health=\"healthy\""));
+
         st.cluster.as_mut().unwrap().quorum = false;
         let html = render(&st, &PageHistory::default(), 5, 0);
         assert!(html.contains("data-health=\"critical\""));
