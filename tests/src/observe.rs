@@ -1,7 +1,8 @@
 //! Looking at a cluster site as an operator does: a real Prometheus server (Debian's) inside a
 //! lab namespace scraping the nodes' metrics addresses, asked through its HTTP API, and headless
-//! Chromium (Debian's) loading a node's status page. Both run as lab processes, so the lab ends
-//! them by pid, also when a test fails.
+//! Chromium (Debian's) holding a node's status page open, driven over the DevTools protocol.
+//! Both run as lab processes, so the lab ends them by pid, also when a test fails (Chromium's
+//! helper processes with the rest of the namespace's).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -238,74 +239,210 @@ pub fn with_short_for(rules: &str, for_secs: u64) -> String {
         .join("\n")
 }
 
-/// Runs headless Chromium in `role`'s namespace with `args` after the common ones (no sandbox:
-/// the tests run as root; a profile in the lab's directory), for at most `timeout`; its stdout.
-pub fn chromium(lab: &Lab, role: &str, args: &[&str], timeout: Duration) -> Result<String> {
-    let profile = lab.dir().join("chromium-profile");
-    let secs = timeout.as_secs().max(1).to_string();
-    let profile_arg = format!("--user-data-dir={}", profile.display());
-    let mut cmd = vec![
-        "timeout",
-        &secs,
-        "chromium",
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        &profile_arg,
-    ];
-    cmd.extend_from_slice(args);
-    let out = lab.exec(role, &cmd)?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// Headless Chromium driven over the DevTools protocol through its pipe
+/// (`--remote-debugging-pipe`: commands in on fd 3, answers and events out on fd 4, each
+/// message JSON ended by a NUL byte), with one page open. Unlike `--dump-dom`, the page stays
+/// open: its own script refreshes it, and the test watches what it shows.
+#[derive(Debug)]
+pub struct DevTools {
+    /// Dropped first: closing the pipe ends Chromium; the process is killed by pid after.
+    commands: std::fs::File,
+    answers: std::sync::mpsc::Receiver<Value>,
+    session: String,
+    next_id: u64,
+    _process: LabProcess,
 }
 
-/// The DOM of `url` after its scripts ran for `virtual_ms` of virtual time.
-pub fn dump_dom(lab: &Lab, role: &str, url: &str, virtual_ms: u64) -> Result<String> {
-    let budget = format!("--virtual-time-budget={virtual_ms}");
-    let dom = chromium(
-        lab,
-        role,
-        &[&budget, "--dump-dom", url],
-        Duration::from_secs(60),
-    )?;
-    if dom.trim().is_empty() {
-        bail!("chromium printed no DOM for {url}");
+/// How long a DevTools command may take.
+const DEVTOOLS_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl DevTools {
+    /// Starts Chromium in `role`'s namespace and opens `url` in a page of `width`×`height`.
+    pub fn open(lab: &Lab, role: &str, url: &str, (width, height): (u32, u32)) -> Result<Self> {
+        use std::io::{BufRead, BufReader};
+        use std::os::fd::OwnedFd;
+
+        let (to_chromium_read, to_chromium_write) = pipe()?;
+        let (from_chromium_read, from_chromium_write) = pipe()?;
+        let profile = format!(
+            "--user-data-dir={}",
+            lab.dir().join("chromium-devtools").display()
+        );
+        let size = format!("--window-size={width},{height}");
+        let process = lab.spawn_with_fds(
+            role,
+            &[
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--hide-scrollbars",
+                "--remote-debugging-pipe",
+                &profile,
+                &size,
+            ],
+            &[(&to_chromium_read, 3), (&from_chromium_write, 4)],
+        )?;
+        drop((to_chromium_read, from_chromium_write));
+        let (tx, answers) = std::sync::mpsc::channel();
+        let reader: OwnedFd = from_chromium_read;
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(std::fs::File::from(reader));
+            let mut frame = Vec::new();
+            while reader.read_until(0, &mut frame).is_ok_and(|n| n > 0) {
+                frame.pop_if(|b| *b == 0);
+                if let Ok(v) = serde_json::from_slice::<Value>(&frame)
+                    && tx.send(v).is_err()
+                {
+                    return;
+                }
+                frame.clear();
+            }
+        });
+        let mut devtools = DevTools {
+            commands: std::fs::File::from(to_chromium_write),
+            answers,
+            session: String::new(),
+            next_id: 1,
+            _process: process,
+        };
+        let target = devtools.call("Target.createTarget", serde_json::json!({ "url": url }))?;
+        let target = target["targetId"]
+            .as_str()
+            .context("no targetId")?
+            .to_owned();
+        let attached = devtools.call(
+            "Target.attachToTarget",
+            serde_json::json!({ "targetId": target, "flatten": true }),
+        )?;
+        devtools.session = attached["sessionId"]
+            .as_str()
+            .context("no sessionId")?
+            .to_owned();
+        Ok(devtools)
     }
-    Ok(dom)
+
+    /// Sends a command (to the page once attached) and waits for its result.
+    pub fn call(&mut self, method: &str, params: Value) -> Result<Value> {
+        use std::io::Write as _;
+
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut message = serde_json::json!({ "id": id, "method": method, "params": params });
+        if !self.session.is_empty() {
+            message["sessionId"] = Value::String(self.session.clone());
+        }
+        let mut bytes = serde_json::to_vec(&message)?;
+        bytes.push(0);
+        self.commands
+            .write_all(&bytes)
+            .with_context(|| format!("send {method} to Chromium"))?;
+        let deadline = std::time::Instant::now() + DEVTOOLS_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let answer = self
+                .answers
+                .recv_timeout(left)
+                .with_context(|| format!("no answer to {method} within {DEVTOOLS_TIMEOUT:?}"))?;
+            if answer["id"] != id {
+                continue;
+            }
+            ensure!(answer["error"].is_null(), "{method}: {}", answer["error"]);
+            return Ok(answer["result"].clone());
+        }
+    }
+
+    /// The value of a JavaScript expression in the page.
+    pub fn eval(&mut self, expression: &str) -> Result<Value> {
+        let r = self.call(
+            "Runtime.evaluate",
+            serde_json::json!({ "expression": expression, "returnByValue": true }),
+        )?;
+        ensure!(r["exceptionDetails"].is_null(), "{expression}: {r}");
+        Ok(r["result"]["value"].clone())
+    }
+
+    /// The page's whole HTML now.
+    pub fn html(&mut self) -> Result<String> {
+        Ok(self
+            .eval("document.documentElement.outerHTML")?
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    /// A PNG screenshot of the page, written to `path`.
+    pub fn screenshot(&mut self, path: &Path) -> Result<()> {
+        let shot = self.call(
+            "Page.captureScreenshot",
+            serde_json::json!({ "format": "png" }),
+        )?;
+        let png = base64_decode(shot["data"].as_str().context("no screenshot data")?)?;
+        ensure!(png.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, png).with_context(|| format!("write {}", path.display()))
+    }
 }
 
-/// A PNG screenshot of `url` in a `width`×`height` window, written to `path`.
-pub fn screenshot(
-    lab: &Lab,
-    role: &str,
-    url: &str,
-    path: &Path,
-    (width, height): (u32, u32),
-) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+/// A pipe: (read end, write end), both close-on-exec.
+fn pipe() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe2");
     }
-    let shot = format!("--screenshot={}", path.display());
-    let size = format!("--window-size={width},{height}");
-    chromium(
-        lab,
-        role,
-        &[&shot, &size, "--hide-scrollbars", url],
-        Duration::from_secs(60),
-    )?;
-    let png = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
-    ensure!(
-        png.starts_with(b"\x89PNG"),
-        "{} is not a PNG",
-        path.display()
-    );
-    Ok(())
+    // SAFETY: both were just returned by pipe2 and nothing else owns them.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// Standard base64 (what DevTools sends screenshots in) decoded.
+fn base64_decode(text: &str) -> Result<Vec<u8>> {
+    let value = |c: u8| -> Result<u32> {
+        Ok(match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => bail!("not base64: {:?}", char::from(c)),
+        })
+    };
+    let bytes: Vec<u8> = text.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= value(c)? << (18 - 6 * i);
+        }
+        let [_, a, b, c] = n.to_be_bytes();
+        out.extend_from_slice(&[a, b, c][..chunk.len().saturating_sub(1)]);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_base64_decode() {
+        assert_eq!(base64_decode("TWFu").unwrap(), b"Man");
+        assert_eq!(base64_decode("TWE=").unwrap(), b"Ma");
+        assert_eq!(base64_decode("TQ==").unwrap(), b"M");
+        assert_eq!(base64_decode("").unwrap(), b"");
+        assert!(base64_decode("T*==").is_err());
+    }
 
     #[test]
     fn test_urlencode() {
