@@ -152,6 +152,41 @@ impl Admin {
         status
     }
 
+    /// The node's status with the whole cluster: a linearizable read and every node's report
+    /// (`status`, the status page).
+    pub(crate) async fn status(&self) -> NodeStatus {
+        let mut status = self.node.status();
+        if let Some(c) = &self.cluster {
+            let (read, mut nodes) = tokio::join!(
+                c.cluster.read(STATUS_READ_TIMEOUT),
+                c.cluster.reports(STATUS_REPORT_TIMEOUT)
+            );
+            // Taken after the peers answered (or not), so every row is as fresh as the node rows.
+            status.sync = Some(c.sync.status());
+            status.bgp = c.announcer.as_ref().map(|a| a.report());
+            nodes.sort_by(|a, b| a.name.cmp(&b.name));
+            let leader = nodes
+                .iter()
+                .find(|n| n.role == Some(Role::Leader))
+                .map(|n| n.name.clone());
+            let (quorum, read_error, config) = match read {
+                Ok(cfg) => (true, None, cfg),
+                Err(e) => (false, Some(e.to_string()), c.cluster.local_config()),
+            };
+            status.cluster = Some(ClusterStatus {
+                quorum,
+                read_error,
+                config_version: config.version,
+                cluster_id: cluster_id(&config),
+                leader,
+                nodes,
+                quic: c.endpoint.counters(),
+                raft_rpcs: c.serve_counters.values(),
+            });
+        }
+        status
+    }
+
     /// Answers a committed change once this node's data plane runs it.
     async fn written(&self, version: u64) -> Result<Json<Written>, Failure> {
         if self.node.wait_running(version, RUNNING_TIMEOUT).await {
@@ -172,36 +207,7 @@ async fn status(State(admin): State<Admin>, Query(q): Query<StatusQuery>) -> Jso
     if q.local {
         return Json(admin.local_status());
     }
-    let mut status = admin.node.status();
-    if let Some(c) = &admin.cluster {
-        let (read, mut nodes) = tokio::join!(
-            c.cluster.read(STATUS_READ_TIMEOUT),
-            c.cluster.reports(STATUS_REPORT_TIMEOUT)
-        );
-        // Taken after the peers answered (or not), so every row is as fresh as the node rows.
-        status.sync = Some(c.sync.status());
-        status.bgp = c.announcer.as_ref().map(|a| a.report());
-        nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        let leader = nodes
-            .iter()
-            .find(|n| n.role == Some(Role::Leader))
-            .map(|n| n.name.clone());
-        let (quorum, read_error, config) = match read {
-            Ok(cfg) => (true, None, cfg),
-            Err(e) => (false, Some(e.to_string()), c.cluster.local_config()),
-        };
-        status.cluster = Some(ClusterStatus {
-            quorum,
-            read_error,
-            config_version: config.version,
-            cluster_id: cluster_id(&config),
-            leader,
-            nodes,
-            quic: c.endpoint.counters(),
-            raft_rpcs: c.serve_counters.values(),
-        });
-    }
-    Json(status)
+    Json(admin.status().await)
 }
 
 fn cluster_id(config: &ClusterConfig) -> Option<String> {

@@ -96,7 +96,7 @@ impl ClusterStatus {
 }
 
 /// A transport protocol as the API and the config file spell it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Proto {
     Tcp,
@@ -206,7 +206,27 @@ pub(crate) struct SyncPeer {
     pub(crate) lag_max_us: u64,
 }
 
+/// How `lbcluster status` judges the cluster (its exit code), and how the status page marks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Health {
+    Healthy,
+    /// A node unreachable, a backend down, or a session table or port pool exhausted.
+    Degraded,
+    /// The cluster has no quorum.
+    Critical,
+}
+
 impl NodeStatus {
+    /// The one judgement `status` exits with and the status page shows.
+    pub(crate) fn health(&self) -> Health {
+        match &self.cluster {
+            Some(c) if !c.quorum => Health::Critical,
+            Some(c) if c.nodes_down() > 0 => Health::Degraded,
+            _ if self.backends_down() > 0 || !self.exhausted().is_empty() => Health::Degraded,
+            _ => Health::Healthy,
+        }
+    }
+
     /// Backends that fail their health checks.
     pub(crate) fn backends_down(&self) -> usize {
         self.services

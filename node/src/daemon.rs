@@ -31,6 +31,7 @@ use openraft::RaftMetrics;
 use crate::admin::{Admin, ClusterAdmin};
 use crate::announce::Announcer;
 use crate::cluster::{self, ClusterNode};
+use crate::history::{self, Observations};
 use crate::packet_io::{self, DataplaneSpec};
 use crate::source::{ConfigFileSource, Reloaded};
 use crate::state::NodeState;
@@ -196,9 +197,19 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<()> {
         let admin = admin.clone();
         let stop = stopped(stop_rx.clone());
         let addr = listener.local_addr().context("metrics listener address")?;
+        // The status page's history is kept only where the page is served.
+        let observations = Arc::new(Observations::default());
+        tasks.spawn(
+            history::run(
+                admin.clone(),
+                observations.clone(),
+                stopped(stop_rx.clone()),
+            )
+            .instrument(info_span!("history")),
+        );
         tasks.spawn(
             async move {
-                if let Err(e) = metrics::serve(listener, admin, stop).await {
+                if let Err(e) = metrics::serve(listener, admin, observations, stop).await {
                     error!("metrics listener failed: {e}");
                 }
             }

@@ -16,9 +16,11 @@ mod cluster;
 mod config;
 mod daemon;
 mod health;
+mod history;
 mod manage;
 mod metrics;
 mod packet_io;
+mod page;
 mod quic;
 mod render;
 mod replay;
@@ -35,7 +37,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::api::{NodeStatus, SESSIONS_PATH, STATUS_PATH, SessionList};
+use crate::api::{Health, NodeStatus, SESSIONS_PATH, STATUS_PATH, SessionList};
 use crate::client::ClientError;
 
 /// A node is unreachable or a backend is down (`status`).
@@ -286,16 +288,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (Output::Json, _) => render::json(&status)?,
             };
             write_stdout(&out)?;
-            let nodes_down = status.cluster.as_ref().map_or(0, |c| c.nodes_down());
-            Ok(match &status.cluster {
-                Some(c) if !c.quorum => ExitCode::from(EXIT_CRITICAL),
-                _ if nodes_down > 0
-                    || status.backends_down() > 0
-                    || !status.exhausted().is_empty() =>
-                {
-                    ExitCode::from(EXIT_DEGRADED)
-                }
-                _ => ExitCode::SUCCESS,
+            Ok(match status.health() {
+                Health::Critical => ExitCode::from(EXIT_CRITICAL),
+                Health::Degraded => ExitCode::from(EXIT_DEGRADED),
+                Health::Healthy => ExitCode::SUCCESS,
             })
         }
         Command::Cluster(cmd) => manage::cluster(cmd).map(|()| ExitCode::SUCCESS),

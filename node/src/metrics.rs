@@ -10,6 +10,7 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
@@ -27,19 +28,22 @@ use crate::api::{
     BackendStatus, ClusterStatus, LipPorts, NamedCount, NodeStatus, ServiceStatus, SyncPeer,
     SyncStatus, WorkerIoStats,
 };
+use crate::history::Observations;
 use crate::packet_io::FastPathStatus;
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Serves `/metrics` until `shutdown` completes.
+/// Serves `/metrics`, and the status page at `/` ([`crate::page`]), until `shutdown` completes.
 pub(crate) async fn serve(
     listener: TcpListener,
     admin: Admin,
+    observations: Arc<Observations>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(scrape))
-        .with_state(admin);
+        .with_state(admin.clone())
+        .merge(crate::page::router(admin, observations));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -61,6 +65,9 @@ type Sample = (Labels, u64);
 enum Kind {
     Counter,
     Gauge,
+    /// A gauge whose samples are millionths of its unit, written as decimals (seconds from
+    /// microseconds).
+    GaugeMicros,
 }
 
 /// One metric family: full name, help, type and its samples.
@@ -79,7 +86,7 @@ fn exposition(status: &NodeStatus) -> String {
     for f in families(status) {
         let kind = match f.kind {
             Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
+            Kind::Gauge | Kind::GaugeMicros => "gauge",
         };
         let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
         let _ = writeln!(out, "# TYPE {} {kind}", f.name);
@@ -95,7 +102,12 @@ fn exposition(status: &NodeStatus) -> String {
                 }
                 out.push('}');
             }
-            let _ = writeln!(out, " {value}");
+            let _ = match f.kind {
+                Kind::GaugeMicros => {
+                    writeln!(out, " {}.{:06}", value / 1_000_000, value % 1_000_000)
+                }
+                Kind::Counter | Kind::Gauge => writeln!(out, " {value}"),
+            };
         }
     }
     out
@@ -479,6 +491,12 @@ fn sync_families(sync: &SyncStatus) -> Vec<Family> {
             samples: per_peer(|p| p.queue_depth),
         },
         Family {
+            name: "lbcluster_sync_lag_seconds",
+            help: "From a session event on a peer to its update applied here: the last one.",
+            kind: Kind::GaugeMicros,
+            samples: per_peer(|p| p.lag_last_us),
+        },
+        Family {
             name: "lbcluster_sync_resyncs_total",
             help: "Times a peer's queue overflowed and it was sent the whole table again.",
             kind: Kind::Counter,
@@ -546,6 +564,11 @@ fn cluster_families(c: &ClusterStatus) -> Vec<Family> {
             "lbcluster_raft_applied_index",
             "The last Raft log index this node applied.",
             me.and_then(|n| n.applied),
+        ),
+        gauge(
+            "lbcluster_node_drained",
+            "1 while the configuration has this node drained, else 0.",
+            me.map(|n| u64::from(n.drained)),
         ),
         gauge(
             "lbcluster_cluster_config_version",
@@ -650,6 +673,7 @@ mod tests {
             "lbcluster_sync_updates_total{peer=n2,direction=received} 9",
             "lbcluster_sync_dropped_total{peer=n2} 2",
             "lbcluster_sync_queue_depth{peer=n2} 3",
+            "lbcluster_sync_lag_seconds{peer=n2} 100",
             "lbcluster_sync_applied_total{result=refused} 3",
             "lbcluster_sync_applied_total{result=reconciled} 5",
             "lbcluster_sync_refused_total{reason=conflict} 1",
@@ -657,6 +681,17 @@ mod tests {
         ] {
             assert!(text.iter().any(|t| t == want), "{want} not in {text:#?}");
         }
+    }
+
+    /// The lag is exported in seconds, from the microseconds the node keeps.
+    #[test]
+    fn test_exposition_writes_micros_as_seconds() {
+        let text = exposition(&crate::page::tests::status(2, 1, 1));
+        assert!(
+            text.contains("\nlbcluster_sync_lag_seconds{peer=\"n2\"} 0.001500\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE lbcluster_sync_lag_seconds gauge\n"));
     }
 
     /// Every sample as `name{k=v,...} value`.
@@ -717,6 +752,7 @@ mod tests {
             "lbcluster_raft_leader{} 1",
             "lbcluster_raft_commit_index{} 40",
             "lbcluster_raft_applied_index{} 39",
+            "lbcluster_node_drained{} 0",
             "lbcluster_cluster_config_version{} 12",
             "lbcluster_quic_peers_total{result=refused_untrusted_ca} 2",
             "lbcluster_quic_peers_total{result=accepted} 5",

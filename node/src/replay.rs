@@ -152,6 +152,8 @@ fn services() -> Vec<ServiceConfig> {
             port,
         )
     };
+    // The replay checks the Full-NAT path: the SYN proxy, which would answer its SYNs itself
+    // once its many open handshakes pass `auto`'s threshold, is off (it has its own fixtures).
     vec![
         ServiceConfig {
             vip: SocketAddr::new(VIP4.into(), 80),
@@ -160,7 +162,7 @@ fn services() -> Vec<ServiceConfig> {
             timeouts: Timeouts::default(),
             toa: true,
             conn_reuse: dataplane::ConnReuse::default(),
-            syn_proxy: dataplane::SynProxy::default(),
+            syn_proxy: dataplane::SynProxy::Off,
             backends: (10..=12).map(|i| backend(v4(i, 8080), 1)).collect(),
         },
         ServiceConfig {
@@ -170,7 +172,7 @@ fn services() -> Vec<ServiceConfig> {
             timeouts: Timeouts::default(),
             toa: false,
             conn_reuse: dataplane::ConnReuse::default(),
-            syn_proxy: dataplane::SynProxy::default(),
+            syn_proxy: dataplane::SynProxy::Off,
             backends: vec![backend(v4(20, 53), 2), backend(v4(21, 53), 1)],
         },
         ServiceConfig {
@@ -180,7 +182,7 @@ fn services() -> Vec<ServiceConfig> {
             timeouts: Timeouts::default(),
             toa: false,
             conn_reuse: dataplane::ConnReuse::default(),
-            syn_proxy: dataplane::SynProxy::default(),
+            syn_proxy: dataplane::SynProxy::Off,
             backends: vec![backend(v6(0x10, 8080), 1), backend(v6(0x11, 8080), 1)],
         },
     ]

@@ -377,17 +377,48 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Vec<u
     if !status.starts_with("HTTP/1.1 200 ") {
         bail!("GET {path} from {addr}: {status}");
     }
-    let length = head
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+    let header = |name: &str| {
+        head.lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        return dechunk(&body).with_context(|| format!("GET {path} from {addr}"));
+    }
+    let length = header("content-length").and_then(|v| v.parse::<usize>().ok());
     ensure!(
         length == Some(body.len()),
         "GET {path} from {addr}: body of {} bytes, Content-Length {length:?}",
         body.len()
     );
     Ok(body)
+}
+
+/// The body of a `Transfer-Encoding: chunked` answer (Prometheus sends larger answers so);
+/// fails on a malformed or truncated one.
+fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("chunk size line without its end")?;
+        let line = String::from_utf8_lossy(&rest[..end]);
+        let size = line.split(';').next().unwrap_or_default().trim();
+        let size =
+            usize::from_str_radix(size, 16).with_context(|| format!("bad chunk size {line:?}"))?;
+        rest = &rest[end + 2..];
+        if size == 0 {
+            return Ok(body);
+        }
+        ensure!(
+            rest.len() >= size + 2 && &rest[size..size + 2] == b"\r\n",
+            "chunk of {size} bytes truncated"
+        );
+        body.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
 }
 
 /// Sends `message` to the TCP echo server at `addr`, half-closes, and returns what came back.
@@ -546,6 +577,17 @@ mod tests {
     use super::*;
 
     const T: Duration = Duration::from_secs(3);
+
+    #[test]
+    fn test_dechunk() {
+        assert_eq!(
+            dechunk(b"4\r\nWiki\r\n6;ext=1\r\npedia \r\n0\r\n\r\n").unwrap(),
+            b"Wikipedia "
+        );
+        assert!(dechunk(b"10\r\nshort\r\n").is_err());
+        assert!(dechunk(b"zz\r\n").is_err());
+        assert!(dechunk(b"4\r\nWiki").is_err());
+    }
 
     fn start(name: &str) -> (SocketAddr, SocketAddr, SocketAddr) {
         start_local(name)

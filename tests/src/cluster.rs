@@ -26,6 +26,10 @@ pub const PROGRAMS: &[&str] = &["nft"];
 /// The UDP port of every node's QUIC endpoint.
 pub const QUIC_PORT: u16 = 7946;
 
+/// The TCP port of every node's metrics address (`/metrics` and the status page), on its
+/// uplink address.
+pub const METRICS_PORT: u16 = 9100;
+
 /// Node k's IPv4 LIP, 198.19.200.k.
 pub fn lip(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, 200, u8::try_from(k).unwrap_or(u8::MAX))
@@ -263,6 +267,7 @@ local_addrs = ["{lip}", "{lip6}"]
 
 [admin]
 socket = "{socket}"
+metrics = "{uplink}:{METRICS_PORT}"
 
 [cluster]
 listen = "{uplink}:{QUIC_PORT}"
@@ -324,6 +329,11 @@ keepalive_secs = {KEEPALIVE_SECS}
             uplink = self.lab.node_uplink(k),
             gateway = self.lab.node_gateway(k),
         )
+    }
+
+    /// Node k's metrics address: `/metrics` and the status page at `/`.
+    pub fn metrics_addr(&self, k: usize) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.lab.node_uplink(k)), METRICS_PORT)
     }
 
     /// Node k's Raft data directory (`cluster.data_dir`).

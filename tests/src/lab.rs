@@ -29,7 +29,9 @@ use std::ffi::CString;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -587,8 +589,68 @@ impl Lab {
         self.spawn_with(role, cmd, false)
     }
 
+    /// Like [`Lab::spawn`], the child also getting each `(fd, number)` of `fds` as file
+    /// descriptor `number` (Chromium's `--remote-debugging-pipe` talks on 3 and 4). The numbers
+    /// must be below 10.
+    pub fn spawn_with_fds(
+        &self,
+        role: &str,
+        cmd: &[&str],
+        fds: &[(&OwnedFd, RawFd)],
+    ) -> Result<LabProcess> {
+        // Copies at 10 or above first, so that no dup2 below overwrites a source not yet moved.
+        let mut moves = Vec::new();
+        for (fd, number) in fds {
+            ensure!(
+                (0..10).contains(number),
+                "fd number {number} is not below 10"
+            );
+            let high = fd
+                .try_clone()
+                .and_then(|c| {
+                    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one we own.
+                    let raw = unsafe { libc::fcntl(c.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+                    if raw < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // SAFETY: `raw` was just returned by fcntl and nothing else owns it.
+                    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+                })
+                .context("duplicate a descriptor for a child")?;
+            moves.push((high, *number));
+        }
+        let targets: Vec<(RawFd, RawFd)> = moves.iter().map(|(h, n)| (h.as_raw_fd(), *n)).collect();
+        let mut command = Command::new("ip");
+        // SAFETY: only dup2 runs between fork and exec, which is async-signal-safe; it clears
+        // close-on-exec on the new descriptor, the copies (all at 10 or above) close at exec.
+        unsafe {
+            command.pre_exec(move || {
+                for &(from, to) in &targets {
+                    if libc::dup2(from, to) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let process = self.spawn_command(role, cmd, command, false);
+        drop(moves);
+        process
+    }
+
     /// Like [`Lab::spawn`]; with `pipe_stdout` the child's stdout is a pipe for the caller.
     fn spawn_with(&self, role: &str, cmd: &[&str], pipe_stdout: bool) -> Result<LabProcess> {
+        self.spawn_command(role, cmd, Command::new("ip"), pipe_stdout)
+    }
+
+    /// Starts `cmd` in `role`'s namespace through `command` (an `ip` command to add to).
+    fn spawn_command(
+        &self,
+        role: &str,
+        cmd: &[&str],
+        mut command: Command,
+        pipe_stdout: bool,
+    ) -> Result<LabProcess> {
         let (program, args) = cmd.split_first().context("empty command")?;
         let n = self.spawned.fetch_add(1, Ordering::Relaxed);
         let name = Path::new(program)
@@ -603,7 +665,7 @@ impl Lab {
         } else {
             log_file.try_clone()?.into()
         };
-        let child = Command::new("ip")
+        let child = command
             .args(["netns", "exec", &self.ns(role), program])
             .args(args)
             .stdin(Stdio::null())

@@ -4,6 +4,7 @@
 //!   behind the router) and runs processes inside it.
 //! * [`bgp`] runs BIRD in the router and the nodes: BGP with ECMP, optionally BFD.
 //! * [`site`] is the lab with a running lbcluster node in front of two backends.
+//! * [`observe`] runs Prometheus and headless Chromium against a cluster site.
 //! * [`backend`] is the real server the lab runs in every backend namespace (HTTP on 8080, TCP
 //!   echo on 9000, UDP echo on 5353) and the matching clients; the `lab-backend` binary wraps it.
 //!
@@ -21,6 +22,7 @@ pub mod deploy;
 pub mod flood;
 pub mod lab;
 pub mod load;
+pub mod observe;
 pub mod scenarios;
 pub mod site;
 pub mod streams;

@@ -52,6 +52,9 @@ pub const TOOLS: &[Tool] = &[
     // Not run by the lab either: node/build.rs compiles the fast path's eBPF program with it.
     tool("clang", "clang"),
     tool("ping", "iputils-ping"),
+    tool("prometheus", "prometheus"),
+    tool("promtool", "prometheus"),
+    tool("chromium", "chromium"),
     tool("iperf3", "iperf3"),
     tool("haproxy", "haproxy"),
 ];
@@ -179,7 +182,7 @@ mod tests {
         let list = scripts_packages();
         for l in &list {
             assert!(
-                ["build", "lab", "deploy", "bench"].contains(&l.set.as_str()),
+                ["build", "lab", "deploy", "observe", "bench"].contains(&l.set.as_str()),
                 "scripts/packages: {} has set {:?}",
                 l.package,
                 l.set
@@ -220,10 +223,13 @@ mod tests {
                 l.package
             );
         }
-        for program in crate::deploy::PROGRAMS {
+        for program in crate::deploy::PROGRAMS
+            .iter()
+            .chain(crate::observe::PROGRAMS)
+        {
             let l = listed(&list, program);
             assert!(
-                l.set == "lab" || l.set == "deploy",
+                ["lab", "deploy", "observe"].contains(&l.set.as_str()),
                 "{program}: scripts/test does not install {}",
                 l.package
             );
