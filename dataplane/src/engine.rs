@@ -1462,27 +1462,8 @@ impl Worker {
             }
             None => FlowState::Udp,
         };
-        let mut data = SessionData {
-            dest: dest.clone(),
-            expires: 0,
-            window,
-            client: key.src,
-            vip: key.dst,
-            lip,
-            rs,
-            cport: key.sport,
-            vport: key.dport,
-            lport: local.port,
-            rport: dest.addr.port(),
-            state,
-            synced: false,
-            offloaded: Offloaded::No,
-            mark: 0,
-            linked: false,
-            replied: proto == L4Proto::Tcp,
-            tracked: false,
-            proxy: Proxy::No,
-        };
+        let mut data = own_session(dest.clone(), &key, lip, rs, local.port, state, window);
+        data.replied = proto == L4Proto::Tcp;
         data.expires = deadline(now_s, session_timeout(&data));
         data.tracked = data.embryonic();
         let record = data.record(now_s);
@@ -1660,36 +1641,26 @@ impl Worker {
                 wscale: opts.wscale,
             },
         );
-        let rport = dest.addr.port();
-        let data = SessionData {
+        let mut data = own_session(
             dest,
-            expires: deadline(now_s, PROXY_OPENING.as_secs()),
-            window,
-            client: key.src,
-            vip: key.dst,
+            &key,
             lip,
             rs,
-            cport: key.sport,
-            vport: key.dport,
-            lport: local.port,
-            rport,
-            state: FlowState::Tcp(TcpState::SynSent),
-            synced: false,
-            offloaded: Offloaded::No,
-            mark: 0,
-            linked: false,
-            replied: true,
-            tracked: true,
-            proxy: Proxy::Opening(Box::new(Opening {
-                cookie,
-                client_isn: isn,
-                opts,
-                window: t.segment.window,
-                sent_at: now_s,
-                tries: 1,
-                held,
-            })),
-        };
+            local.port,
+            FlowState::Tcp(TcpState::SynSent),
+            window,
+        );
+        data.expires = deadline(now_s, PROXY_OPENING.as_secs());
+        data.tracked = true;
+        data.proxy = Proxy::Opening(Box::new(Opening {
+            cookie,
+            client_isn: isn,
+            opts,
+            window: t.segment.window,
+            sent_at: now_s,
+            tries: 1,
+            held,
+        }));
         let syn = ProxySyn::of(&data, isn, opts, svc.config.toa);
         let table = A::table(&engine.table);
         match self.insert_new(engine, table, data, now_s) {
@@ -1873,6 +1844,40 @@ impl Worker {
         rewrite_addrs(pkt.buf, l3, outer.0, outer.1);
         self.counters.count(Event::IcmpTranslated);
         Ok(dir)
+    }
+}
+
+/// A session this node opens for the flow of `key` (client → VIP), to `rs` from `lip`:`lport`:
+/// not synced, not offloaded, not proxied, no deadline yet; the caller sets what differs.
+fn own_session<A: Family>(
+    dest: Arc<crate::service::Dest>,
+    key: &FlowKey<A>,
+    lip: A,
+    rs: A,
+    lport: u16,
+    state: FlowState,
+    window: TcpWindow,
+) -> SessionData<A> {
+    SessionData {
+        rport: dest.addr.port(),
+        dest,
+        expires: 0,
+        window,
+        client: key.src,
+        vip: key.dst,
+        lip,
+        rs,
+        cport: key.sport,
+        vport: key.dport,
+        lport,
+        state,
+        synced: false,
+        offloaded: Offloaded::No,
+        mark: 0,
+        linked: false,
+        replied: true,
+        tracked: false,
+        proxy: Proxy::No,
     }
 }
 

@@ -139,16 +139,7 @@ pub fn phase_json<'a>(shorts: impl Iterator<Item = &'a Short>) -> Value {
 }
 
 fn short_json(shorts: &[Short], rate: u32) -> Value {
-    let mut ok: Vec<Duration> = shorts
-        .iter()
-        .filter(|s| s.error.is_none())
-        .map(|s| s.latency)
-        .collect();
-    ok.sort_unstable();
-    let pct = |p: usize| {
-        ok.get((ok.len() * p / 100).min(ok.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-    };
+    let phase = phase_json(shorts.iter());
     let failures: Vec<Value> = shorts
         .iter()
         .filter_map(|s| {
@@ -167,7 +158,7 @@ fn short_json(shorts: &[Short], rate: u32) -> Value {
         "rate": rate,
         "attempted": shorts.len(),
         "failed": shorts.iter().filter(|s| s.error.is_some()).count(),
-        "latency_ms": { "p50": pct(50), "p99": pct(99), "max": ok.last().map_or(0.0, |d| d.as_secs_f64() * 1e3) },
+        "latency_ms": phase["latency_ms"],
         "failures": failures,
     })
 }
