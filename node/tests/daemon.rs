@@ -485,11 +485,25 @@ fn test_second_daemon_on_the_same_tun_device_is_refused() {
         dir.path().join("other.sock").display()
     );
     let config = write_config(dir.path(), &body);
-    let out = d
+    let mut second = d
         .netns
         .command(&["run", "--config", config.to_str().unwrap()])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // Refused at start: it must exit at once. One that runs on is ended (by its pid) and the
+    // test fails, rather than waiting for it forever.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while second.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("the second daemon did not exit within 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = second.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("TUN device lbc0 already exists (another lbcluster running?)"),
